@@ -1,0 +1,145 @@
+"""The per-layer KV-policy interface.
+
+Attention in `runtime/model.py` never touches K/V storage itself: each layer hands its new,
+already RoPE-rotated keys and values plus its queries to a `LayerKV`, which stores them however
+the policy wants (full precision, offloaded, low-bit, ...) and returns the attention output.
+That is why a policy owns `attend` rather than a `get/update` pair: low-bit and top-k policies
+compute attention differently, not just store differently (the HF `Cache.update` shape forces a
+dequantized copy of the whole cache every step).
+
+Batches use *left padding*: row b of a batch has `pad[b]` pad columns before its first real
+token, so every row appends its next token at the same column and the cache stays a dense
+(B, H_kv, T, D) tensor. Pad columns are never valid keys, and a policy that keeps statistics
+(quantization ranges, top-k scores) must exclude them: `Step.valid_keys` says which columns hold
+real tokens.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Step:
+    """What one forward pass over the batch is; shared by every layer of that pass."""
+
+    start: int              # cache column where the first new token goes (same for all rows)
+    n_new: int              # new tokens per row in this pass (prompt length on prefill, 1 on decode)
+    pad: torch.Tensor       # (B,) long: left-pad columns of each row
+    positions: torch.Tensor # (B, n_new) long: RoPE position of each new token (pads clamp to 0)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n_new
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start == 0
+
+    @property
+    def has_pad(self) -> bool:
+        return bool((self.pad > 0).any())
+
+    def valid_keys(self, t_k: int | None = None) -> torch.Tensor:
+        """(B, t_k) bool: True where a cache column holds a real token of that row."""
+        t_k = self.end if t_k is None else t_k
+        cols = torch.arange(t_k, device=self.pad.device)
+        return cols[None, :] >= self.pad[:, None]
+
+    def mask(self, t_k: int | None = None) -> torch.Tensor | None:
+        """(B, 1, n_new, t_k) bool attention mask (True = attend), or None when none is needed.
+
+        Query i (column start+i) sees real keys at columns <= start+i. A pad query would see no
+        key at all and SDPA would return NaN, so pad queries see themselves: their outputs are
+        never used, they only have to stay finite.
+        """
+        t_k = self.end if t_k is None else t_k
+        if self.n_new == 1 and not self.has_pad:
+            return None
+        dev = self.pad.device
+        q_cols = self.start + torch.arange(self.n_new, device=dev)  # (T,)
+        k_cols = torch.arange(t_k, device=dev)                       # (Tk,)
+        causal = k_cols[None, :] <= q_cols[:, None]                  # (T, Tk)
+        m = causal[None] & self.valid_keys(t_k)[:, None, :]          # (B, T, Tk)
+        m = m | (k_cols[None, None, :] == q_cols[None, :, None])     # pad queries see themselves
+        return m[:, None]                                            # (B, 1, T, Tk)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention without repeating K/V.
+
+    q: (B, H, T, D); k, v: (B, H_kv, Tk, D); mask: (B, 1, T, Tk) bool or None.
+    Query head h uses KV head h // G (G = H / H_kv, the HF `repeat_kv` order). The G query heads
+    of one KV head are folded into the query-length axis, so one SDPA call per KV head reads each
+    K/V row once instead of G times.
+    """
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    G = H // H_kv
+    qf = q.reshape(B, H_kv, G * T, D)                  # rows ordered (g, t)
+    if mask is not None and G > 1:
+        mask = mask.repeat(1, 1, G, 1)                 # (B, 1, G*T, Tk), same (g, t) order
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (B, H_kv, G*T, D)
+    return o.reshape(B, H, T, D)
+
+
+def attention_reference(q, k, v, mask):
+    """Dense attention written out by hand (repeat K/V, softmax). Tests compare against it."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.double()).to(q.dtype)
+
+
+class LayerKV(ABC):
+    """One layer's K/V under one policy."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Store the new k, v (B, H_kv, n_new, D) at columns [step.start, step.end) and return
+        attention of q (B, H, n_new, D) over every stored token: (B, H, n_new, D)."""
+
+    @abstractmethod
+    def nbytes(self) -> tuple[int, int]:
+        """(device bytes, host bytes) of the K/V this layer holds now, for the dtype held."""
+
+
+class KVCache:
+    """A model's KV: one `LayerKV` per layer, plus what the engine needs to know about it."""
+
+    def __init__(self, layers: list[LayerKV], name: str):
+        self.layers = layers
+        self.name = name
+        self.n_tokens = 0   # real (non-pad) tokens held per layer, summed over the batch
+        self.len = 0        # columns written, pads included
+
+    def advance(self, step: Step) -> None:
+        """Called once per forward pass, after every layer has stored its K/V."""
+        self.len = step.end
+        self.n_tokens = int((step.end - step.pad).clamp(min=0).sum())
+
+    def __getitem__(self, i: int) -> LayerKV:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> tuple[int, int]:
+        dev = host = 0
+        for layer in self.layers:
+            d, h = layer.nbytes()
+            dev += d
+            host += h
+        return dev, host
+
+    def fp16_bytes(self, n_kv_heads: int, head_dim: int) -> int:
+        """What a 16-bit full cache would hold for the same real tokens: the ratio's denominator."""
+        return self.n_tokens * len(self.layers) * 2 * n_kv_heads * head_dim * 2

@@ -1,0 +1,49 @@
+"""`full`: the uncompressed baseline. K/V of every token in device memory, in `kv_dtype`."""
+from __future__ import annotations
+
+import torch
+
+from .base import LayerKV, Step, sdpa_gqa
+
+
+class FullKV(LayerKV):
+    """A preallocated (B, H_kv, capacity, D) buffer written in place.
+
+    Appending with `torch.cat` (what HF's DynamicCache does) copies the whole cache every step;
+    a buffer sized for prompt + max new tokens is written once per token instead. It doubles
+    if a caller goes past the capacity it asked for.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, n_kv_heads, max(capacity, 1), head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.len = 0          # columns written, pads included
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:2] + (new_cap, old.shape[3]))
+            new[:, :, : self.len] = old[:, :, : self.len]
+            setattr(self, name, new)
+
+    def attend(self, q, k, v, step: Step):
+        self._grow(step.end)
+        self.k[:, :, step.start : step.end] = k      # (B, H_kv, n_new, D)
+        self.v[:, :, step.start : step.end] = v
+        self.len = step.end
+        keys = self.k[:, :, : step.end]
+        vals = self.v[:, :, : step.end]
+        o = sdpa_gqa(q.to(self.dtype), keys, vals, step.mask())
+        return o.to(q.dtype)
+
+    def nbytes(self):
+        # bytes of the tokens held (pads included: they occupy the buffer), not of spare capacity
+        per_col = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return 2 * per_col * self.len, 0
