@@ -16,6 +16,7 @@ Loaders:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass, fields
@@ -246,13 +247,21 @@ GGUF_SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", 
 
 
 def _read_gguf(path: Path):
-    import gguf
-
+    """A GGUFReader (memory-mapped). Parsing the metadata of a 49K-token vocabulary takes ~2 s,
+    so the model and the tokenizer share one reader per file version."""
     if not path.is_file():
         raise ConfigError(f"model.path={path}: no such file; point it at a GGUF file, or leave it "
                           f"null for the shipped SmolLM2 ({SHIPPED_INSTALL})")
+    st = path.stat()
+    return _cached_reader(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    import gguf
+
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad bytes
         raise ConfigError(f"model.path={path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                           f"re-download it or reinstall the package that ships it") from None
@@ -441,3 +450,31 @@ def kv_bytes_per_token(args: ModelArgs, bytes_per_el: float) -> float:
     """K and V of one token across all layers."""
     return args.n_layers * 2 * args.n_kv_heads * args.head_dim * bytes_per_el
 
+
+
+# ----------------------------------------------------------------------------- from a config
+
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCES = ("gguf", "hf", "random")
+
+
+def weight_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in WEIGHT_DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not known; use auto, {', '.join(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[name]
+
+
+def from_config(cfg, device: torch.device) -> Transformer:
+    """Build the model a `conf/model/*.yaml` describes (source: gguf | hf | random)."""
+    dtype = weight_dtype(cfg.dtype, device)
+    if cfg.source == "gguf":
+        return load_gguf(cfg.path, dtype, device)
+    if cfg.source == "hf":
+        if not cfg.path:
+            raise ConfigError("model.path is required for model=hf: a local transformers model folder")
+        return load_hf(cfg.path, dtype, device)
+    if cfg.source == "random":
+        return random_init(ModelArgs.from_dict(dict(cfg.args)), cfg.seed, dtype, device)
+    raise ConfigError(f"model.source={cfg.source!r} is not known; use one of {', '.join(SOURCES)}")

@@ -21,6 +21,7 @@ class FullKV(LayerKV):
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.dtype = dtype
         self.len = 0          # columns written, pads included
+        self.n_real = 0       # real tokens held, summed over rows
 
     def _grow(self, need: int) -> None:
         cap = self.k.shape[2]
@@ -38,12 +39,15 @@ class FullKV(LayerKV):
         self.k[:, :, step.start : step.end] = k      # (B, H_kv, n_new, D)
         self.v[:, :, step.start : step.end] = v
         self.len = step.end
+        self.n_real = int((step.end - step.pad).clamp(min=0).sum())
         keys = self.k[:, :, : step.end]
         vals = self.v[:, :, : step.end]
         o = sdpa_gqa(q.to(self.dtype), keys, vals, step.mask())
         return o.to(q.dtype)
 
     def nbytes(self):
-        # bytes of the tokens held (pads included: they occupy the buffer), not of spare capacity
-        per_col = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
-        return 2 * per_col * self.len, 0
+        # bytes of the real tokens held: what a ragged or paged cache would need, and what the
+        # simulator's twin counts. Left-pad columns and spare capacity are a property of this
+        # dense layout, not of the policy.
+        per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return 2 * per_token * self.n_real, 0

@@ -1,0 +1,114 @@
+"""python -m runtime.bench: a static batch through the real runtime under one KV policy.
+
+    python -m runtime.bench                                  # shipped SmolLM2, full KV, batch 4
+    python -m runtime.bench experiment=decode_2k             # a named experiment (conf/experiment/)
+    python -m runtime.bench model=tiny workload.batch=8 workload.prompt_len=1024
+    python -m runtime.bench -m workload.batch=1,2,4          # Hydra multirun sweep
+
+Writes one JSON per run to results/measured/ (schema: runtime/results.py) and prints a table.
+Prompts are random token ids (seeded): timing does not depend on what the tokens say.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import model as model_lib
+from .config import register
+from .engine import SamplingParams, generate, resolve_device
+from .errors import ConfigError, cli_errors
+from .provenance import provenance
+from .results import summarize, write_json_atomic
+
+register()
+
+
+def check_workload(w, max_seq_len: int) -> None:
+    for key in ("batch", "prompt_len", "gen_len"):
+        if getattr(w, key) < 1:
+            raise ConfigError(f"workload.{key}={getattr(w, key)} must be >= 1")
+    if w.prompt_len_min is not None and not 1 <= w.prompt_len_min <= w.prompt_len:
+        raise ConfigError(f"workload.prompt_len_min={w.prompt_len_min} must be in [1, workload.prompt_len={w.prompt_len}]")
+    if w.prompt_len + w.gen_len > max_seq_len:
+        raise ConfigError(f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len} exceeds the model's "
+                          f"context of {max_seq_len}; lower workload.prompt_len or workload.gen_len")
+
+
+def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
+    """Seeded random prompts; lengths all `prompt_len`, or uniform in [prompt_len_min, prompt_len]."""
+    g = torch.Generator().manual_seed(w.seed)
+    if w.prompt_len_min is None:
+        lens = [w.prompt_len] * w.batch
+    else:
+        lens = torch.randint(w.prompt_len_min, w.prompt_len + 1, (w.batch,), generator=g).tolist()
+    low = max(special_ids) + 1 if max(special_ids) + 1 < vocab_size else 0
+    return [torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Everything but the CLI: returns the result record (also written to results/measured/)."""
+    if cfg.repeats < 1:
+        raise ConfigError(f"repeats={cfg.repeats} must be >= 1")
+    device = resolve_device(cfg.hardware.device)
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    model = model_lib.from_config(cfg.model, device)
+    args = model.args
+    check_workload(cfg.workload, args.max_seq_len)
+    w = cfg.workload
+    params = SamplingParams(max_new_tokens=w.gen_len, temperature=w.temperature, top_p=w.top_p,
+                            ignore_eos=w.ignore_eos, seed=w.seed)
+    prompts = make_prompts(w, args.vocab_size, {args.bos_id, args.eos_id, args.pad_id})
+
+    if cfg.warmup:
+        generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy)
+    runs = [generate(model, prompts, params, cfg.policy, progress=cfg.progress) for _ in range(cfg.repeats)]
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    record = {
+        **summarize(runs),
+        "model": cfg.model.name, "policy": cfg.policy.name, "experiment": cfg.experiment,
+        "batch": w.batch, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
+        "n_params": model_lib.n_params(model), "weight_bytes": model_lib.weight_bytes(model),
+        "config": resolved,
+        "provenance": provenance(device),
+    }
+    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{cfg.experiment or 'bench'}_{cfg.model.name}_{cfg.policy.name}_b{w.batch}_p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json"
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record))
+    return record
+
+
+def format_table(r: dict) -> str:
+    mib = 2 ** 20
+    rows = [
+        ("model / policy", f"{r['model']} / {r['policy']}  ({r['provenance']['device']})"),
+        ("batch x prompt + gen", f"{r['batch']} x {r['prompt_len']} + {r['gen_len']}"),
+        ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s)"),
+        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.1f} / {r['ttft_s_p50'] * 1e3:.1f} / {r['ttft_s_p99'] * 1e3:.1f} ms"),
+        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.2f} / {r['tpot_s_p50'] * 1e3:.2f} / {r['tpot_s_p99'] * 1e3:.2f} ms"),
+        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
+                             f"({r['kv_ratio_vs_fp16']:.2f}x of fp16)"),
+        ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
+        ("result", r["path"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with cli_errors("runtime.bench"):
+        record = run(cfg)
+    print(format_table(record))
+
+
+if __name__ == "__main__":
+    main()

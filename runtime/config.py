@@ -1,0 +1,69 @@
+"""Structured configs (dataclasses) behind the Hydra tree in conf/, shared by runtime and simulator.
+
+Each group option yaml starts from its group's schema (`defaults: [base_<group>]`), so a typo'd
+key or a wrong type fails at compose time with Hydra's message naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "gguf"            # gguf | hf | random
+    path: Optional[str] = None      # gguf file / hf folder; null = the shipped SmolLM2 GGUF
+    dtype: str = "auto"             # weights: auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
+    seed: int = 0                   # random init only
+    args: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields (random init: the shape)
+
+
+@dataclass
+class PolicyConfig:
+    name: str = MISSING
+    kv_dtype: str = "auto"          # auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
+
+
+@dataclass
+class WorkloadConfig:
+    batch: int = 4
+    prompt_len: int = 512
+    prompt_len_min: Optional[int] = None  # per-request prompt lengths uniform in [min, prompt_len]; null = all equal
+    gen_len: int = 64
+    seed: int = 0
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"
+    device: str = "auto"            # auto | cpu | cuda[:N]
+    threads: Optional[int] = None   # torch intra-op threads on CPU; null = torch's default
+
+
+@dataclass
+class BenchConfig:
+    model: Any = MISSING
+    policy: Any = MISSING
+    workload: Any = MISSING
+    hardware: Any = MISSING
+    experiment: Optional[str] = None   # name recorded in results; set by conf/experiment/*.yaml
+    warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
+    repeats: int = 1                   # timed runs of the whole batch; percentiles pool their requests
+    results_dir: str = "results"
+    progress: bool = True
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_bench", node=BenchConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="policy", name="base_full", node=PolicyConfig)
+    cs.store(group="workload", name="base_workload", node=WorkloadConfig)
+    cs.store(group="hardware", name="base_hardware", node=HardwareConfig)

@@ -1,0 +1,272 @@
+"""Batched prefill and decode with any KV policy, and the measurements a serving engineer reads.
+
+A static batch of B requests with their own prompt lengths is left-padded into one (B, T)
+tensor: every row then writes its next token at the same cache column, and a row's real
+tokens sit at RoPE positions 0..n-1 whatever its padding. Pad columns are masked out of
+attention and excluded from any KV policy's statistics (see `runtime.kv.base.Step`).
+
+Timing: TTFT of a request is from the start of the batch's prefill to its first token; its
+TPOT is (time of last token - time of first) / (tokens - 1); decode tokens/s counts the tokens
+the decode steps produced over their time; throughput counts every output token over the
+whole wall time (the serving figure, prefill included). Peak memory is CUDA's
+max_memory_allocated, or on CPU the process's peak RSS (VmHWM, reset at the start).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .kv import KVCache, Step, make_cache
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0
+    ignore_eos: bool = False      # benchmarks: always produce max_new_tokens
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    tokens: list[int]
+    ttft_s: float
+    tpot_s: float | None           # None for a single-token output
+    finished_by_eos: bool = False
+
+
+@dataclass
+class BatchResult:
+    requests: list[RequestResult]
+    wall_s: float
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+    peak_mem_bytes: int
+    kv_bytes_device: int
+    kv_bytes_host: int
+    kv_bytes_fp16: int
+    steps: list[float] = field(default_factory=list)  # seconds of each decode step
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.requests)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else math.nan
+
+    @property
+    def kv_ratio_vs_fp16(self) -> float:
+        return self.kv_bytes_device / self.kv_bytes_fp16 if self.kv_bytes_fp16 else math.nan
+
+
+# ----------------------------------------------------------------------------- devices and memory
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"hardware.device={name} but CUDA is not available ({why}); "
+                              "use hardware.device=cpu or hardware.device=auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"hardware.device={name!r} is not known; use auto, cpu or cuda[:N]")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA allocator peak, or the CPU process's peak RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            # writing 5 to clear_refs resets VmHWM (Linux >= 4.0); elsewhere the peak is lifetime
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = cpu_peak_rss()
+        return False
+
+
+def cpu_peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- prefill / decode
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts -> tokens (B, T) left-padded with pad_id, pad (B,) number of pad columns."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
+    return tokens.to(device), pad.to(device)
+
+
+def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Run the whole (left-padded) prompt; returns the last position's logits (B, V)."""
+    B, T = tokens.shape
+    cols = torch.arange(T, device=tokens.device)
+    positions = (cols[None, :] - pad[:, None]).clamp(min=0)        # (B, T)
+    step = Step(start=0, n_new=T, pad=pad, positions=positions)
+    return model(tokens, cache, step, last_only=True)[:, -1]
+
+
+def decode_step(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """One token per row at column cache.len; returns logits (B, V)."""
+    start = cache.len
+    positions = (start - pad)[:, None]                              # (B, 1)
+    step = Step(start=start, n_new=1, pad=pad, positions=positions)
+    return model(token[:, None], cache, step)[:, -1]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). Greedy at temperature 0; else softmax(logits / T),
+    restricted to the smallest set of tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        keep = (p_sorted.cumsum(-1) - p_sorted) < top_p             # always keeps the top token
+        p_sorted = p_sorted * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, policy,
+             *, progress: bool = False, on_token: Callable[[list[int], list[bool]], None] | None = None
+             ) -> BatchResult:
+    """Generate for a static batch under `policy` (a config with .name, .kv_dtype, knobs).
+
+    on_token(tokens, active) is called after every step with the token of each row and
+    whether that row is still generating (for streaming).
+    """
+    args, device = model.args, model.device
+    if not prompts:
+        raise ConfigError("batch is empty; give at least one prompt (workload.batch >= 1)")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) + params.max_new_tokens > args.max_seq_len:
+            raise ConfigError(f"prompt {i} has {len(p)} tokens + {params.max_new_tokens} new > the model's "
+                              f"context of {args.max_seq_len}; shorten the prompt or generate fewer tokens")
+    B = len(prompts)
+    tokens, pad = left_pad(prompts, args.pad_id, device)
+    capacity = tokens.shape[1] + params.max_new_tokens
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.temperature > 0 else None
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    t_tok: list[list[float]] = [[] for _ in range(B)]
+    active = [True] * B
+    eos_hit = [False] * B
+    step_times: list[float] = []
+
+    with PeakMemory(device) as mem:
+        cache = make_cache(policy, n_layers=args.n_layers, batch=B, n_kv_heads=args.n_kv_heads,
+                           head_dim=args.head_dim, capacity=capacity, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        logits = prefill(model, cache, tokens, pad)
+        nxt = sample(logits, params.temperature, params.top_p, gen)
+        t_first = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
+        if on_token:
+            on_token(nxt.tolist(), list(active))
+        bar = tqdm(total=params.max_new_tokens - 1, desc=f"decode B={B}", unit="step",
+                   delay=2.0, disable=not progress, leave=False)
+        decode_tokens = 0
+        for _ in range(params.max_new_tokens - 1):
+            if not any(active):
+                break
+            ts = time.perf_counter()
+            logits = decode_step(model, cache, nxt, pad)
+            nxt = sample(logits, params.temperature, params.top_p, gen)
+            decode_tokens += sum(active)
+            t_now = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
+            step_times.append(t_now - ts)
+            if on_token:
+                on_token(nxt.tolist(), list(active))
+            bar.update(1)
+        bar.close()
+        t_end = time.perf_counter()
+        kv_dev, kv_host = cache.nbytes()
+        kv_fp16 = cache.fp16_bytes(args.n_kv_heads, args.head_dim)
+
+    reqs = []
+    for b in range(B):
+        ts = t_tok[b]
+        tpot = (ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1 else None
+        reqs.append(RequestResult(prompt_len=len(prompts[b]), tokens=out[b], ttft_s=ts[0] - t0,
+                                  tpot_s=tpot, finished_by_eos=eos_hit[b]))
+    return BatchResult(requests=reqs, wall_s=t_end - t0, prefill_s=t_first - t0, decode_s=t_end - t_first,
+                       decode_tokens=decode_tokens, peak_mem_bytes=mem.peak, kv_bytes_device=kv_dev,
+                       kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times)
+
+
+def _record(nxt, out, t_tok, active, eos_hit, params, eos_id, device) -> float:
+    """Append each active row's new token and its time; retire rows that produced EOS."""
+    ids = nxt.tolist()   # forces the step to finish (a sync on CUDA)
+    sync(device)
+    now = time.perf_counter()
+    for b, t in enumerate(ids):
+        if not active[b]:
+            continue
+        out[b].append(t)
+        t_tok[b].append(now)
+        if t == eos_id and not params.ignore_eos:
+            active[b] = False
+            eos_hit[b] = True
+        elif len(out[b]) >= params.max_new_tokens:
+            active[b] = False
+    return now

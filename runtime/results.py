@@ -1,0 +1,70 @@
+"""The one results schema of measured and simulated runs, and atomic writing.
+
+Scalar means `throughput_tok_s`, `ttft_s`, `tpot_s`; percentiles as their own keys
+(`ttft_s_p50`, `_p90`, `_p99`, same for `tpot_s`); `kv_bytes_device`, `kv_bytes_host`,
+`kv_ratio_vs_fp16`; then the resolved config and provenance, so analysis joins measured and
+simulated rows on the config.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+def stats(name: str, xs: list[float]) -> dict[str, float]:
+    """{name: mean, name_p50: ..., name_p90: ..., name_p99: ...}; NaN when there is no sample."""
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return {name: math.nan, **{f"{name}_p{p}": math.nan for p in PERCENTILES}}
+    a = np.asarray(xs, dtype=float)
+    return {name: float(a.mean()), **{f"{name}_p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
+
+
+def summarize(runs) -> dict:
+    """Pool the requests of one or more `engine.BatchResult`s into the schema's metrics."""
+    reqs = [r for run in runs for r in run.requests]
+    out_tokens = sum(run.output_tokens for run in runs)
+    wall = sum(run.wall_s for run in runs)
+    dec_tokens = sum(run.decode_tokens for run in runs)
+    dec_s = sum(run.decode_s for run in runs)
+    last = runs[-1]
+    return {
+        "throughput_tok_s": out_tokens / wall,
+        **stats("ttft_s", [r.ttft_s for r in reqs]),
+        **stats("tpot_s", [r.tpot_s for r in reqs]),
+        "decode_tok_s": dec_tokens / dec_s if dec_s > 0 else math.nan,
+        "prefill_s": float(np.mean([run.prefill_s for run in runs])),
+        "wall_s": float(np.mean([run.wall_s for run in runs])),
+        "output_tokens": out_tokens,
+        "requests": len(reqs),
+        "kv_bytes_device": last.kv_bytes_device,
+        "kv_bytes_host": last.kv_bytes_host,
+        "kv_ratio_vs_fp16": last.kv_ratio_vs_fp16,
+        "peak_mem_bytes": max(run.peak_mem_bytes for run in runs),
+    }
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
+    a reader never sees half a file and a crash never leaves one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
