@@ -76,7 +76,7 @@ class BatchResult:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else math.nan
+        return self.decode_tokens / self.decode_s if self.decode_tokens > 0 else math.nan
 
     @property
     def kv_ratio_vs_fp16(self) -> float:

@@ -39,7 +39,7 @@ def summarize(runs) -> dict:
         "throughput_tok_s": out_tokens / wall,
         **stats("ttft_s", [r.ttft_s for r in reqs]),
         **stats("tpot_s", [r.tpot_s for r in reqs]),
-        "decode_tok_s": dec_tokens / dec_s if dec_s > 0 else math.nan,
+        "decode_tok_s": dec_tokens / dec_s if dec_tokens > 0 else math.nan,
         "prefill_s": float(np.mean([run.prefill_s for run in runs])),
         "wall_s": float(np.mean([run.wall_s for run in runs])),
         "output_tokens": out_tokens,
