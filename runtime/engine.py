@@ -65,6 +65,7 @@ class BatchResult:
     kv_bytes_host: int
     kv_bytes_fp16: int
     steps: list[float] = field(default_factory=list)  # seconds of each decode step
+    policy_stats: dict[str, float] = field(default_factory=dict)  # e.g. SpeCache guess accuracy, top-k recall
 
     @property
     def output_tokens(self) -> int:
@@ -163,12 +164,69 @@ def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, pad: torch
     return model(tokens, cache, step, last_only=True)[:, -1]
 
 
-def decode_step(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """One token per row at column cache.len; returns logits (B, V)."""
+def decode_step(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torch.Tensor,
+                guess: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row at column cache.len; returns logits (B, V).
+
+    With `guess` (speculative pre-decoding), the guessed next token rides along at the next
+    position: it attends to the cache and to `token`, is never stored, and its logits are
+    returned too: (B, 2, V).
+    """
     start = cache.len
-    positions = (start - pad)[:, None]                              # (B, 1)
-    step = Step(start=start, n_new=1, pad=pad, positions=positions)
+    if guess is None:
+        step = Step(start=start, n_new=1, pad=pad, positions=(start - pad)[:, None])
+        return model(token[:, None], cache, step)[:, -1]
+    pos = (start - pad)[:, None] + torch.arange(2, device=pad.device)   # (B, 2)
+    step = Step(start=start, n_new=2, pad=pad, positions=pos, spec=True)
+    return model(torch.stack([token, guess], dim=1), cache, step)
+
+
+def speculate(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """A pass that stores nothing: `token` attends to the cache as it is (SpeCache's first
+    pre-decoding from the low-bit cache alone). Returns its logits (B, V)."""
+    start = cache.len
+    step = Step(start=start, n_new=1, pad=pad, positions=(start - pad)[:, None], spec=True)
     return model(token[:, None], cache, step)[:, -1]
+
+
+@dataclass
+class Prefilled:
+    """One full-precision prefill, to be shared by several policies (quality evals)."""
+
+    prompts: list[list[int]]
+    pad: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per layer: k, v (B, H_kv, T, D)
+    logits: torch.Tensor                          # (B, V) of the last prompt position
+
+
+class _FullPolicy:
+    name = "full"
+
+    def __init__(self, kv_dtype: str):
+        self.kv_dtype = kv_dtype
+
+
+def prefill_once(model: Transformer, prompts: list[list[int]], kv_dtype: str = "auto") -> Prefilled:
+    """Prefill `prompts` once; `generate(..., prefilled=...)` then starts any policy from it.
+    Exact: every policy's prefill is full-precision attention over the prompt (LayerKV.attend)."""
+    args, device = model.args, model.device
+    tokens, pad = left_pad(prompts, args.pad_id, device)
+    cache = make_cache(_FullPolicy(kv_dtype), n_layers=args.n_layers, batch=len(prompts),
+                       n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, capacity=tokens.shape[1], device=device)
+    logits = prefill(model, cache, tokens, pad)
+    T = tokens.shape[1]
+    kv = [(layer.k[:, :, :T].clone(), layer.v[:, :, :T].clone()) for layer in cache.layers]
+    return Prefilled(prompts=[list(p) for p in prompts], pad=pad, kv=kv, logits=logits)
+
+
+def _load_prefilled(cache: KVCache, pre: Prefilled) -> torch.Tensor:
+    T = pre.kv[0][0].shape[2]
+    cols = torch.arange(T, device=pre.pad.device)
+    step = Step(start=0, n_new=T, pad=pre.pad, positions=(cols[None, :] - pre.pad[:, None]).clamp(min=0))
+    for layer, (k, v) in zip(cache.layers, pre.kv):
+        layer.load(k.to(layer.dtype), v.to(layer.dtype), step)
+    cache.advance(step)
+    return pre.logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -186,12 +244,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, policy,
-             *, progress: bool = False, on_token: Callable[[list[int], list[bool]], None] | None = None
-             ) -> BatchResult:
+             *, link=None, prefilled: Prefilled | None = None, progress: bool = False,
+             on_token: Callable[[list[int], list[bool]], None] | None = None) -> BatchResult:
     """Generate for a static batch under `policy` (a config with .name, .kv_dtype, knobs).
 
+    link: the host<->device copy engine for policies that keep K/V on the host (transfer.py).
+    prefilled: start from a shared prefill of the same prompts (`prefill_once`); TTFT then
+    measures only sampling the first token.
     on_token(tokens, active) is called after every step with the token of each row and
     whether that row is still generating (for streaming).
+
+    A cache with `speculative` set (SpeCache with prefetch) runs speculative pre-decoding: one
+    storing-nothing pass of the first token, then every step carries the real token and a greedy
+    guess of the next one; the guess's attention picks the next step's top-k rows to prefetch.
     """
     args, device = model.args, model.device
     if not prompts:
@@ -215,10 +280,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     with PeakMemory(device) as mem:
         cache = make_cache(policy, n_layers=args.n_layers, batch=B, n_kv_heads=args.n_kv_heads,
-                           head_dim=args.head_dim, capacity=capacity, device=device)
+                           head_dim=args.head_dim, capacity=capacity + 1, device=device, link=link)
+        if prefilled is not None and prefilled.prompts != [list(p) for p in prompts]:
+            raise ValueError("prefilled was computed for other prompts")
         sync(device)
         t0 = time.perf_counter()
-        logits = prefill(model, cache, tokens, pad)
+        logits = prefill(model, cache, tokens, pad) if prefilled is None else _load_prefilled(cache, prefilled)
         nxt = sample(logits, params.temperature, params.top_p, gen)
         t_first = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
         if on_token:
@@ -226,12 +293,24 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         bar = tqdm(total=params.max_new_tokens - 1, desc=f"decode B={B}", unit="step",
                    delay=2.0, disable=not progress, leave=False)
         decode_tokens = 0
+        guess = None
+        guesses = hits = 0
+        if cache.speculative and params.max_new_tokens > 1:
+            guess = speculate(model, cache, nxt, pad).argmax(-1)
         for _ in range(params.max_new_tokens - 1):
             if not any(active):
                 break
             ts = time.perf_counter()
-            logits = decode_step(model, cache, nxt, pad)
-            nxt = sample(logits, params.temperature, params.top_p, gen)
+            if guess is None:
+                logits = decode_step(model, cache, nxt, pad)
+                nxt = sample(logits, params.temperature, params.top_p, gen)
+            else:
+                both = decode_step(model, cache, nxt, pad, guess=guess)   # (B, 2, V)
+                nxt = sample(both[:, 0], params.temperature, params.top_p, gen)
+                live = torch.tensor(active, device=device)
+                guesses += int(live.sum())
+                hits += int(((guess == nxt) & live).sum())
+                guess = both[:, 1].argmax(-1)
             decode_tokens += sum(active)
             t_now = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
             step_times.append(t_now - ts)
@@ -242,6 +321,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         t_end = time.perf_counter()
         kv_dev, kv_host = cache.nbytes()
         kv_fp16 = cache.fp16_bytes(args.n_kv_heads, args.head_dim)
+        stats = _policy_stats(cache, guesses, hits)
 
     reqs = []
     for b in range(B):
@@ -251,7 +331,22 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                                   tpot_s=tpot, finished_by_eos=eos_hit[b]))
     return BatchResult(requests=reqs, wall_s=t_end - t0, prefill_s=t_first - t0, decode_s=t_end - t_first,
                        decode_tokens=decode_tokens, peak_mem_bytes=mem.peak, kv_bytes_device=kv_dev,
-                       kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times)
+                       kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times, policy_stats=stats)
+
+
+def _policy_stats(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:
+    """Counters summed over layers, turned into rates where a policy reports hit/total pairs."""
+    raw = cache.stats()
+    out: dict[str, float] = {}
+    for key, val in raw.items():
+        if key.endswith("_hits") and key[:-5] + "_total" in raw:
+            total = raw[key[:-5] + "_total"]
+            out[key[:-5]] = val / total if total else math.nan
+        elif not key.endswith("_total"):
+            out[key] = val
+    if guesses:
+        out["guess_accuracy"] = hits / guesses
+    return out
 
 
 def _record(nxt, out, t_tok, active, eos_hit, params, eos_id, device) -> float:

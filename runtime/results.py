@@ -48,6 +48,7 @@ def summarize(runs) -> dict:
         "kv_bytes_host": last.kv_bytes_host,
         "kv_ratio_vs_fp16": last.kv_ratio_vs_fp16,
         "peak_mem_bytes": max(run.peak_mem_bytes for run in runs),
+        "policy_stats": last.policy_stats,
     }
 
 

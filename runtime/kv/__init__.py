@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import KVCache, LayerKV, Step
+from .base import CacheShape, KVCache, LayerKV, Step
 from .full import FullKV
 
 POLICIES = {"full": FullKV}
@@ -27,15 +27,16 @@ def resolve_kv_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
-               capacity: int, device: torch.device) -> KVCache:
-    """Build a model's KV cache from a policy config (anything with `.name` and `.kv_dtype`)."""
+               capacity: int, device: torch.device, link=None) -> KVCache:
+    """Build a model's KV cache from a policy config (`.name`, `.kv_dtype` and the policy's
+    knobs). `link` is the host<->device copy engine (runtime/transfer.py) for policies that
+    keep K/V in host memory; None = a direct copy."""
     name = policy.name
     if name not in POLICIES:
         raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(POLICIES))}")
     dtype = resolve_kv_dtype(policy.kv_dtype, device)
-    cls = POLICIES[name]
-    layers = [cls(batch, n_kv_heads, head_dim, capacity, dtype, device) for _ in range(n_layers)]
-    return KVCache(layers, name)
+    shape = CacheShape(n_layers, batch, n_kv_heads, head_dim, capacity, dtype, device)
+    return POLICIES[name].build(policy, shape, link)
 
 
-__all__ = ["KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "resolve_kv_dtype"]
+__all__ = ["CacheShape", "KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "resolve_kv_dtype"]

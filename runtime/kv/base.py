@@ -31,10 +31,20 @@ class Step:
     n_new: int              # new tokens per row in this pass (prompt length on prefill, 1 on decode)
     pad: torch.Tensor       # (B,) long: left-pad columns of each row
     positions: torch.Tensor # (B, n_new) long: RoPE position of each new token (pads clamp to 0)
+    spec: bool = False      # the last new token is a speculative guess: it attends, it is never stored
 
     @property
     def end(self) -> int:
         return self.start + self.n_new
+
+    @property
+    def n_store(self) -> int:
+        """New tokens that enter the cache (all but a speculative guess)."""
+        return self.n_new - int(self.spec)
+
+    @property
+    def stored_end(self) -> int:
+        return self.start + self.n_store
 
     @property
     def is_prefill(self) -> bool:
@@ -99,21 +109,70 @@ def attention_reference(q, k, v, mask):
     return (s.softmax(-1) @ v.double()).to(q.dtype)
 
 
+@dataclass
+class CacheShape:
+    n_layers: int
+    batch: int
+    n_kv_heads: int
+    head_dim: int
+    capacity: int           # columns the engine expects to write (prompt + new tokens)
+    dtype: torch.dtype      # the dtype K/V are held in (`policy.kv_dtype` resolved)
+    device: torch.device
+
+    def buffer(self, pin: bool = False) -> torch.Tensor:
+        """An empty (B, H_kv, capacity, D) K or V buffer; `pin` = page-locked host memory."""
+        shape = (self.batch, self.n_kv_heads, max(self.capacity, 1), self.head_dim)
+        if pin:
+            return torch.empty(shape, dtype=self.dtype, pin_memory=True)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+
 class LayerKV(ABC):
-    """One layer's K/V under one policy."""
+    """One layer's K/V under one policy.
+
+    Prefill is the same for every policy: attention over the prompt in full precision (in the
+    held dtype), then `load` stores the prompt's K/V however the policy keeps them. So one
+    prefill can be shared by all policies (`engine.prefill_once`), and only decode differs.
+    """
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Store the new k, v (B, H_kv, n_new, D) at columns [start, stored_end) and return the
+        attention of q (B, H, n_new, D) over every stored token (plus a speculative guess's own
+        k, v for the guess's query): (B, H, n_new, D)."""
+        if step.is_prefill:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+            self.load(k, v, step)
+            return sdpa_gqa(q.to(self.dtype), k, v, step.mask()).to(q.dtype)
+        return self.decode(q, k, v, step)
+
+    dtype: torch.dtype
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """Store the new k, v (B, H_kv, n_new, D) at columns [step.start, step.end) and return
-        attention of q (B, H, n_new, D) over every stored token: (B, H, n_new, D)."""
+    def load(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
+        """Store a prompt's full-precision k, v (B, H_kv, T, D), columns [0, T)."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """A decode pass (n_new = 1, or 2 with a speculative guess)."""
 
     @abstractmethod
     def nbytes(self) -> tuple[int, int]:
         """(device bytes, host bytes) of the K/V this layer holds now, for the dtype held."""
 
+    def stats(self) -> dict[str, float]:
+        """Per-run counters a policy wants reported (summed over layers by KVCache.stats)."""
+        return {}
+
+    @classmethod
+    def build(cls, policy, shape: CacheShape, link=None) -> "KVCache":
+        """A model's cache of this policy: one layer object per layer by default."""
+        return KVCache([cls(policy, shape, link) for _ in range(shape.n_layers)], policy.name)
+
 
 class KVCache:
     """A model's KV: one `LayerKV` per layer, plus what the engine needs to know about it."""
+
+    speculative = False     # True: the engine runs speculative pre-decoding for this cache
 
     def __init__(self, layers: list[LayerKV], name: str):
         self.layers = layers
@@ -123,8 +182,8 @@ class KVCache:
 
     def advance(self, step: Step) -> None:
         """Called once per forward pass, after every layer has stored its K/V."""
-        self.len = step.end
-        self.n_tokens = int((step.end - step.pad).clamp(min=0).sum())
+        self.len = step.stored_end
+        self.n_tokens = int((step.stored_end - step.pad).clamp(min=0).sum())
 
     def __getitem__(self, i: int) -> LayerKV:
         return self.layers[i]
@@ -139,6 +198,13 @@ class KVCache:
             dev += d
             host += h
         return dev, host
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            for key, val in layer.stats().items():
+                out[key] = out.get(key, 0) + val
+        return out
 
     def fp16_bytes(self, n_kv_heads: int, head_dim: int) -> int:
         """What a 16-bit full cache would hold for the same real tokens: the ratio's denominator."""

@@ -1,9 +1,7 @@
 """`full`: the uncompressed baseline. K/V of every token in device memory, in `kv_dtype`."""
 from __future__ import annotations
 
-import torch
-
-from .base import LayerKV, Step, sdpa_gqa
+from .base import CacheShape, LayerKV, Step, sdpa_gqa
 
 
 class FullKV(LayerKV):
@@ -14,12 +12,9 @@ class FullKV(LayerKV):
     if a caller goes past the capacity it asked for.
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, n_kv_heads, max(capacity, 1), head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.dtype = dtype
+    def __init__(self, policy, shape: CacheShape, link=None):
+        self.dtype = shape.dtype
+        self.k, self.v = shape.buffer(), shape.buffer()
         self.len = 0          # columns written, pads included
         self.n_real = 0       # real tokens held, summed over rows
 
@@ -34,15 +29,21 @@ class FullKV(LayerKV):
             new[:, :, : self.len] = old[:, :, : self.len]
             setattr(self, name, new)
 
-    def attend(self, q, k, v, step: Step):
+    def _write(self, k, v, step: Step) -> None:
+        # a speculative guess is written too (at column stored_end) so it can attend to itself;
+        # `len` stops before it, and the next step's token overwrites it
         self._grow(step.end)
         self.k[:, :, step.start : step.end] = k      # (B, H_kv, n_new, D)
         self.v[:, :, step.start : step.end] = v
-        self.len = step.end
-        self.n_real = int((step.end - step.pad).clamp(min=0).sum())
-        keys = self.k[:, :, : step.end]
-        vals = self.v[:, :, : step.end]
-        o = sdpa_gqa(q.to(self.dtype), keys, vals, step.mask())
+        self.len = step.stored_end
+        self.n_real = int((step.stored_end - step.pad).clamp(min=0).sum())
+
+    def load(self, k, v, step: Step) -> None:
+        self._write(k.to(self.dtype), v.to(self.dtype), step)
+
+    def decode(self, q, k, v, step: Step):
+        self._write(k.to(self.dtype), v.to(self.dtype), step)
+        o = sdpa_gqa(q.to(self.dtype), self.k[:, :, : step.end], self.v[:, :, : step.end], step.mask())
         return o.to(q.dtype)
 
     def nbytes(self):
