@@ -25,6 +25,7 @@ from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
 from .provenance import provenance
 from .results import summarize, write_json_atomic
+from .transfer import make_link
 
 register()
 
@@ -66,9 +67,14 @@ def run(cfg: DictConfig) -> dict:
                             ignore_eos=w.ignore_eos, seed=w.seed)
     prompts = make_prompts(w, args.vocab_size, {args.bos_id, args.eos_id, args.pad_id})
 
-    if cfg.warmup:
-        generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy)
-    runs = [generate(model, prompts, params, cfg.policy, progress=cfg.progress) for _ in range(cfg.repeats)]
+    link = make_link(cfg.hardware.link, device)
+    try:
+        if cfg.warmup:
+            generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link)
+        runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress)
+                for _ in range(cfg.repeats)]
+    finally:
+        link.close()
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     record = {

@@ -29,6 +29,27 @@ class PolicyConfig:
 
 
 @dataclass
+class OffloadPolicyConfig(PolicyConfig):
+    name: str = "offload"
+
+
+@dataclass
+class KiviPolicyConfig(PolicyConfig):
+    name: str = "kivi"
+    bits: int = 2                   # 1 | 2 | 4 | 8
+    group_size: int = 64            # tokens per key group, channels per value group
+    residual: int = 64              # newest tokens kept in full precision; a multiple of group_size
+    one_bit_rule: str = "specache"  # specache: codes decode to half-range centres | plain: to min/max
+
+
+@dataclass
+class SpecachePolicyConfig(KiviPolicyConfig):
+    name: str = "specache"
+    k: int = 64                     # 16-bit rows fetched per KV head per step; 0 = kivi; > context: clamped
+    prefetch: bool = True           # speculative pre-decoding: fetch the next step's top-k during this one
+
+
+@dataclass
 class WorkloadConfig:
     batch: int = 4
     prompt_len: int = 512
@@ -41,10 +62,18 @@ class WorkloadConfig:
 
 
 @dataclass
+class LinkConfig:
+    """An emulated host<->device link for CPU-only machines (runtime/transfer.py)."""
+    gbps: Optional[float] = None    # null = no emulation (a plain memcpy); meant for 0.5-4 GB/s
+    latency_us: float = 0.0
+
+
+@dataclass
 class HardwareConfig:
     name: str = "auto"
     device: str = "auto"            # auto | cpu | cuda[:N]
     threads: Optional[int] = None   # torch intra-op threads on CPU; null = torch's default
+    link: LinkConfig = field(default_factory=LinkConfig)
 
 
 @dataclass
@@ -65,5 +94,8 @@ def register() -> None:
     cs.store(name="base_bench", node=BenchConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="policy", name="base_full", node=PolicyConfig)
+    cs.store(group="policy", name="base_offload", node=OffloadPolicyConfig)
+    cs.store(group="policy", name="base_kivi", node=KiviPolicyConfig)
+    cs.store(group="policy", name="base_specache", node=SpecachePolicyConfig)
     cs.store(group="workload", name="base_workload", node=WorkloadConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)

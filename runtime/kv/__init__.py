@@ -6,8 +6,11 @@ import torch
 from ..errors import ConfigError
 from .base import CacheShape, KVCache, LayerKV, Step
 from .full import FullKV
+from .kivi import KiviKV
+from .offload import OffloadKV
+from .specache import SpeCacheKV
 
-POLICIES = {"full": FullKV}
+POLICIES = {"full": FullKV, "offload": OffloadKV, "kivi": KiviKV, "specache": SpeCacheKV}
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

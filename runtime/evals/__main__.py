@@ -1,0 +1,116 @@
+"""python -m runtime.evals {passkey, ppl, report}: see `runtime/evals/__init__.py` for the tour.
+
+argparse rather than Hydra: a grid here is a list of policy specs and sample counts, and its
+results are one resumable folder, not one JSON per config point.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import resolve_device
+from ..errors import ConfigError, cli_errors
+from ..model import ModelArgs, load_gguf, random_init
+from . import data
+from .report import report
+from .run import passkey_task, ppl_task, run_grid
+from .specs import GRAMMAR, PRESETS, expand
+
+PROG = "runtime.evals"
+# the tiny random model: seconds per grid, retrieval at chance; for smoke runs and tests
+TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, max_seq_len=8192,
+                 rope_base=10000.0)
+
+
+def load_model(name: str, device: torch.device):
+    """(model, tokenizer): `smollm2` = the shipped GGUF and its tokenizer; `tiny` = random
+    weights with a byte tokenizer (the shipped tokenizer's ids would not fit its vocab)."""
+    if name == "tiny":
+        return random_init(ModelArgs(**TINY_ARGS), seed=0, device=device), data.ByteTokenizer()
+    from ..tokenizer import from_gguf
+
+    return load_gguf(None, torch.float32, device), from_gguf(None)
+
+
+def _common(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("--policies", nargs="+", default=["default"], metavar="SPEC",
+                   help=f"policy specs: {GRAMMAR}; or presets {', '.join(PRESETS)} (default: the issue's "
+                        "37-policy grid). `full` is always added: statistics are paired against it")
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--seed", type=int, default=0, help="data seed (samples are pure functions of it)")
+    p.add_argument("--kv-dtype", default="auto", help="dtype of the shared prefill and of every policy's cache")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("results/evals") / task,
+                   help="results folder; rerunning into it resumes")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Quality of KV policies against full: passkey "
+                                 "retrieval and teacher-forced perplexity, paired statistics.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("passkey", help="passkey retrieval at several lengths and depths")
+    pk.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 3072])
+    pk.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    pk.add_argument("--n", type=int, default=4, help="samples per (length, depth)")
+    pk.add_argument("--format", choices=data.FORMATS, default="plain",
+                    help="plain completion or the model's chat template (plain retrieves better on SmolLM2)")
+    pk.add_argument("--max-new-tokens", type=int, default=8)
+    _common(pk, "passkey")
+    pp = sub.add_parser("ppl", help="teacher-forced perplexity of the last tokens of long texts")
+    pp.add_argument("--context", type=int, default=2048, help="tokens per sample")
+    pp.add_argument("--last", type=int, default=512, help="tokens scored, after a prefill of the rest")
+    pp.add_argument("--n", type=int, default=8, help="samples")
+    _common(pp, "ppl")
+    rp = sub.add_parser("report", help="CSV tables and PNG figures from a results folder")
+    rp.add_argument("--out", type=Path, required=True)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    with cli_errors(PROG):
+        if a.cmd != "report":
+            run(a)
+        tables = report(a.out)
+        for task, table in tables.items():
+            print(f"{a.out / task}.csv")
+            print(table.drop(columns=["error"]).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
+def run(a: argparse.Namespace) -> None:
+    if a.n < 1:
+        raise ConfigError(f"--n {a.n} must be >= 1")
+    specs = expand(a.policies)
+    device = resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, device)
+    if a.cmd == "passkey":
+        too_long = [L for L in a.lengths if L + a.max_new_tokens > model.args.max_seq_len]
+        if too_long:
+            raise ConfigError(f"--lengths {too_long} + {a.max_new_tokens} new tokens exceed the model's context "
+                              f"of {model.args.max_seq_len}")
+        samples = data.passkey_samples(tok, a.lengths, a.depths, a.n, a.seed, a.format)
+        task = passkey_task(tok, a.max_new_tokens)
+        meta = {"lengths": a.lengths, "depths": a.depths, "n": a.n, "format": a.format, "seed": a.seed}
+    else:
+        if not 0 < a.last < a.context <= model.args.max_seq_len:
+            raise ConfigError(f"need 0 < --last ({a.last}) < --context ({a.context}) <= the model's context "
+                              f"({model.args.max_seq_len})")
+        samples = data.text_samples(tok, a.context, a.n, a.seed)
+        task = ppl_task(a.last)
+        meta = {"context": a.context, "last": a.last, "n": a.n, "seed": a.seed,
+                "corpus": "pydoc_data.topics (CPython documentation)"}
+    path = run_grid(model, task, samples, specs, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
+                    progress=not a.no_progress, meta=meta)
+    print(f"{path} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Host <-> device copies: the link (a copy engine) and gathers of scattered K/V rows.
+
+Three links, one interface (`copy(dst, src) -> Transfer`, `Transfer.wait()`):
+
+- `DirectLink`  CPU without emulation: host and "device" are the same memory, a copy is a memcpy
+                done at once.
+- `EmulatedLink` CPU with `hardware.link.gbps` set: a worker thread does the real copy, and the
+                copy counts as complete at a deadline set by the link: start = max(now, link
+                free), deadline = start + latency + bytes / bandwidth. Waiting sleeps until that
+                absolute deadline, never for accumulated durations: on a 2-core box thread and
+                sleep jitter exceed a real per-layer transfer, and summing sleeps adds it up.
+                So offload and prefetch overlap behave as over a link of that speed.
+- `CudaLink`    a side CUDA stream: the copy waits (on the GPU) for the producer's event,
+                runs `non_blocking` from pinned memory, and records an event the consumer's
+                stream waits on. No host synchronisation.
+
+Gathers never copy one row at a time: `gather_rows` is one `index_select` over a flattened
+(B * H * T, D) view into a reused staging buffer; on CUDA the staging buffer is pinned and goes
+to the device in one non-blocking copy.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from .errors import ConfigError
+
+
+class Transfer:
+    """A copy in flight."""
+
+    def wait(self) -> None:  # pragma: no cover - overridden
+        pass
+
+
+class _Done(Transfer):
+    pass
+
+
+DONE = _Done()
+
+
+class LinkStats:
+    def __init__(self):
+        self.bytes = 0
+        self.copies = 0
+        self.wait_s = 0.0    # time callers spent blocked in wait(): the part the link did not hide
+
+    def as_dict(self, prefix: str = "link") -> dict[str, float]:
+        return {f"{prefix}_bytes": self.bytes, f"{prefix}_copies": self.copies, f"{prefix}_wait_s": self.wait_s}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class DirectLink:
+    name = "direct"
+
+    def __init__(self):
+        self.stats = LinkStats()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
+        dst.copy_(src)
+        self.stats.bytes += _nbytes(src)
+        self.stats.copies += 1
+        return DONE
+
+    def close(self) -> None:
+        pass
+
+
+class _Timed(Transfer):
+    def __init__(self, deadline: float, stats: LinkStats):
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.stats = stats
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        self.done.wait()
+        while (left := self.deadline - time.perf_counter()) > 0:
+            time.sleep(left if left > 2e-4 else 0)   # the last fraction of a ms: yield, don't oversleep
+        self.stats.wait_s += time.perf_counter() - t0
+
+
+class EmulatedLink:
+    """A copy engine of `gbps` GB/s (1e9 bytes/s) and `latency_us` per copy, on CPU."""
+
+    name = "emulated"
+
+    def __init__(self, gbps: float, latency_us: float = 0.0):
+        if not gbps or gbps <= 0:
+            raise ConfigError(f"hardware.link.gbps={gbps} must be > 0 (or null for no emulated link)")
+        if latency_us < 0:
+            raise ConfigError(f"hardware.link.latency_us={latency_us} must be >= 0")
+        self.bw = gbps * 1e9
+        self.latency = latency_us * 1e-6
+        self.free_at = 0.0
+        self.stats = LinkStats()
+        self._q: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="emulated-link", daemon=True)
+        self._worker.start()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
+        n = _nbytes(src)
+        start = max(time.perf_counter(), self.free_at)
+        deadline = start + self.latency + n / self.bw
+        self.free_at = deadline
+        t = _Timed(deadline, self.stats)
+        self.stats.bytes += n
+        self.stats.copies += 1
+        self._q.put((dst, src, t))
+        return t
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            dst, src, t = item
+            dst.copy_(src)
+            t.done.set()
+
+    def close(self) -> None:
+        self._q.put(None)
+
+
+class _CudaTransfer(Transfer):
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class CudaLink:
+    name = "cuda"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.stats = LinkStats()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
+        ready = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            dst.copy_(src, non_blocking=True)
+            done = self.stream.record_event()
+        for t in (dst, src):
+            if t.is_cuda:
+                t.record_stream(self.stream)   # the allocator must not reuse them before the copy ends
+        self.stats.bytes += _nbytes(src)
+        self.stats.copies += 1
+        return _CudaTransfer(done)
+
+    def close(self) -> None:
+        pass
+
+
+def make_link(link_cfg, device: torch.device):
+    """The link for `hardware.link` on `device`: CUDA stream on a GPU, else emulated if
+    `gbps` is set, else direct."""
+    if device.type == "cuda":
+        return CudaLink(device)
+    gbps = getattr(link_cfg, "gbps", None) if link_cfg is not None else None
+    if gbps:
+        return EmulatedLink(gbps, getattr(link_cfg, "latency_us", 0.0) or 0.0)
+    return DirectLink()
+
+
+def gather_rows(store: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b, h, j] = store[b, h, idx[b, h, j]] for store (B, H, T, D), idx (B, H, k).
+
+    One index_select over the flattened rows into `out` (B, H, k, D), a reused buffer. `idx`
+    must live where `store` does (the host, for a host store).
+    """
+    B, H, T, D = store.shape
+    k = idx.shape[-1]
+    base = (torch.arange(B * H, device=idx.device) * T).view(B, H, 1)
+    flat = (idx + base).reshape(-1)
+    rows = store.reshape(B * H * T, D)          # a view: the store is contiguous
+    torch.index_select(rows, 0, flat, out=out.view(B * H * k, D))
+    return out
