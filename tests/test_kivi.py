@@ -143,7 +143,7 @@ def test_kv_bytes_match_the_formula():
     (dict(residual=12), "policy.residual=12 must be a positive multiple of policy.group_size=8"),
     (dict(group_size=0), "policy.group_size=0"),
     (dict(one_bit_rule="x"), "policy.one_bit_rule"),
-    (dict(group_size=24, residual=48), "must divide head_dim=16"),
+    (dict(group_size=12, residual=24), "must divide head_dim=16"),
 ])
 def test_bad_knobs(bad, needle):
     with pytest.raises(ConfigError, match=re_escape(needle)):

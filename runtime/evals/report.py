@@ -30,7 +30,7 @@ def load(path: Path) -> pd.DataFrame:
     for col in ("correct", "digit_logprob", "nll_mean", "seconds"):   # absent when every point failed
         if col not in df:
             df[col] = math.nan
-    df = df.sort_values("ok", kind="stable").drop_duplicates(["sample_id", "policy"], keep="last")
+    df = df.sort_values("ok", kind="stable").drop_duplicates(["sample_id", "policy"], keep="last").sort_index()
     for key in STAT_KEYS:
         df[key] = [(s or {}).get(key, math.nan) if isinstance(s, dict) else math.nan
                    for s in df.get("policy_stats", [None] * len(df))]
