@@ -103,6 +103,8 @@ def format_table(r: dict) -> str:
         ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
                              f"({r['kv_ratio_vs_fp16']:.2f}x of fp16)"),
         ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
+        *([("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items()))]
+          if r.get("policy_stats") else []),
         ("result", r["path"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -341,7 +341,8 @@ def _policy_stats(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:
     for key, val in raw.items():
         if key.endswith("_hits") and key[:-5] + "_total" in raw:
             total = raw[key[:-5] + "_total"]
-            out[key[:-5]] = val / total if total else math.nan
+            if total:
+                out[key[:-5]] = val / total
         elif not key.endswith("_total"):
             out[key] = val
     if guesses:

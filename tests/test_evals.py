@@ -266,3 +266,14 @@ def test_cli_tiny_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["passkey", "--model", "tiny", "--policies", "kivi3", "--out", str(tmp_path)])
     assert e.value.code == 2 and "bits=3" in capsys.readouterr().err
+
+
+def test_shipped_model_retrieves_a_passkey(shipped_model, shipped_tokenizer, tmp_path):
+    """The real model finds the needle through the whole pipeline (prefill once, greedy decode,
+    teacher-forced digits): short prompts, so this stays a few seconds."""
+    samples = data.passkey_samples(shipped_tokenizer, [512], [0.2, 0.8], n=1, seed=0)
+    path = run.run_grid(shipped_model, run.passkey_task(shipped_tokenizer), samples, ["full"], tmp_path,
+                        model_name="smollm2", progress=False)
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert all(r["correct"] for r in recs), [r["output"] for r in recs]
+    assert all(-2.0 < r["digit_logprob"] < 0 for r in recs)

@@ -1,0 +1,44 @@
+"""Quality of KV policies against `full`: passkey retrieval and teacher-forced perplexity.
+
+    python -m runtime.evals passkey [--lengths 1024 2048 3072] [--depths 0.1 0.3 0.5 0.7 0.9] [--n 4]
+                                    [--policies SPEC ...] [--model smollm2|tiny] [--format plain|chat]
+                                    [--out results/evals/passkey]
+    python -m runtime.evals ppl     [--context 2048] [--last 512] [--n 8] [--policies SPEC ...] [--out ...]
+    python -m runtime.evals report  --out results/evals/passkey
+
+Policy specs (`specs.py`): `full`, `offload`, `kivi<bits>[-g<N>][-r<N>]`,
+`specache-k<k>-b<bits>[-g<N>][-r<N>][-noprefetch]`, e.g. `kivi2`, `specache-k64-b2`,
+`specache-k16-b1-g32-noprefetch`; defaults group 64, residual 64, prefetch on. Presets: `default`
+(the issue's 37 policies: full, offload, KIVI 1/2/4-bit, SpeCache k in {0,16,64,256} x 1/2 bits x
+group 32/64 x prefetch on/off) and `small`. `full` is always run: every statistic is paired with it.
+
+Data (`data.py`), generated in code and seeded, nothing downloaded:
+- passkey: the classic filler ("The grass is green. The sky is blue. ...") with the needle
+  "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth (fraction of the
+  filler), then "What is the pass key? The pass key is ". Sample i is a pure function of
+  (seed, length, depth, i, format); the prompt is within one filler sentence (~6 tokens) of the
+  target length. Plain completion is the default: on the shipped SmolLM2 with `full` it
+  retrieved 20/20 at 1K (seed 0, 4 per depth x 5 depths) against 11/20 with the chat template
+  and the answer's first words in the assistant's mouth (`--format chat`).
+- perplexity: CPython's own documentation text, `pydoc_data.topics.topics` (the long English
+  help texts behind `help("with")` etc., shipped with every Python install), joined in a seeded
+  order and cut into consecutive windows of `--context` tokens.
+
+Method: each sample is prefilled once in full precision (`engine.prefill_once`) and every
+policy decodes from that cache (exact: prefill is full-precision attention for every policy).
+Per (sample, policy) the passkey task records the greedy continuation (max 8 tokens; correct =
+its first run of digits is the passkey), the teacher-forced log-prob of the 5 digit tokens, and
+the engine's policy stats (SpeCache guess accuracy, top-k recall); the ppl task teacher-forces
+the last `--last` tokens through the policy's decode path, one `decode_step` per token
+(`score.py`; a speculative cache runs the guess-carrying steps the engine runs).
+
+Results: `<out>/<task>.jsonl`, one fsynced line per (sample, policy), so a rerun resumes (points
+with an "error" line are retried: a policy that raised is recorded, not fatal), and
+`<out>/<task>.run.json` (the grid and provenance). `report` (run after every task too) writes
+`<out>/<task>.csv` and `<out>/<task>.png`: per (length, policy) accuracy, exact McNemar p vs
+full, mean digit log-prob delta vs full with a seeded BCa bootstrap 95% interval; per (context,
+policy) perplexity with its interval and the paired ratio to full's (`stats.py`).
+
+Timing on the 2-core CPU box (shipped model, fp32): prefill ~1.2 s at 1K, ~3.5 s at 2K, once
+per sample; a `full` passkey point (8 greedy tokens + 5 teacher-forced) ~0.4 s.
+"""
