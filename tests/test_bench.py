@@ -67,27 +67,38 @@ def test_cli_prints_table(tmp_path):
     assert not Path(ROOT / "outputs").exists()
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("workload.batch=0", "workload.batch=0 must be >= 1"),
-    ("workload.gen_len=-3", "workload.gen_len=-3 must be >= 1"),
-    ("workload.prompt_len=4000", "exceeds the model's context of 2048"),
-    ("model.path=/nonexistent/x.gguf", None),
-    ("policy.kv_dtype=int3", "policy.kv_dtype='int3' is not known"),
+@pytest.mark.parametrize("overrides,needle", [
+    (["model=tiny", "workload.batch=0"], "workload.batch=0 must be >= 1"),
+    (["model=tiny", "workload.gen_len=-3"], "workload.gen_len=-3 must be >= 1"),
+    (["model=tiny", "workload.prompt_len=4000"], "exceeds the model's context of 2048"),
+    (["model=smollm2", "model.path=/nonexistent/x.gguf"], "no such file"),
+    (["model=tiny", "policy.kv_dtype=int3"], "policy.kv_dtype='int3' is not known"),
+    (["model=tiny", "policy=kivi", "policy.bits=3"], "policy.bits=3 is not supported"),
+    (["model=tiny", "policy=kivi", "policy.residual=48", "policy.group_size=32"],
+     "policy.residual=48 must be a positive multiple of policy.group_size=32"),
+    (["model=tiny", "policy=specache", "policy.k=-1"], "policy.k=-1 must be >= 0"),
+    (["model=tiny", "policy=offload", "hardware.link.gbps=-2"], "hardware.link.gbps=-2.0 must be > 0"),
 ])
-def test_cli_bad_input_one_line(tmp_path, override, needle):
-    args = ["model=tiny", f"results_dir={tmp_path}"] if not override.startswith("model.path") else \
-        ["model=smollm2", override, f"results_dir={tmp_path}"]
-    if override.startswith("workload") or override.startswith("policy"):
-        args.append(override)
-    p = _cli(*args)
+def test_cli_bad_input_one_line(tmp_path, overrides, needle):
+    p = _cli(*overrides, f"results_dir={tmp_path}")
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("runtime.bench: error:"), p.stderr
     assert "Traceback" not in p.stderr
-    assert needle is None or needle in lines[0]
-    if needle is None:
-        assert "no such file" in lines[0]
+    assert needle in lines[0]
     assert not (tmp_path / "measured").exists()
+
+
+def test_cli_policies_run(tmp_path):
+    for pol in ("offload", "kivi", "specache"):
+        p = _cli("model=tiny", f"policy={pol}", "workload.batch=2", "workload.prompt_len=200",
+                 "workload.gen_len=6", "warmup=false", f"results_dir={tmp_path}")
+        assert p.returncode == 0, p.stderr
+    rows = [json.loads(f.read_text()) for f in (tmp_path / "measured").glob("*.json")]
+    by = {r["policy"]: r for r in rows}
+    assert by["offload"]["kv_bytes_host"] > 0
+    assert by["kivi"]["kv_ratio_vs_fp16"] < 1.0 < by["offload"]["kv_ratio_vs_fp16"]   # fp32 residual, still < fp16 full
+    assert by["specache"]["kv_bytes_host"] > 0 and "topk_recall" in by["specache"]["policy_stats"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA request is valid here")
