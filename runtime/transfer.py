@@ -32,8 +32,12 @@ from .errors import ConfigError
 class Transfer:
     """A copy in flight."""
 
-    def wait(self) -> None:  # pragma: no cover - overridden
-        pass
+    def wait(self) -> None:
+        """Order the caller's later work after the copy (on CUDA: the current stream waits)."""
+
+    def wait_host(self) -> None:
+        """Block the host until the copy is done (before reusing its source buffer)."""
+        self.wait()
 
 
 class _Done(Transfer):
@@ -135,6 +139,9 @@ class _CudaTransfer(Transfer):
 
     def wait(self) -> None:
         torch.cuda.current_stream().wait_event(self.event)
+
+    def wait_host(self) -> None:
+        self.event.synchronize()
 
 
 class CudaLink:

@@ -30,3 +30,61 @@ def test_7b_shape_layer_fp16_on_cuda():
     assert r.kv_ratio_vs_fp16 == pytest.approx(1.0)   # auto = float16 on CUDA
     assert r.peak_mem_bytes > sum(p.numel() * 2 for p in model.parameters())
     assert all(len(q.tokens) == 8 for q in r.requests)
+
+
+def _trace(model, prompts, policy, steps=6):
+    from .test_specache import _logits_trace
+
+    return _logits_trace(model, prompts, policy, steps)
+
+
+def _on_cuda(model):
+    m = random_init(model.args, seed=0).to("cuda")
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def test_cuda_specache_k0_is_kivi_and_large_k_is_full(tiny_model):
+    from .test_specache import FULL, PROMPTS, kivi, spec
+
+    m = _on_cuda(tiny_model)
+    assert torch.equal(_trace(m, PROMPTS, spec(k=0)), _trace(m, PROMPTS, kivi()))
+    torch.testing.assert_close(_trace(m, PROMPTS, spec(k=10_000)), _trace(m, PROMPTS, FULL), atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_offload_is_full_with_pinned_host_store(tiny_model):
+    from runtime.kv import make_cache
+
+    from .test_specache import FULL, OFFLOAD, PROMPTS
+
+    m = _on_cuda(tiny_model)
+    torch.testing.assert_close(_trace(m, PROMPTS, OFFLOAD), _trace(m, PROMPTS, FULL), atol=1e-6, rtol=1e-6)
+    cache = make_cache(OFFLOAD, n_layers=2, batch=1, n_kv_heads=2, head_dim=16, capacity=8, device=torch.device("cuda"))
+    assert cache[0].k_host.is_pinned() and not cache[0].k_host.is_cuda
+
+
+def test_cuda_prefetch_matches_no_prefetch_when_all_hit(tiny_model):
+    from .test_specache import spec
+
+    m = _on_cuda(tiny_model)
+    prompt = list(range(3, 36))
+    p = SamplingParams(max_new_tokens=7, ignore_eos=True)
+    on = generate(m, [prompt], p, spec(k=1000, prefetch=True))
+    off = generate(m, [prompt], p, spec(k=1000, prefetch=False))
+    assert on.requests[0].tokens == off.requests[0].tokens and on.policy_stats["topk_recall"] == 1.0
+
+
+def test_cuda_link_non_blocking_copy_and_gather():
+    from runtime.transfer import CudaLink, gather_rows
+
+    link = CudaLink(torch.device("cuda"))
+    store = torch.randn(2, 3, 100, 64).pin_memory()
+    idx = torch.randint(0, 100, (2, 3, 16))
+    stage = torch.empty(2, 3, 16, 64).pin_memory()
+    gather_rows(store, idx, stage)
+    dev = torch.empty(2, 3, 16, 64, device="cuda")
+    t = link.copy(dev, stage)
+    t.wait()
+    want = torch.gather(store, 2, idx[..., None].expand(-1, -1, -1, 64))
+    assert torch.equal(dev.cpu(), want)
+    t.wait_host()

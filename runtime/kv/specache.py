@@ -71,6 +71,7 @@ class SpeCacheKV(KiviKV):
         self.k_rows = torch.empty(self._stage_shape, dtype=self.dtype, device=shape.device)
         self.v_rows = torch.empty_like(self.k_rows)
         self.pending: _Fetch | None = None     # prefetched for the next step
+        self._staged: tuple = ()               # the copies that last read the staging buffers
         self.counters = {"topk_recall_hits": 0, "topk_recall_total": 0, "fetched_rows": 0}
 
     @classmethod
@@ -127,12 +128,15 @@ class SpeCacheKV(KiviKV):
         ks, vs = self.k_stage[:, :, :k], self.v_stage[:, :, :k]
         if not ks.is_contiguous():
             ks, vs = ks.contiguous(), vs.contiguous()
+        for t in self._staged:     # the previous copy out of the staging buffers must be done
+            t.wait_host()
         gather_rows(self.k_host, host_idx, ks)
         gather_rows(self.v_host, host_idx, vs)
         kr, vr = self.k_rows[:, :, :k], self.v_rows[:, :, :k]
         if not kr.is_contiguous():
             kr, vr = torch.empty_like(ks, device=self.k_rows.device), torch.empty_like(vs, device=self.k_rows.device)
         t = (self.link.copy(kr, ks), self.link.copy(vr, vs))
+        self._staged = t
         self.counters["fetched_rows"] += int(valid.sum())
         return _Fetch(idx, valid, kr, vr, t)
 
