@@ -8,7 +8,7 @@ import torch
 from runtime.errors import ConfigError
 from runtime.kv import CacheShape, Step, make_cache
 from runtime.kv.base import attention_reference
-from runtime.kv.kivi import KiviKV, dequantize, pack, quant_params, quantize, unpack
+from runtime.kv.kivi import KiviKV, dequantize, pack, quant_params, quantize, unpack, unpack_float
 
 
 def kivi_policy(**kw):
@@ -50,6 +50,7 @@ def test_pack_roundtrip_and_density(bits):
     packed = pack(codes, bits)
     assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == torch.uint8
     assert torch.equal(unpack(packed, bits), codes)
+    assert torch.equal(unpack_float(packed, bits, torch.float32), codes.float())
     if bits == 2:   # 4 two-bit values a byte, the first in the low bits
         assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).item() == 1 + (2 << 2) + (3 << 4)
 

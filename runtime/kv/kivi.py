@@ -100,6 +100,23 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], -1)
 
 
+_LUTS: dict = {}
+
+
+def unpack_float(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """`unpack` straight to floats for the matmuls: one table lookup per byte (a 256 x 8/bits
+    table of the codes each byte holds) instead of shift, mask, reshape and convert, which is
+    ~2x slower on CPU."""
+    if bits == 8:
+        return packed.to(dtype)
+    key = (bits, packed.device, dtype)
+    if key not in _LUTS:
+        byte = torch.arange(256, device=packed.device)
+        _LUTS[key] = ((byte[:, None] >> torch.arange(0, 8, bits, device=packed.device)) & (2 ** bits - 1)).to(dtype)
+    out = torch.nn.functional.embedding(packed.to(torch.int32), _LUTS[key])   # (..., D*bits/8, 8/bits)
+    return out.reshape(*packed.shape[:-1], -1)
+
+
 # ----------------------------------------------------------------------------- the layer
 
 class KiviKV(LayerKV):
@@ -198,7 +215,7 @@ class KiviKV(LayerKV):
         ng = self.kq // self.G
         if ng == 0:
             return qf.new_zeros(B, H, n, 0)
-        codes = unpack(self.k_codes[:, :, : self.kq], self.bits).to(self.dtype)
+        codes = unpack_float(self.k_codes[:, :, : self.kq], self.bits, self.dtype)
         codes = codes.view(B, H, ng, self.G, D)
         scale, zero = self.k_scale[:, :, :ng], self.k_zero[:, :, :ng]         # (B, H, ng, D)
         qs = qf[:, :, None] * scale[:, :, :, None]                            # (B, H, ng, n, D)
@@ -212,7 +229,7 @@ class KiviKV(LayerKV):
         if vq == 0:
             return p.new_zeros(B, H, n, self.D)
         nc = self.D // self.cg
-        codes = unpack(self.v_codes[:, :, :vq], self.bits).to(self.dtype)
+        codes = unpack_float(self.v_codes[:, :, :vq], self.bits, self.dtype)
         codes = codes.view(B, H, vq, nc, self.cg).permute(0, 1, 3, 2, 4)      # (B, H, nc, vq, cg)
         scale = self.v_scale[:, :, :vq].permute(0, 1, 3, 2)                   # (B, H, nc, vq)
         zero = self.v_zero[:, :, :vq].permute(0, 1, 3, 2)
@@ -226,7 +243,7 @@ class KiviKV(LayerKV):
         B, H, k = idx.shape
         nc = self.D // self.cg
         codes = torch.gather(self.v_codes, 2, idx[..., None].expand(B, H, k, self.v_codes.shape[-1]))
-        codes = unpack(codes, self.bits).to(self.dtype).view(B, H, k, nc, self.cg)
+        codes = unpack_float(codes, self.bits, self.dtype).view(B, H, k, nc, self.cg)
         scale = torch.gather(self.v_scale, 2, idx[..., None].expand(B, H, k, nc))[..., None]
         zero = torch.gather(self.v_zero, 2, idx[..., None].expand(B, H, k, nc))[..., None]
         return (codes * scale + zero).view(B, H, k, self.D)
