@@ -268,9 +268,10 @@ def test_cli_tiny_end_to_end(tmp_path, capsys):
     assert e.value.code == 2 and "bits=3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_model_retrieves_a_passkey(shipped_model, shipped_tokenizer, tmp_path):
     """The real model finds the needle through the whole pipeline (prefill once, greedy decode,
-    teacher-forced digits): short prompts, so this stays a few seconds."""
+    teacher-forced digits). ~25 s on the 2-core box, most of it the first calls' warm-up."""
     samples = data.passkey_samples(shipped_tokenizer, [512], [0.2, 0.8], n=1, seed=0)
     path = run.run_grid(shipped_model, run.passkey_task(shipped_tokenizer), samples, ["full"], tmp_path,
                         model_name="smollm2", progress=False)

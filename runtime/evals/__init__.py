@@ -17,9 +17,11 @@ Data (`data.py`), generated in code and seeded, nothing downloaded:
   "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth (fraction of the
   filler), then "What is the pass key? The pass key is ". Sample i is a pure function of
   (seed, length, depth, i, format); the prompt is within one filler sentence (~6 tokens) of the
-  target length. Plain completion is the default: on the shipped SmolLM2 with `full` it
-  retrieved 20/20 at 1K (seed 0, 4 per depth x 5 depths) against 11/20 with the chat template
-  and the answer's first words in the assistant's mouth (`--format chat`).
+  target length. Measured on the shipped SmolLM2 with `full` (seed 0, 4 samples per depth x 5
+  depths at 1K, 2 per depth at 3K): plain completion 20/20 at 1K and 10/10 at 3K (mean digit
+  log-prob -0.089 and -0.121 nats); the chat template with "The pass key is " put in the
+  assistant's mouth (`--format chat`) 20/20 and 10/10 (-0.046 and -0.138). A tie on retrieval,
+  so the default is plain: no dependence on a model's template, the literature's format.
 - perplexity: CPython's own documentation text, `pydoc_data.topics.topics` (the long English
   help texts behind `help("with")` etc., shipped with every Python install), joined in a seeded
   order and cut into consecutive windows of `--context` tokens.

@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
     pk.add_argument("--n", type=int, default=4, help="samples per (length, depth)")
     pk.add_argument("--format", choices=data.FORMATS, default="plain",
-                    help="plain completion or the model's chat template (plain retrieves better on SmolLM2)")
+                    help="plain completion or the model's chat template (both retrieve 20/20 at 1K on SmolLM2)")
     pk.add_argument("--max-new-tokens", type=int, default=8)
     _common(pk, "passkey")
     pp = sub.add_parser("ppl", help="teacher-forced perplexity of the last tokens of long texts")
