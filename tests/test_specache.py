@@ -207,3 +207,20 @@ def test_bad_specache_knobs():
         make_cache(spec(k=-1), n_layers=1, batch=1, n_kv_heads=1, head_dim=16, capacity=8, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"hardware.link.gbps=0"):
         EmulatedLink(gbps=0)
+
+
+@pytest.mark.parametrize("policy", [kivi(), spec(k=4), spec(k=4, prefetch=True), OFFLOAD], ids=lambda p: p.name)
+def test_policies_grow_past_their_capacity(tiny_model, policy):
+    from runtime.engine import decode_step, prefill
+
+    a = tiny_model.args
+    pad = torch.zeros(1, dtype=torch.long)
+    outs = []
+    for cap in (4, 200):   # 4: every buffer has to grow, several times
+        cache = make_cache(policy, n_layers=a.n_layers, batch=1, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim,
+                           capacity=cap, device=torch.device("cpu"))
+        logits = [prefill(tiny_model, cache, torch.tensor([list(range(3, 30))]), pad)]
+        for t in range(40):
+            logits.append(decode_step(tiny_model, cache, torch.tensor([t + 5]), pad))
+        outs.append(torch.stack(logits))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)

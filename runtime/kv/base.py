@@ -127,6 +127,19 @@ class CacheShape:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
+def grow_columns(t: torch.Tensor, need: int, keep: int | None = None) -> torch.Tensor:
+    """`t` with at least `need` entries along dim 2 (doubling), the first `keep` (default all)
+    copied over; pinned stays pinned. Returns `t` itself when it is already big enough."""
+    cap = t.shape[2]
+    if need <= cap:
+        return t
+    keep = cap if keep is None else keep
+    shape = t.shape[:2] + (max(need, 2 * cap),) + t.shape[3:]
+    new = torch.zeros(shape, dtype=t.dtype, pin_memory=True) if t.is_pinned() else t.new_zeros(shape)
+    new[:, :, :keep] = t[:, :, :keep]
+    return new
+
+
 class LayerKV(ABC):
     """One layer's K/V under one policy.
 

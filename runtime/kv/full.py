@@ -1,7 +1,7 @@
 """`full`: the uncompressed baseline. K/V of every token in device memory, in `kv_dtype`."""
 from __future__ import annotations
 
-from .base import CacheShape, LayerKV, Step, sdpa_gqa
+from .base import CacheShape, LayerKV, Step, grow_columns, sdpa_gqa
 
 
 class FullKV(LayerKV):
@@ -18,21 +18,10 @@ class FullKV(LayerKV):
         self.len = 0          # columns written, pads included
         self.n_real = 0       # real tokens held, summed over rows
 
-    def _grow(self, need: int) -> None:
-        cap = self.k.shape[2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[:2] + (new_cap, old.shape[3]))
-            new[:, :, : self.len] = old[:, :, : self.len]
-            setattr(self, name, new)
-
     def _write(self, k, v, step: Step) -> None:
         # a speculative guess is written too (at column stored_end) so it can attend to itself;
         # `len` stops before it, and the next step's token overwrites it
-        self._grow(step.end)
+        self.k, self.v = grow_columns(self.k, step.end, self.len), grow_columns(self.v, step.end, self.len)
         self.k[:, :, step.start : step.end] = k      # (B, H_kv, n_new, D)
         self.v[:, :, step.start : step.end] = v
         self.len = step.stored_end

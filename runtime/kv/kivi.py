@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from .base import CacheShape, LayerKV, Step
+from .base import CacheShape, LayerKV, Step, grow_columns
 
 BITS = (1, 2, 4, 8)
 ONE_BIT_RULES = ("specache", "plain")
@@ -147,20 +147,10 @@ class KiviKV(LayerKV):
     # -- storage
 
     def _grow(self, need: int) -> None:
-        cap = self.k_codes.shape[2]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap)
-        n_groups = -(-new // self.G)
-
-        def widen(t, n):
-            out = t.new_zeros(t.shape[:2] + (n,) + t.shape[3:])
-            out[:, :, : t.shape[2]] = t
-            return out
-
-        self.k_codes, self.v_codes = widen(self.k_codes, new), widen(self.v_codes, new)
-        self.v_scale, self.v_zero = widen(self.v_scale, new), widen(self.v_zero, new)
-        self.k_scale, self.k_zero = widen(self.k_scale, n_groups), widen(self.k_zero, n_groups)
+        self.k_codes, self.v_codes = grow_columns(self.k_codes, need), grow_columns(self.v_codes, need)
+        self.v_scale, self.v_zero = grow_columns(self.v_scale, need), grow_columns(self.v_zero, need)
+        n_groups = -(-need // self.G)
+        self.k_scale, self.k_zero = grow_columns(self.k_scale, n_groups), grow_columns(self.k_zero, n_groups)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
         """Add stored tokens to the residual, then quantize what overflows it."""

@@ -13,7 +13,7 @@ that speed would (runtime/transfer.py), so the overlap can be measured without a
 from __future__ import annotations
 
 from ..transfer import DONE, DirectLink
-from .base import CacheShape, KVCache, LayerKV, Step, sdpa_gqa
+from .base import CacheShape, KVCache, LayerKV, Step, grow_columns, sdpa_gqa
 
 
 class _Slots:
@@ -40,7 +40,7 @@ class _Slots:
         k, v = self.bufs[slot]
         n = layer.len
         if n > k.shape[2]:
-            self._grow(n)
+            self.bufs = [(grow_columns(a, n, 0), grow_columns(b, n, 0)) for a, b in self.bufs]
             k, v = self.bufs[slot]
         t1 = self.link.copy(k[:, :, :n], layer.k_host[:, :, :n]) if n else DONE
         t2 = self.link.copy(v[:, :, :n], layer.v_host[:, :, :n]) if n else DONE
@@ -53,12 +53,6 @@ class _Slots:
         for t in self.pending.pop(i):
             t.wait()
         return self.bufs[self.slot_of[i]]
-
-    def _grow(self, need: int) -> None:
-        for s, (k, v) in enumerate(self.bufs):
-            nk = k.new_empty(k.shape[:2] + (max(need, 2 * k.shape[2]), k.shape[3]))
-            nv = v.new_empty(nk.shape)
-            self.bufs[s] = (nk, nv)
 
 
 class OffloadKV(LayerKV):
@@ -76,20 +70,8 @@ class OffloadKV(LayerKV):
         slots.layers = [cls(policy, shape, link, index=i, slots=slots) for i in range(shape.n_layers)]
         return KVCache(slots.layers, policy.name)
 
-    def _grow_host(self, need: int) -> None:
-        cap = self.k_host.shape[2]
-        if need <= cap:
-            return
-        for name in ("k_host", "v_host"):
-            old = getattr(self, name)
-            buf = old.new_empty(old.shape[:2] + (max(need, 2 * cap), old.shape[3]))
-            if old.is_pinned():
-                buf = buf.pin_memory()
-            buf[:, :, :cap] = old
-            setattr(self, name, buf)
-
     def _write_back(self, k, v, lo: int, hi: int) -> None:
-        self._grow_host(hi)
+        self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
         self.slots.link.copy(self.k_host[:, :, lo:hi], k[:, :, : hi - lo])
         self.slots.link.copy(self.v_host[:, :, lo:hi], v[:, :, : hi - lo])
 

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..transfer import DirectLink, gather_rows
-from .base import CacheShape, KVCache, Step
+from .base import CacheShape, KVCache, Step, grow_columns
 from .kivi import KiviKV, fold, masked_softmax, unfold
 
 
@@ -86,21 +86,10 @@ class SpeCacheKV(KiviKV):
         """Write stored tokens' 16-bit rows to the host (a D2H copy on CUDA, behind the link)."""
         if hi <= lo:
             return
-        self._grow_host(hi)
+        self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
         n = hi - lo
         self.link.copy(self.k_host[:, :, lo:hi], k[:, :, :n].to(self.dtype))
         self.link.copy(self.v_host[:, :, lo:hi], v[:, :, :n].to(self.dtype))
-
-    def _grow_host(self, need: int) -> None:
-        cap = self.k_host.shape[2]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap)
-        for name in ("k_host", "v_host"):
-            old = getattr(self, name)
-            buf = torch.empty(old.shape[:2] + (new, old.shape[3]), dtype=old.dtype, pin_memory=self.on_cuda)
-            buf[:, :, : old.shape[2]] = old
-            setattr(self, name, buf)
 
     def load(self, k, v, step: Step) -> None:
         self._store_host(k, v, 0, step.stored_end)
