@@ -39,9 +39,10 @@ class _Slots:
         layer = self.layers[i]
         k, v = self.bufs[slot]
         n = layer.len
-        if n > k.shape[2]:
-            self.bufs = [(grow_columns(a, n, 0), grow_columns(b, n, 0)) for a, b in self.bufs]
-            k, v = self.bufs[slot]
+        if n + 2 > k.shape[2]:   # room for this layer's stored tokens + a step's new ones (<= 2)
+            # only the target slot: the other one may hold the layer computing right now
+            k, v = grow_columns(k, n + 2, 0), grow_columns(v, n + 2, 0)
+            self.bufs[slot] = (k, v)
         t1 = self.link.copy(k[:, :, :n], layer.k_host[:, :, :n]) if n else DONE
         t2 = self.link.copy(v[:, :, :n], layer.v_host[:, :, :n]) if n else DONE
         self.slot_of[i] = slot
