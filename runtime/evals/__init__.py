@@ -41,6 +41,8 @@ with an "error" line are retried: a policy that raised is recorded, not fatal), 
 full, mean digit log-prob delta vs full with a seeded BCa bootstrap 95% interval; per (context,
 policy) perplexity with its interval and the paired ratio to full's (`stats.py`).
 
-Timing on the 2-core CPU box (shipped model, fp32): prefill ~1.2 s at 1K, ~3.5 s at 2K, once
-per sample; a `full` passkey point (8 greedy tokens + 5 teacher-forced) ~0.4 s.
+Timing on the 2-core CPU box (shipped model, fp32, uncontended points): prefill 1.2 s at 1K,
+3.8 s at 2K, once per sample; one passkey point (8 greedy tokens + 5 teacher-forced) 0.4 s for
+full/offload, 0.55-0.75 s for kivi, 0.8-1.1 s for specache at 1K and 2K; perplexity ~35 ms per
+scored token for full, ~43 for kivi2, ~68 for specache-k64-b2 at a 1K context.
 """

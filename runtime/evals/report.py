@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
 from .run import ResultLog
-from .stats import Interval, bootstrap_mean, mcnemar_exact, paired_delta, perplexity, perplexity_ratio
+from .stats import Interval, mcnemar_exact, paired_delta, perplexity, perplexity_ratio
 
 STAT_KEYS = ("guess_accuracy", "topk_recall")
 
