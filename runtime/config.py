@@ -20,6 +20,7 @@ class ModelConfig:
     dtype: str = "auto"             # weights: auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
     seed: int = 0                   # random init only
     args: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields (random init: the shape)
+    full_n_layers: Optional[int] = None  # the real model's depth when args.n_layers is cut for timing
 
 
 @dataclass

@@ -81,11 +81,14 @@ class _Timed(Transfer):
     def __init__(self, deadline: float, stats: LinkStats):
         self.deadline = deadline
         self.done = threading.Event()
+        self.error: BaseException | None = None
         self.stats = stats
 
     def wait(self) -> None:
         t0 = time.perf_counter()
         self.done.wait()
+        if self.error is not None:      # the worker's copy failed: fail here, never hang
+            raise RuntimeError("emulated link copy failed") from self.error
         while (left := self.deadline - time.perf_counter()) > 0:
             time.sleep(left if left > 2e-4 else 0)   # the last fraction of a ms: yield, don't oversleep
         self.stats.wait_s += time.perf_counter() - t0
@@ -126,7 +129,13 @@ class EmulatedLink:
             if item is None:
                 return
             dst, src, t = item
-            dst.copy_(src)
+            try:
+                # inference mode is per thread: without it, writing a tensor made under the
+                # caller's inference mode raises here
+                with torch.inference_mode():
+                    dst.copy_(src)
+            except BaseException as e:  # handed to the waiter
+                t.error = e
             t.done.set()
 
     def close(self) -> None:

@@ -224,3 +224,17 @@ def test_policies_grow_past_their_capacity(tiny_model, policy):
             logits.append(decode_step(tiny_model, cache, torch.tensor([t + 5]), pad))
         outs.append(torch.stack(logits))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_emulated_link_under_inference_mode_and_failures_surface():
+    link = EmulatedLink(gbps=4.0)
+    try:
+        with torch.inference_mode():
+            src, dst = torch.randn(1000), torch.empty(1000)   # inference tensors
+            link.copy(dst, src).wait()
+        assert torch.equal(dst, src)
+        bad = link.copy(torch.empty(3), torch.randn(4))      # shape mismatch in the worker
+        with pytest.raises(RuntimeError, match="emulated link copy failed"):
+            bad.wait()
+    finally:
+        link.close()

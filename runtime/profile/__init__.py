@@ -1,0 +1,9 @@
+"""python -m runtime.profile: measured hardware profiles (and roofline ones) for the simulator.
+
+    python -m runtime.profile [--model NAME ...] [--quick] [--roofline NAME] [--out PATH]
+
+`load(path)` reads and validates a profile (runtime/profile/schema.py describes the file).
+"""
+from .schema import SCHEMA_VERSION, ProfileError, load, validate
+
+__all__ = ["SCHEMA_VERSION", "ProfileError", "load", "validate"]

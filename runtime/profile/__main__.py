@@ -1,0 +1,121 @@
+"""python -m runtime.profile: measure this machine into profiles/<device-slug>.json.
+
+    python -m runtime.profile                       # shipped SmolLM2's layer shapes, full grids
+    python -m runtime.profile --quick               # <= 2 minutes on the 2-core CPU box
+    python -m runtime.profile --model llama7b_shape # adds that model's kernel tables to the file
+    python -m runtime.profile --roofline h100-sxm   # derived from published peaks, not measured
+
+One file per device; kernel tables are keyed by model, so a second --model run adds to the file
+(transfers are re-measured each run). Written atomically: an interrupted run leaves the old
+file as it was and no partial one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine import resolve_device
+from ..errors import ConfigError, cli_errors
+from ..model import weight_dtype
+from ..provenance import REPO, provenance
+from ..results import write_json_atomic
+from . import measure, roofline
+from .schema import SCHEMA_VERSION, ProfileError, validate
+
+def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None) -> dict:
+    timer = measure.Timer(device, repeats=repeats, warmup=1 if quick else 2, budget_s=1.0 if quick else 3.0)
+    dtype = weight_dtype("auto", device)
+    shapes = {m: measure.model_args(m) for m in models}
+    n_points = len(measure.transfer_sizes(quick)) * 4 + (6 if quick else 7) + 2
+    for args in shapes.values():
+        axes = measure.kernel_axes(args, quick, device)
+        n_points += sum(measure.grid_size(a) for a in axes.values())
+    bar = tqdm(total=n_points, desc="profile", unit="pt", file=sys.stderr)
+    with torch.inference_mode():
+        head_dim = max(a.head_dim for a in shapes.values())
+        transfers = measure.measure_transfers(timer, device, quick, bar, head_dim=head_dim,
+                                              dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        prof_models = dict(out_existing["models"]) if out_existing else {}
+        for name, args in shapes.items():
+            bar.set_description(f"profile {name}")
+            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar)
+            grids = kernels.pop("grids")
+            prof_models[name] = {
+                "shape": {**vars(args), "head_dim": args.head_dim},
+                "weight_dtype": str(dtype).replace("torch.", ""),
+                "kv_dtype": str(torch.float32 if device.type == "cpu" else torch.float16).replace("torch.", ""),
+                "policy_knobs": {"kivi": measure.KIVI_KNOBS, "specache": {**measure.KIVI_KNOBS, "k": 64}},
+                "grids": grids,
+                "kernels": kernels,
+                "memory": measure.measure_memory(args, device, dtype),
+                "quick": quick,
+            }
+    bar.close()
+    prov = provenance(device)
+    prov.update({"repeats": repeats, "warmup": timer.warmup, "spread": "p10/p50/p90 per point",
+                 "warmup_policy": f"{timer.warmup} untimed run(s) per point, then up to {repeats} timed "
+                                  f"(fewer when a point exceeds {timer.budget_s} s)",
+                 "quick": quick, "points": timer.points})
+    return {"schema_version": SCHEMA_VERSION, "device": measure.device_facts(device), "provenance": prov,
+            "transfers": transfers, "models": prof_models}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="runtime.profile", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", default=["smollm2"], help="model shapes to profile (conf/model/)")
+    ap.add_argument("--quick", action="store_true", help="coarse grids: <= 2 minutes on the 2-core box")
+    ap.add_argument("--roofline", metavar="NAME", help=f"derive from published peaks: {', '.join(roofline.GPUS)}")
+    ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>.json)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3 quick, 7 full)")
+    a = ap.parse_args(argv)
+    with cli_errors("runtime.profile"):
+        if a.roofline:
+            prof = roofline.profile(a.roofline, a.model)
+            out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
+        else:
+            device = resolve_device(a.device)
+            slug = measure.device_facts(device)["slug"]
+            out = a.out or REPO / "profiles" / f"{slug}.json"
+            existing = None
+            if out.exists():
+                try:
+                    existing = json.loads(out.read_text())
+                except json.JSONDecodeError:
+                    raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
+            t = time.perf_counter()
+            prof = measured_profile(a.model, a.quick, device, a.repeats or (3 if a.quick else 7), existing)
+            prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
+        validate(prof, out)
+        try:
+            write_json_atomic(out, prof)
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write ({e.strerror}); pick a writable path") from None
+    print(summary(prof, out))
+
+
+def summary(prof: dict, out: Path) -> str:
+    lines = [f"wrote {out} ({prof['provenance']['kind']}, {prof['device']['name']})"]
+    for name in ("h2d_pinned", "d2h_pinned"):
+        t = prof["transfers"][name]
+        size, sec = t["axes"]["bytes"][-1], t["p50"][-1]
+        lines.append(f"  {name:<14} {size / sec / 1e9:8.2f} GB/s at {size >> 20} MiB")
+    for model, m in prof["models"].items():
+        k = m["kernels"]
+        ctx = m["grids"]["decode_attention_full"]["context"] if "grids" in m else k["decode_attention_full"]["axes"]["context"]
+        lines.append(f"  {model}: prefill layer {k['prefill_layer']['p50'][-1] * 1e3:.2f} ms at "
+                     f"{k['prefill_layer']['axes']['tokens'][-1]} tokens; decode attention full/kivi "
+                     f"{k['decode_attention_full']['p50'][0][-1] * 1e3:.3f}/{k['decode_attention_kivi']['p50'][0][-1] * 1e3:.3f} ms "
+                     f"at batch 1, context {ctx[-1]}; step overhead {k['step_overhead']['p50'][0] * 1e3:.2f} ms; "
+                     f"KV memory available {m['memory']['kv_available_bytes'] / 2**30:.1f} GiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""What `python -m runtime.profile` measures: device facts, transfers, kernels, memory for KV.
+
+Every point is timed `repeats` times after `warmup` untimed runs and stored as p10/p50/p90
+(`Timer`). Kernels are timed on random weights of the model's layer shapes (a kernel's time does
+not depend on the values), through the runtime's own code (`runtime/model.py` blocks,
+`runtime/kv/*` layers, `runtime/transfer.py`), so a profile describes what the runtime runs.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace as NS
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..engine import sample, sync
+from ..kv import CacheShape, Step, make_cache
+from ..kv.kivi import fold, pack, quant_params, quantize
+from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
+from ..errors import ConfigError
+from ..provenance import REPO
+from ..transfer import EmulatedLink, gather_rows
+from .schema import table
+
+
+@dataclass
+class Timer:
+    device: torch.device
+    repeats: int = 5
+    warmup: int = 2
+    budget_s: float = 2.0          # per point: fewer repeats when one run is slow (not below 3)
+    points: int = field(default=0)
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        for _ in range(self.warmup):
+            fn()
+        sync(self.device)
+        times = []
+        for i in range(self.repeats):
+            t = time.perf_counter()
+            fn()
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+            if i >= 2 and sum(times) > self.budget_s:
+                break
+        self.points += 1
+        a = np.asarray(times)
+        return float(np.percentile(a, 10)), float(np.median(a)), float(np.percentile(a, 90))
+
+
+def grid(timer: Timer, axes: dict[str, list], fn: Callable[..., Callable[[], object]], progress=None,
+         unit: str = "s") -> dict:
+    """Time fn(*point)() at every point of the axes' product; a table in axis order."""
+    names = list(axes)
+    shape = [len(axes[n]) for n in names]
+    p10, p50, p90 = (np.zeros(shape) for _ in range(3))
+    for idx in np.ndindex(*shape):
+        point = [axes[n][i] for n, i in zip(names, idx)]
+        p10[idx], p50[idx], p90[idx] = timer(fn(*point))
+        if progress is not None:
+            progress.update(1)
+    return table(axes, p50.tolist(), p10.tolist(), p90.tolist(), unit)
+
+
+def grid_size(axes: dict[str, list]) -> int:
+    return int(np.prod([len(v) for v in axes.values()]))
+
+
+# ----------------------------------------------------------------------------- device facts
+
+def device_facts(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        facts = {"name": p.name, "type": "cuda", "memory_bytes": int(p.total_memory),
+                 "compute_capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count}
+        facts["pcie"] = pcie_link(device.index or 0)
+    else:
+        import psutil
+
+        from ..provenance import cpu_name
+
+        facts = {"name": cpu_name(), "type": "cpu", "memory_bytes": int(psutil.virtual_memory().total),
+                 "cores": os.cpu_count(), "machine": platform.machine()}
+    facts["torch_threads"] = torch.get_num_threads()
+    facts["slug"] = slug(facts["name"] if device.type == "cuda" else f"cpu-{facts['name']}-{os.cpu_count()}c")
+    return facts
+
+
+def pcie_link(index: int) -> dict:
+    """PCIe generation and width by pynvml, the *max* values: an idle link trains down."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        gen = pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h)
+        width = pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)
+        cur = (pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h), pynvml.nvmlDeviceGetCurrPcieLinkWidth(h))
+        # GB/s per lane after line coding: gen3 0.985, gen4 1.969, gen5 3.938
+        per_lane = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}.get(gen)
+        return {"gen": gen, "width": width, "current": {"gen": cur[0], "width": cur[1]},
+                "theoretical_bytes_per_s": per_lane * width * 1e9 if per_lane else None, "source": "pynvml"}
+    except Exception as e:  # no NVML (a container without it): say so, don't guess
+        return {"gen": None, "width": None, "source": f"unavailable: {type(e).__name__}"}
+
+
+def slug(name: str) -> str:
+    out = "".join(c.lower() if c.isalnum() else "-" for c in name)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+# ----------------------------------------------------------------------------- transfers
+
+def transfer_sizes(quick: bool) -> list[int]:
+    top = 64 << 20 if quick else 1 << 30
+    sizes, s = [], 4 << 10
+    while s <= top:
+        sizes.append(s)
+        s *= 4 if quick else 2
+    return sizes
+
+
+def measure_transfers(timer: Timer, device: torch.device, quick: bool, progress=None, head_dim: int = 128,
+                      dtype: torch.dtype = torch.float16) -> dict:
+    """Bandwidth curves (bytes -> seconds) for both directions and memory kinds, row gathers,
+    copy/compute overlap, and on CPU the emulated link's achieved rate and contention."""
+    sizes = transfer_sizes(quick)
+    out = {}
+    cuda = device.type == "cuda"
+    for direction in ("h2d", "d2h"):
+        for mem in ("pinned", "pageable"):
+            def point(n, direction=direction, mem=mem):
+                host = torch.empty(n, dtype=torch.uint8, pin_memory=cuda and mem == "pinned")
+                dev = torch.empty(n, dtype=torch.uint8, device=device)
+                if direction == "h2d":
+                    return lambda: dev.copy_(host, non_blocking=cuda and mem == "pinned")
+                return lambda: host.copy_(dev, non_blocking=cuda and mem == "pinned")
+            out[f"{direction}_{mem}"] = grid(timer, {"bytes": sizes}, point, progress)
+    # gathered rows: k rows of head_dim x dtype out of N, index_select into staging + one copy
+    n_rows = 1 << 16 if quick else 1 << 18
+    rows = [16, 64, 256, 1024, 4096, 16384] + ([] if quick else [65536])
+    store = torch.randn(1, 1, n_rows, head_dim).to(dtype)
+    if cuda:
+        store = store.pin_memory()
+
+    def gpoint(k):
+        idx = torch.randint(0, n_rows, (1, 1, k))
+        stage = torch.empty(1, 1, k, head_dim, dtype=dtype, pin_memory=cuda)
+        dst = torch.empty(1, 1, k, head_dim, dtype=dtype, device=device)
+        return lambda: dst.copy_(gather_rows(store, idx, stage), non_blocking=cuda)
+    out["gather"] = grid(timer, {"rows": rows}, gpoint, progress)
+    out["gather"]["row_bytes"] = head_dim * torch.finfo(dtype).bits // 8
+    out["overlap"] = measure_overlap(timer, device, quick)
+    if not cuda:
+        out["emulated_link"] = measure_emulated_link(quick)
+        out["notes"] = ("CPU: host and device are the same memory; h2d/d2h are memcpy curves and "
+                        "pinned = pageable (no page-locking without CUDA)")
+    if progress is not None:
+        progress.update(2)
+    return out
+
+
+def _gemm(device, n=1024):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    return lambda: a @ b
+
+
+def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
+    """How much a concurrent copy slows a GEMM, and the reverse (CUDA: copy stream vs compute
+    stream; CPU: a copy thread vs the compute thread)."""
+    gemm = _gemm(device, 512 if quick else 1024)
+    n = (16 if quick else 64) << 20
+    cuda = device.type == "cuda"
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    copy = lambda: dev.copy_(host, non_blocking=cuda)  # noqa: E731
+    t_gemm = timer(gemm)[1]
+    t_copy = timer(copy)[1]
+    if cuda:
+        side = torch.cuda.Stream(device)
+
+        def both():
+            with torch.cuda.stream(side):
+                copy()
+            gemm()
+        t_both = timer(both)[1]
+        gemm_slowdown = max(t_both / max(t_gemm, t_copy), 1.0)
+        copy_slowdown = gemm_slowdown
+    else:
+        stop = threading.Event()
+
+        def copier():
+            while not stop.is_set():
+                copy()
+        th = threading.Thread(target=copier, daemon=True)
+        th.start()
+        t_gemm_busy = timer(gemm)[1]
+        stop.set()
+        th.join()
+        stop2 = threading.Event()
+
+        def gemmer():
+            while not stop2.is_set():
+                gemm()
+        th = threading.Thread(target=gemmer, daemon=True)
+        th.start()
+        t_copy_busy = timer(copy)[1]
+        stop2.set()
+        th.join()
+        gemm_slowdown, copy_slowdown = t_gemm_busy / t_gemm, t_copy_busy / t_copy
+    return {"gemm_s": t_gemm, "copy_s": t_copy, "copy_bytes": n,
+            "gemm_slowdown_with_copy": gemm_slowdown, "copy_slowdown_with_gemm": copy_slowdown}
+
+
+def measure_emulated_link(quick: bool) -> dict:
+    """Achieved rate of the emulated link at several set rates, and how much its worker thread
+    slows a GEMM running meanwhile (its copies are real memcpys)."""
+    rates = [0.5, 1.0, 2.0, 4.0]
+    n = (8 if quick else 32) << 20
+    src, dst = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    achieved = []
+    for gbps in rates:
+        link = EmulatedLink(gbps, latency_us=10)
+        try:
+            t = time.perf_counter()
+            for _ in range(3):
+                link.copy(dst, src)
+            link.copy(dst, src).wait()
+            achieved.append(4 * n / (time.perf_counter() - t) / 1e9)
+        finally:
+            link.close()
+    gemm = _gemm(torch.device("cpu"), 512)
+    timer = Timer(torch.device("cpu"), repeats=5, warmup=1)
+    alone = timer(gemm)[1]
+    link = EmulatedLink(4.0)
+    try:
+        for _ in range(8):
+            link.copy(dst, src)
+        busy = timer(gemm)[1]
+    finally:
+        link.close()
+    return {"set_gbps": rates, "achieved_gbps": achieved, "copy_bytes": n, "latency_us": 10,
+            "gemm_slowdown_while_worker_copies": busy / alone}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+MODELS_DIR = REPO / "conf" / "model"
+
+
+def model_args(name: str) -> ModelArgs:
+    """A model's layer shapes from conf/model/<name>.yaml (the shipped GGUF's are ModelArgs' defaults)."""
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in MODELS_DIR.glob("*.yaml") if p.stem != "hf")
+        raise ConfigError(f"--model {name}: unknown; known: {', '.join(known)}")
+    cfg = OmegaConf.load(path)
+    if cfg.get("source") == "gguf":
+        return ModelArgs()          # SmolLM2-135M's shape (tests check it against the GGUF)
+    if cfg.get("source") != "random":
+        raise ConfigError(f"--model {name}: profiling needs a shape (a random-init model or the shipped GGUF)")
+    args = dict(cfg.args)
+    if cfg.get("full_n_layers"):
+        args["n_layers"] = cfg.full_n_layers     # per-layer tables do not care; memory for KV does
+    return ModelArgs.from_dict(args)
+
+
+
+
+KIVI_KNOBS = dict(bits=2, group_size=64, residual=64, one_bit_rule="specache")
+
+
+def kernel_axes(args: ModelArgs, quick: bool, device: torch.device) -> dict[str, dict[str, list]]:
+    ctx_max = args.max_seq_len
+    tokens = [t for t in ([16, 64, 256, 1024] if quick else [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192])
+              if t <= ctx_max]
+    contexts = [c for c in ([256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]) if c <= ctx_max]
+    batches = [1, 4] if quick else ([1, 2, 4, 8, 16] if device.type == "cpu" else [1, 4, 16, 64])
+    return {
+        "prefill_layer": {"tokens": tokens},
+        "decode_attention_full": {"batch": batches, "context": contexts},
+        "decode_attention_kivi": {"batch": batches, "context": contexts},
+        "score_topk": {"batch": batches, "context": contexts},
+        "gather_replace": {"batch": batches, "k": [16, 64, 256] if quick else [16, 64, 128, 256, 512]},
+        "quantize": {"tokens": tokens},
+        "projections": {"tokens": tokens + [t for t in batches if t not in tokens]},
+        "mlp": {"tokens": tokens + [t for t in batches if t not in tokens]},
+        "lm_head_sample": {"batch": batches},
+    }
+
+
+def _kv(shape_b, args, ctx, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = torch.randn(shape_b, args.n_kv_heads, ctx, args.head_dim, generator=g).to(device=device, dtype=dtype)
+    return k, k.clone()
+
+
+def _layer_with_context(policy, args, B, ctx, dtype, device):
+    cache = make_cache(policy, n_layers=1, batch=B, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
+                       capacity=ctx + 64, device=device)
+    k, v = _kv(B, args, ctx, cache[0].dtype, device)
+    step = Step(0, ctx, torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, ctx, dtype=torch.long, device=device))
+    cache[0].load(k, v, step)
+    cache.advance(step)
+    return cache[0]
+
+
+def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: torch.dtype, kv_dtype: str,
+                    quick: bool, progress=None) -> dict:
+    axes = kernel_axes(args, quick, device)
+    D, H, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
+    block = Block(args).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cos, sin = rope_tables(D, args.max_seq_len, args.rope_base)
+    cos, sin = cos.to(device), sin.to(device)
+    full = NS(name="full", kv_dtype=kv_dtype)
+    kivi = NS(name="kivi", kv_dtype=kv_dtype, **KIVI_KNOBS)
+    out = {}
+
+    def prefill(T):
+        x = torch.randn(1, T, args.dim, device=device, dtype=dtype)
+        pos = torch.arange(T, device=device)[None]
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+
+        def run():
+            cache = make_cache(full, n_layers=1, batch=1, n_kv_heads=Hkv, head_dim=D, capacity=T, device=device)
+            with torch.inference_mode():
+                block(x, c, s, cache[0], Step(0, T, zero, pos))
+        return run
+    out["prefill_layer"] = grid(timer, axes["prefill_layer"], prefill, progress)
+
+    def attention(policy):
+        def point(B, ctx):
+            layer = _layer_with_context(policy, args, B, ctx, dtype, device)
+            q = torch.randn(B, H, 1, D, device=device, dtype=dtype)
+            k = torch.randn(B, Hkv, 1, D, device=device, dtype=dtype)
+            pad = torch.zeros(B, dtype=torch.long, device=device)
+            pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+            # each run appends one token: the context drifts by repeats + warmup (<= 7) tokens
+            return lambda: layer.decode(q, k, k, Step(layer.len, 1, pad, pos))
+        return point
+    out["decode_attention_full"] = grid(timer, axes["decode_attention_full"], attention(full), progress)
+    out["decode_attention_kivi"] = grid(timer, axes["decode_attention_kivi"], attention(kivi), progress)
+
+    spec = NS(name="specache", kv_dtype=kv_dtype, k=64, prefetch=False, **KIVI_KNOBS)
+
+    def score_topk(B, ctx):
+        layer = _layer_with_context(spec, args, B, ctx, dtype, device)
+        qf = fold(torch.randn(B, H, 1, D, device=device, dtype=layer.dtype), Hkv)
+        G = H // Hkv
+        return lambda: layer.select(layer.lowbit_scores(qf), slice(0, 1), G, 1)
+    out["score_topk"] = grid(timer, axes["score_topk"], score_topk, progress)
+
+    ctx_gr = min(2048, args.max_seq_len - 64)
+
+    def gather_replace(B, k):
+        pol = NS(**{**vars(spec), "k": k})
+        layer = _layer_with_context(pol, args, B, ctx_gr, dtype, device)
+        q = torch.randn(B, H, 1, D, device=device, dtype=layer.dtype)
+        qf = fold(q, Hkv)
+        s_low = layer.lowbit_scores(qf)
+        idx, valid = layer.select(s_low, slice(0, 1), H // Hkv, 1)
+        step = Step(ctx_gr, 1, torch.zeros(B, dtype=torch.long, device=device),
+                    torch.zeros(B, 1, dtype=torch.long, device=device))
+        kv_new = torch.zeros(B, Hkv, 1, D, device=device, dtype=layer.dtype)
+        return lambda: layer._mixed_attention(q, qf, s_low, kv_new, kv_new, step, layer.fetch(idx, valid).wait())
+    out["gather_replace"] = grid(timer, axes["gather_replace"], gather_replace, progress)
+    out["gather_replace"]["context"] = ctx_gr
+
+    def quant(T):
+        x = torch.randn(1, Hkv, T, D, device=device)
+        return lambda: pack(quantize(x, *quant_params(x, -1, 2), 2), 2)
+    out["quantize"] = grid(timer, axes["quantize"], quant, progress)
+
+    attn = block.attention
+
+    def projections(T):
+        x = torch.randn(1, T, args.dim, device=device, dtype=dtype)
+        o = torch.randn(1, T, H * D, device=device, dtype=dtype)
+        return lambda: (attn.wqkv(x), attn.wo(o))
+    out["projections"] = grid(timer, axes["projections"], projections, progress)
+
+    def mlp(T):
+        x = torch.randn(1, T, args.dim, device=device, dtype=dtype)
+        return lambda: block.feed_forward(x)
+    out["mlp"] = grid(timer, axes["mlp"], mlp, progress)
+
+    head = torch.nn.Linear(args.dim, args.vocab_size, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+
+    def lm_head(B):
+        x = torch.randn(B, args.dim, device=device, dtype=dtype)
+        return lambda: sample(head(x).float(), 0.0, 1.0, None)
+    out["lm_head_sample"] = grid(timer, axes["lm_head_sample"], lm_head, progress)
+    out["step_overhead"] = measure_step_overhead(args, timer, device, dtype, kv_dtype)
+    out["grids"] = {k: v for k, v in axes.items()}
+    return out
+
+
+def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype) -> dict:
+    """Per-step framework cost outside the layers (Python, launches, sync, embedding, norm).
+
+    A decode step of the same shape with 1 and with 3 layers: per-layer = (t3 - t1) / 2, and
+    overhead = t1 - per-layer - lm_head/sampling. Small context so attention is negligible."""
+    from ..engine import decode_step, left_pad, prefill
+
+    res = {}
+    for B in (1, 4):
+        t = {}
+        for L in (1, 3):
+            a = ModelArgs(**{**vars(args), "n_layers": L, "max_seq_len": 512})
+            m = random_init(a, 0, dtype, device)
+            tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
+
+            def run(m=m, tokens=tokens, pad=pad):
+                cache = make_cache(NS(name="full", kv_dtype=kv_dtype), n_layers=m.args.n_layers, batch=B,
+                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=40, device=device)
+                prefill(m, cache, tokens, pad)
+                tok = tokens[:, -1]
+                start = time.perf_counter()
+                for _ in range(4):
+                    tok = decode_step(m, cache, tok, pad).argmax(-1)
+                    tok.tolist()
+                return (time.perf_counter() - start) / 4
+            vals = [run() for _ in range(3)]
+            t[L] = float(np.median(vals))
+            del m
+        head = torch.nn.Linear(args.dim, args.vocab_size, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+        x = torch.randn(B, args.dim, device=device, dtype=dtype)
+        t_head = timer(lambda: sample(head(x).float(), 0.0, 1.0, None))[1]
+        per_layer = (t[3] - t[1]) / 2
+        res[B] = max(t[1] - per_layer - t_head, 0.0)
+    batches = sorted(res)
+    return table({"batch": batches}, [res[b] for b in batches])
+
+
+# ----------------------------------------------------------------------------- memory for KV
+
+def measure_memory(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory left for KV after the whole model's weights, the activation peak of a prefill
+    (measured on the first layers and scaled by nothing: activations do not grow with depth)
+    and the runtime's own overhead. Not total x 0.9."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free0, total = torch.cuda.mem_get_info(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        small = ModelArgs(**{**vars(args), "n_layers": 1})
+        m = random_init(small, 0, dtype, device)
+        per_layer = sum(p.numel() * p.element_size() for p in m.layers.parameters())
+        other = sum(p.numel() * p.element_size() for p in m.parameters()) - per_layer
+        weights = other + per_layer * args.n_layers
+        T = min(2048, args.max_seq_len)
+        _prefill_once(m, T, device)
+        act_peak = torch.cuda.max_memory_allocated(device) - base - (other + per_layer)
+        runtime_overhead = total - free0 - base    # CUDA context, cuBLAS workspaces, allocator slack
+        del m
+        torch.cuda.empty_cache()
+        avail = total - runtime_overhead - base - weights - act_peak
+        return {"total_bytes": int(total), "weights_bytes": int(weights), "activation_peak_bytes": int(act_peak),
+                "runtime_overhead_bytes": int(runtime_overhead), "kv_available_bytes": int(max(avail, 0)),
+                "activation_probe_tokens": T}
+    import psutil
+
+    from ..engine import PeakMemory, cpu_peak_rss
+
+    with torch.device("meta"):
+        meta = Transformer(args)
+    weights = sum(p.numel() for p in meta.parameters()) * torch.finfo(dtype).bits // 8
+    small = ModelArgs(**{**vars(args), "n_layers": 1})
+    m = random_init(small, 0, dtype, device)
+    T = min(2048, args.max_seq_len)
+    rss0 = cpu_peak_rss()
+    with PeakMemory(device) as pm:
+        _prefill_once(m, T, device)
+    act_peak = max(pm.peak - rss0, 0)
+    vm = psutil.virtual_memory()
+    avail = vm.available - weights - act_peak
+    return {"total_bytes": int(vm.total), "available_now_bytes": int(vm.available), "weights_bytes": int(weights),
+            "activation_peak_bytes": int(act_peak), "kv_available_bytes": int(max(avail, 0)),
+            "activation_probe_tokens": T}
+
+
+def _prefill_once(m, T, device):
+    from ..engine import left_pad, prefill
+
+    tokens, pad = left_pad([[5] * T], m.args.pad_id, device)
+    cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=m.args.n_layers, batch=1,
+                       n_kv_heads=m.args.n_kv_heads, head_dim=m.args.head_dim, capacity=T, device=device)
+    prefill(m, cache, tokens, pad)
+    sync(device)
