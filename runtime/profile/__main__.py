@@ -74,8 +74,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3 quick, 7 full)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                    help="print how far two profiles are apart, per table (repeatability, roofline vs measured)")
     a = ap.parse_args(argv)
     with cli_errors("runtime.profile"):
+        if a.compare:
+            print(format_comparison(*a.compare))
+            return
         if a.roofline:
             prof = roofline.profile(a.roofline, a.model)
             out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
@@ -98,6 +103,45 @@ def main(argv=None) -> None:
         except OSError as e:
             raise ConfigError(f"--out {out}: cannot write ({e.strerror}); pick a writable path") from None
     print(summary(prof, out))
+
+
+def format_comparison(path_a: Path, path_b: Path) -> str:
+    """Per table, the median over its points of B / A (p50s on the same axes), and overall the
+    median over all points of |B / A - 1|."""
+    import numpy as np
+
+    from .schema import load
+
+    a, b = load(path_a), load(path_b)
+    rows, devs = [], []
+    for where, ta, tb in _paired_tables(a, b):
+        pa, pb = np.asarray(ta["p50"], dtype=float).ravel(), np.asarray(tb["p50"], dtype=float).ravel()
+        keep = pa > 0                    # a clamped-to-zero overhead has no ratio
+        if not keep.any():
+            continue
+        r = pb[keep] / pa[keep]
+        rows.append(f"  {where:<44} median B/A {np.median(r):6.3f}  (points {r.size})")
+        devs.extend(np.abs(r - 1).tolist())
+    if not devs:
+        return f"{path_a} and {path_b} share no table on the same axes"
+    head = (f"B = {path_b} ({b['provenance']['kind']}) vs A = {path_a} ({a['provenance']['kind']}): "
+            f"median |B/A - 1| over {len(devs)} points = {np.median(devs):.1%}")
+    return "\n".join([head, *rows])
+
+
+def _paired_tables(a: dict, b: dict):
+    for name, t in a["transfers"].items():
+        u = b["transfers"].get(name)
+        if isinstance(t, dict) and "axes" in t and isinstance(u, dict) and u.get("axes") == t["axes"]:
+            yield f"transfers.{name}", t, u
+    for model, m in a["models"].items():
+        n = b["models"].get(model)
+        if not n:
+            continue
+        for name, t in m["kernels"].items():
+            u = n["kernels"].get(name)
+            if u and u["axes"] == t["axes"]:
+                yield f"{model}.{name}", t, u
 
 
 def summary(prof: dict, out: Path) -> str:

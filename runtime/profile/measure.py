@@ -199,8 +199,9 @@ def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
         stop = threading.Event()
 
         def copier():
-            while not stop.is_set():
-                copy()
+            with torch.inference_mode():     # per thread: the buffers are inference tensors
+                while not stop.is_set():
+                    copy()
         th = threading.Thread(target=copier, daemon=True)
         th.start()
         t_gemm_busy = timer(gemm)[1]
@@ -209,8 +210,9 @@ def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
         stop2 = threading.Event()
 
         def gemmer():
-            while not stop2.is_set():
-                gemm()
+            with torch.inference_mode():
+                while not stop2.is_set():
+                    gemm()
         th = threading.Thread(target=gemmer, daemon=True)
         th.start()
         t_copy_busy = timer(copy)[1]

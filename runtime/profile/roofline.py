@@ -144,23 +144,3 @@ def profile(name: str, models: list[str]) -> dict:
         "transfers": transfer_tables(gpu),
         "models": out_models,
     }
-
-
-def compare(measured: dict, derived: dict) -> list[tuple[str, float]]:
-    """Median ratio roofline / measured per table both have on the same axes."""
-    import numpy as np
-
-    rows = []
-    for name, t in measured["transfers"].items():
-        d = derived["transfers"].get(name)
-        if isinstance(t, dict) and "axes" in t and d and d["axes"] == t["axes"]:
-            rows.append((f"transfers.{name}", float(np.median(np.asarray(d["p50"]) / np.asarray(t["p50"])))))
-    for model, m in measured["models"].items():
-        dm = derived["models"].get(model)
-        if not dm:
-            continue
-        for name, t in m["kernels"].items():
-            d = dm["kernels"].get(name)
-            if d and d["axes"] == t["axes"]:
-                rows.append((f"{model}.{name}", float(np.median(np.asarray(d["p50"]) / np.asarray(t["p50"])))))
-    return rows
