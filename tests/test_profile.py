@@ -140,3 +140,18 @@ def test_compare_prints_median_deviation(tmp_path, roof):
     b.write_text(json.dumps(slower))
     text = cli.format_comparison(a, b)
     assert "smollm2.mlp" in text and "1.200" in text
+
+
+def test_gpu_suite_bench_commands_compose():
+    """The suite runs where nothing can be fixed by hand: its Hydra overrides must compose."""
+    from hydra import compose, initialize_config_dir
+
+    from runtime import bench, gpu_suite
+    from runtime.model import ModelArgs
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name, overrides in gpu_suite.bench_commands():
+            cfg = compose(config_name="bench", overrides=overrides)
+            args = ModelArgs.from_dict(dict(cfg.model.args))
+            bench.check_workload(cfg.workload, args.max_seq_len)
+            assert cfg.hardware.device == "cuda", name

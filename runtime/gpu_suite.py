@@ -1,0 +1,132 @@
+"""python -m runtime.gpu_suite: everything a lent GPU should run, in one call, with a table last.
+
+Prepare on the CPU box (the GPU machine reaches no registry; its image has torch, triton,
+transformers and pynvml but not simpy, hydra, omegaconf, antlr4 or gguf):
+
+    pip download --no-deps -d wheels simpy hydra-core omegaconf "antlr4-python3-runtime==4.9.*" gguf
+
+then, through the device tool, one call:  command="python -m runtime.gpu_suite", carry=["wheels"].
+
+Steps (each recorded, a failing step does not stop the rest):
+  1. install the project offline: the carried wheels, then `pip install --no-build-isolation
+     --no-deps -e .`;
+  2. the GPU tests (`pytest -m gpu`);
+  3. the full profile of this GPU on the shipped model's shapes and 7B-class shapes
+     (`runtime.profile --model smollm2 llama7b_shape`), compared with its roofline twin;
+  4. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context.
+Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
+Later issues add their GPU step to STEPS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(os.environ.get("OUT", REPO / "gpu_out"))
+ROOFLINE_TWINS = {"H100 PCIe": "h100-pcie", "H100": "h100-sxm", "H200": "h200", "A100": "a100",
+                  "A6000": "a6000", "L40S": "l40s"}
+
+
+def sh(name: str, cmd: list[str], timeout: int, rows: list) -> subprocess.CompletedProcess | None:
+    """Run one step, log it under $OUT/logs, record (name, status, seconds, last line)."""
+    t = time.perf_counter()
+    log = OUT / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        log.write_text(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
+        last = (p.stdout.strip().splitlines() or p.stderr.strip().splitlines() or [""])[-1]
+        rows.append((name, "ok" if p.returncode == 0 else f"rc={p.returncode}", time.perf_counter() - t, last[:90]))
+        return p
+    except subprocess.TimeoutExpired:
+        rows.append((name, "timeout", time.perf_counter() - t, f"> {timeout} s"))
+        return None
+
+
+def install(rows) -> None:
+    wheels = REPO / "wheels"
+    if wheels.is_dir():
+        sh("install-wheels", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                              *map(str, sorted(wheels.glob("*.whl")))], 300, rows)
+    sh("install-project", [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+       300, rows)
+
+
+def gpu_tests(rows) -> None:
+    sh("pytest-gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], 600, rows)
+
+
+def profile(rows) -> None:
+    out = OUT / "profiles"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    from runtime.profile.measure import slug
+
+    path = out / f"{slug(name)}.json"
+    sh("profile", [sys.executable, "-m", "runtime.profile", "--model", "smollm2", "llama7b_shape",
+                   "--out", str(path)], 900, rows)
+    twin = next((v for k, v in ROOFLINE_TWINS.items() if k in name), None)
+    if twin and path.exists():
+        roof = out / f"roofline-{twin}.json"
+        sh("roofline-twin", [sys.executable, "-m", "runtime.profile", "--roofline", twin,
+                             "--model", "smollm2", "llama7b_shape", "--out", str(roof)], 120, rows)
+        p = sh("roofline-vs-measured", [sys.executable, "-m", "runtime.profile", "--compare", str(path), str(roof)],
+               120, rows)
+        if p is not None:
+            (out / "roofline_vs_measured.txt").write_text(p.stdout)
+
+
+def bench_commands() -> list[tuple[str, list[str]]]:
+    common = ["model=llama7b_shape", "model.args.max_seq_len=8192", "hardware=cuda",
+              "workload.prompt_len=8000", "workload.gen_len=64", f"results_dir={OUT / 'results'}", "progress=false"]
+    out = []
+    for batch in (1, 16):
+        for pol in ("policy=full", "policy=kivi", "policy=specache", "policy=specache policy.prefetch=false",
+                    "policy=offload"):
+            name = f"bench-b{batch}-{pol.replace('policy=', '').replace(' policy.prefetch=false', '-noprefetch')}"
+            out.append((name, [*common, f"workload.batch={batch}", *pol.split()]))
+    return out
+
+
+def bench(rows) -> None:
+    for name, overrides in bench_commands():
+        sh(name, [sys.executable, "-m", "runtime.bench", *overrides], 300, rows)
+
+
+STEPS = [install, gpu_tests, profile, bench]
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows: list = []
+    t0 = time.perf_counter()
+    for step in STEPS:
+        try:
+            step(rows)
+        except Exception as e:  # a step that cannot even start is recorded, the rest still run
+            rows.append((step.__name__, f"error: {type(e).__name__}", 0.0, str(e)[:90]))
+    measured = sorted((OUT / "results" / "measured").glob("*.json")) if (OUT / "results").exists() else []
+    bench_rows = []
+    for f in measured:
+        r = json.loads(f.read_text())
+        bench_rows.append((r["policy"], r["batch"], r["tpot_s"], r["throughput_tok_s"], r["kv_ratio_vs_fp16"]))
+    (OUT / "suite.json").write_text(json.dumps({"steps": rows, "bench": bench_rows,
+                                                "wall_s": time.perf_counter() - t0}, indent=2))
+    print("\nstep                             status    seconds  last line")
+    for name, status, sec, last in rows:
+        print(f"{name:<32} {status:<9} {sec:7.1f}  {last}")
+    if bench_rows:
+        print("\npolicy      batch  TPOT ms  tok/s  kv/fp16")
+        for pol, b, tpot, tput, ratio in bench_rows:
+            print(f"{pol:<11} {b:>5} {tpot * 1e3:8.2f} {tput:6.1f} {ratio:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
