@@ -73,6 +73,9 @@ class DirectLink:
         self.stats.copies += 1
         return DONE
 
+    def drain(self) -> None:
+        """Return once every copy issued so far has landed (before replacing a buffer)."""
+
     def close(self) -> None:
         pass
 
@@ -109,6 +112,7 @@ class EmulatedLink:
         self.free_at = 0.0
         self.stats = LinkStats()
         self._q: queue.Queue = queue.Queue()
+        self._last: _Timed | None = None
         self._worker = threading.Thread(target=self._run, name="emulated-link", daemon=True)
         self._worker.start()
 
@@ -121,7 +125,12 @@ class EmulatedLink:
         self.stats.bytes += n
         self.stats.copies += 1
         self._q.put((dst, src, t))
+        self._last = t
         return t
+
+    def drain(self) -> None:
+        if self._last is not None:      # one FIFO worker: the last copy done means all are
+            self._last.done.wait()
 
     def _run(self) -> None:
         while True:
@@ -173,6 +182,9 @@ class CudaLink:
         self.stats.bytes += _nbytes(src)
         self.stats.copies += 1
         return _CudaTransfer(done)
+
+    def drain(self) -> None:
+        self.stream.synchronize()
 
     def close(self) -> None:
         pass

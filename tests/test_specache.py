@@ -210,19 +210,23 @@ def test_bad_specache_knobs():
 
 
 @pytest.mark.parametrize("policy", [kivi(), spec(k=4), spec(k=4, prefetch=True), OFFLOAD], ids=lambda p: p.name)
-def test_policies_grow_past_their_capacity(tiny_model, policy):
+@pytest.mark.parametrize("emulated", [False, True], ids=["direct", "emulated-link"])
+def test_policies_grow_past_their_capacity(tiny_model, policy, emulated):
     from runtime.engine import decode_step, prefill
 
     a = tiny_model.args
     pad = torch.zeros(1, dtype=torch.long)
     outs = []
-    for cap in (4, 200):   # 4: every buffer has to grow, several times
+    link = EmulatedLink(gbps=1.0) if emulated else None
+    for cap in (4, 200):   # 4: every buffer has to grow, several times (with copies in flight)
         cache = make_cache(policy, n_layers=a.n_layers, batch=1, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim,
-                           capacity=cap, device=torch.device("cpu"))
+                           capacity=cap, device=torch.device("cpu"), link=link)
         logits = [prefill(tiny_model, cache, torch.tensor([list(range(3, 30))]), pad)]
         for t in range(40):
             logits.append(decode_step(tiny_model, cache, torch.tensor([t + 5]), pad))
         outs.append(torch.stack(logits))
+    if link is not None:
+        link.close()
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 

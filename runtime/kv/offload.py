@@ -72,7 +72,9 @@ class OffloadKV(LayerKV):
         return KVCache(slots.layers, policy.name)
 
     def _write_back(self, k, v, lo: int, hi: int) -> None:
-        self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
+        if hi > self.k_host.shape[2]:
+            self.slots.link.drain()      # copies in flight target the buffers being replaced
+            self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
         self.slots.link.copy(self.k_host[:, :, lo:hi], k[:, :, : hi - lo])
         self.slots.link.copy(self.v_host[:, :, lo:hi], v[:, :, : hi - lo])
 

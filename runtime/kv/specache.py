@@ -65,10 +65,9 @@ class SpeCacheKV(KiviKV):
         self.k_host, self.v_host = shape.buffer(pin=self.on_cuda), shape.buffer(pin=self.on_cuda)
         B, H, D = shape.batch, shape.n_kv_heads, shape.head_dim
         # staging for k fetched rows: host side (pinned on CUDA) and device side, reused every step
-        self._stage_shape = (B, H, self.k_top, D)
-        self.k_stage = torch.empty(self._stage_shape, dtype=self.dtype, pin_memory=self.on_cuda)
+        self.k_stage = torch.empty(B, H, self.k_top, D, dtype=self.dtype, pin_memory=self.on_cuda)
         self.v_stage = torch.empty_like(self.k_stage)
-        self.k_rows = torch.empty(self._stage_shape, dtype=self.dtype, device=shape.device)
+        self.k_rows = torch.empty(B, H, self.k_top, D, dtype=self.dtype, device=shape.device)
         self.v_rows = torch.empty_like(self.k_rows)
         self.pending: _Fetch | None = None     # prefetched for the next step
         self._staged: tuple = ()               # the copies that last read the staging buffers
@@ -86,7 +85,9 @@ class SpeCacheKV(KiviKV):
         """Write stored tokens' 16-bit rows to the host (a D2H copy on CUDA, behind the link)."""
         if hi <= lo:
             return
-        self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
+        if hi > self.k_host.shape[2]:
+            self.link.drain()            # copies in flight target the buffers being replaced
+            self.k_host, self.v_host = grow_columns(self.k_host, hi), grow_columns(self.v_host, hi)
         n = hi - lo
         self.link.copy(self.k_host[:, :, lo:hi], k[:, :, :n].to(self.dtype))
         self.link.copy(self.v_host[:, :, lo:hi], v[:, :, :n].to(self.dtype))
@@ -132,10 +133,9 @@ class SpeCacheKV(KiviKV):
     # -- decode
 
     def decode(self, q, k, v, step: Step):
-        if self.k_top == 0:                      # exactly kivi
-            self._store_host(k, v, step.start, step.stored_end)
-            return super().decode(q, k, v, step)
         self._store_host(k, v, step.start, step.stored_end)
+        if self.k_top == 0:                      # exactly kivi
+            return super().decode(q, k, v, step)
         self._append(k, v, step)
         Hkv, H = self.k_res.shape[1], q.shape[1]
         group, n = H // Hkv, step.n_new
