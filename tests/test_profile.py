@@ -77,7 +77,7 @@ def small_grids(monkeypatch):
 
     def axes(args, quick, device):
         a = orig(args, True, device)
-        small = {"tokens": [16, 64], "batch": [1, 2], "context": [256, 512], "k": [16, 64]}
+        small = {"tokens": [16, 64], "batch": [1, 2], "context": [256, 512], "k": [16, 64], "m": [16, 32]}
         return {name: {ax: small[ax] for ax in spec} for name, spec in a.items()}
     monkeypatch.setattr(measure, "kernel_axes", axes)
 

@@ -294,9 +294,16 @@ def kernel_axes(args: ModelArgs, quick: bool, device: torch.device) -> dict[str,
         "score_topk": {"batch": batches, "context": contexts},
         "gather_replace": {"batch": batches, "k": [16, 64, 256] if quick else [16, 64, 128, 256, 512]},
         "quantize": {"tokens": tokens},
-        "projections": {"tokens": tokens + [t for t in batches if t not in tokens]},
-        "mlp": {"tokens": tokens + [t for t in batches if t not in tokens]},
+        "projections": {"tokens": sorted(set(tokens) | set(batches))},   # prefill tokens and decode batches
+        "mlp": {"tokens": sorted(set(tokens) | set(batches))},
         "lm_head_sample": {"batch": batches},
+        # RAG chunk reuse (per layer): re-rotating reused keys, a chunk's K/V to and from disk,
+        # and selective prefill: m recomputed tokens attending over a context of N
+        "rope_rerotate": {"tokens": tokens},
+        "chunk_store": {"tokens": [t for t in (128, 512, 2048) if t <= ctx_max]},
+        "chunk_load": {"tokens": [t for t in (128, 512, 2048) if t <= ctx_max]},
+        "selective_prefill": {"m": [16, 64, 256] if quick else [16, 64, 128, 256, 512, 1024],
+                              "context": [c for c in contexts if c >= 1024] or contexts[-1:]},
     }
 
 
@@ -403,7 +410,59 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
         return lambda: sample(head(x).float(), 0.0, 1.0, None)
     out["lm_head_sample"] = grid(timer, axes["lm_head_sample"], lm_head, progress)
     out["step_overhead"] = measure_step_overhead(args, timer, device, dtype, kv_dtype)
+    out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
+    return out
+
+
+def measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress) -> dict:
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from ..model import apply_rope
+
+    D, Hkv = args.head_dim, args.n_kv_heads
+    out = {}
+
+    def rerotate(T):
+        k = torch.randn(1, Hkv, T, D, device=device, dtype=dtype)
+        delta = torch.full((1, T), 1000, device=device)
+        c, s_ = cos[delta][:, None], sin[delta][:, None]
+        return lambda: apply_rope(k, c, s_)
+    out["rope_rerotate"] = grid(timer, axes["rope_rerotate"], rerotate, progress)
+
+    tmp = tempfile.TemporaryDirectory(prefix="kvtestbed-profile-")
+    path = f"{tmp.name}/chunk.safetensors"
+
+    def store(T):
+        kv = {"k": torch.randn(1, Hkv, T, D, dtype=dtype).contiguous(), "v": torch.randn(1, Hkv, T, D, dtype=dtype)}
+        return lambda: save_file(kv, path)
+
+    def load(T):
+        save_file({"k": torch.randn(1, Hkv, T, D, dtype=dtype), "v": torch.randn(1, Hkv, T, D, dtype=dtype)}, path)
+        return lambda: {n: t.to(device) for n, t in load_file(path).items()}
+    out["chunk_store"] = grid(timer, axes["chunk_store"], store, progress)
+    out["chunk_load"] = grid(timer, axes["chunk_load"], load, progress)
+    tmp.cleanup()
+
+    def selective(m, N):
+        if m >= N:
+            m = N // 2
+        layer_ctx = N - m
+
+        def run():
+            cache = make_cache(full, n_layers=1, batch=1, n_kv_heads=Hkv, head_dim=D, capacity=N, device=device)
+            k, v = _kv(1, args, layer_ctx, cache[0].dtype, device)
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            cache[0].load(k, v, Step(0, layer_ctx, zero, torch.zeros(1, layer_ctx, dtype=torch.long, device=device)))
+            x = torch.randn(1, m, args.dim, device=device, dtype=dtype)
+            pos = torch.arange(layer_ctx, N, device=device)[None]
+            block(x, cos[pos][:, None], sin[pos][:, None], cache[0], Step(layer_ctx, m, zero, pos))
+        return run
+    out["selective_prefill"] = grid(timer, axes["selective_prefill"], selective, progress)
+    out["selective_prefill"]["note"] = ("m new tokens attending over N (the cache holds N - m reused tokens); "
+                                        "includes loading the reused K/V into the layer cache")
     return out
 
 

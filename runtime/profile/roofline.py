@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as _dt
 
+import torch
+
 from ..errors import ConfigError
 from ..provenance import git_revision
-from .measure import model_args
+from .measure import kernel_axes, model_args
 from .schema import SCHEMA_VERSION, table
 
 # Peaks from the vendors' datasheets: dense FP16/BF16 tensor-core FLOP/s (no sparsity), HBM/GDDR
@@ -43,6 +45,7 @@ ASSUMPTIONS = {
     "step_overhead_s": 300e-6,      # Python engine loop per decode step, outside the layers
     "host_gather_bytes_per_s": 10e9,  # CPU index_select into pinned staging
     "runtime_overhead_bytes": 1.5e9,  # CUDA context, cuBLAS workspace, allocator slack
+    "disk_bytes_per_s": 2e9,        # NVMe read/write of chunk K/V files
     "bytes_per_weight": 2, "bytes_per_kv": 2,
 }
 
@@ -52,44 +55,47 @@ def _kernel(flops: float, nbytes: float, launches: int, gpu: dict, a=ASSUMPTIONS
         + launches * a["launch_s"]
 
 
-def _axes(quick: bool = False):
-    tokens = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-    return {"tokens": tokens, "batch": [1, 4, 16, 64], "context": [256, 512, 1024, 2048, 4096, 8192],
-            "k": [16, 64, 128, 256, 512]}
-
-
 def model_tables(args, gpu: dict, kivi=dict(bits=2, group_size=64, residual=64)) -> dict:
-    a, ax = ASSUMPTIONS, _axes()
+    a = ASSUMPTIONS
+    grids = kernel_axes(args, quick=False, device=torch.device("cuda"))   # the measured GPU grids
     w, kvb = a["bytes_per_weight"], a["bytes_per_kv"]
     D, H, Hkv, dim, ffn = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.ffn_dim
     p_attn = dim * (H + 2 * Hkv) * D + H * D * dim
     p_mlp = 3 * dim * ffn
     lowbit = (kivi["bits"] + 32 / kivi["group_size"]) / 16     # of fp16 bytes
 
-    def per(axis, f):
-        return table({axis: ax[axis]}, [f(x) for x in ax[axis]])
+    def per(name, f):
+        (axis, xs), = grids[name].items()
+        return table({axis: xs}, [f(x) for x in xs])
 
-    def per2(ax1, ax2, f):
-        return table({ax1: ax[ax1], ax2: ax[ax2]}, [[f(x, y) for y in ax[ax2]] for x in ax[ax1]])
+    def per2(name, f):
+        (a1, xs), (a2, ys) = grids[name].items()
+        return table({a1: xs, a2: ys}, [[f(x, y) for y in ys] for x in xs])
+
+    pcie = PCIE_LANE[gpu["pcie"][0]] * gpu["pcie"][1] * a["pcie_efficiency"]
 
     kv_row = Hkv * D * kvb
     return {
-        "prefill_layer": per("tokens", lambda T: _kernel(
+        "prefill_layer": per("prefill_layer", lambda T: _kernel(
             2 * T * (p_attn + p_mlp) + 2 * H * D * T * T, (p_attn + p_mlp) * w + 12 * T * dim * w + 2 * T * kv_row, 15, gpu)),
-        "decode_attention_full": per2("batch", "context", lambda B, c: _kernel(4 * B * H * D * c, 2 * B * c * kv_row, 4, gpu)),
-        "decode_attention_kivi": per2("batch", "context", lambda B, c: _kernel(
+        "decode_attention_full": per2("decode_attention_full", lambda B, c: _kernel(4 * B * H * D * c, 2 * B * c * kv_row, 4, gpu)),
+        "decode_attention_kivi": per2("decode_attention_kivi", lambda B, c: _kernel(
             8 * B * H * D * c, 2 * B * c * kv_row * lowbit, 10, gpu)),
-        "score_topk": per2("batch", "context", lambda B, c: _kernel(
+        "score_topk": per2("score_topk", lambda B, c: _kernel(
             4 * B * H * D * c, B * c * kv_row * lowbit + 8 * B * Hkv * c, 8, gpu)),
-        "gather_replace": per2("batch", "k", lambda B, k: 2 * B * k * kv_row / (
-            PCIE_LANE[gpu["pcie"][0]] * gpu["pcie"][1] * a["pcie_efficiency"]) + a["pcie_latency_s"]
+        "gather_replace": per2("gather_replace", lambda B, k: 2 * B * k * kv_row / pcie + a["pcie_latency_s"]
             + 2 * B * k * kv_row / a["host_gather_bytes_per_s"] + _kernel(4 * B * H * D * k, 4 * B * k * kv_row, 6, gpu)),
-        "quantize": per("tokens", lambda T: _kernel(10 * T * Hkv * D, T * kv_row * (1 + lowbit), 6, gpu)),
-        "projections": per("tokens", lambda T: _kernel(2 * T * p_attn, p_attn * w + 4 * T * dim * w, 2, gpu)),
-        "mlp": per("tokens", lambda T: _kernel(2 * T * p_mlp, p_mlp * w + 6 * T * ffn * w, 4, gpu)),
-        "lm_head_sample": per("batch", lambda B: _kernel(2 * B * dim * args.vocab_size,
+        "quantize": per("quantize", lambda T: _kernel(10 * T * Hkv * D, T * kv_row * (1 + lowbit), 6, gpu)),
+        "projections": per("projections", lambda T: _kernel(2 * T * p_attn, p_attn * w + 4 * T * dim * w, 2, gpu)),
+        "mlp": per("mlp", lambda T: _kernel(2 * T * p_mlp, p_mlp * w + 6 * T * ffn * w, 4, gpu)),
+        "lm_head_sample": per("lm_head_sample", lambda B: _kernel(2 * B * dim * args.vocab_size,
                                                          dim * args.vocab_size * w + B * args.vocab_size * 4, 3, gpu)),
-        "step_overhead": per("batch", lambda B: a["step_overhead_s"]),
+        "step_overhead": table({"batch": [1, 4]}, [a["step_overhead_s"]] * 2),
+        "rope_rerotate": per("rope_rerotate", lambda T: _kernel(6 * T * kv_row, 2 * T * kv_row, 4, gpu)),
+        "chunk_store": per("chunk_store", lambda T: 2 * T * kv_row / pcie + 2 * T * kv_row / a["disk_bytes_per_s"]),
+        "chunk_load": per("chunk_load", lambda T: 2 * T * kv_row / pcie + 2 * T * kv_row / a["disk_bytes_per_s"]),
+        "selective_prefill": per2("selective_prefill", lambda m, N: _kernel(
+            2 * m * (p_attn + p_mlp) + 4 * H * D * m * N, (p_attn + p_mlp) * w + 2 * N * kv_row, 15, gpu)),
     }
 
 
