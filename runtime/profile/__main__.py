@@ -29,7 +29,7 @@ from . import measure, roofline
 from .schema import SCHEMA_VERSION, ProfileError, validate
 
 def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None) -> dict:
-    timer = measure.Timer(device, repeats=repeats, warmup=1 if quick else 2, budget_s=1.0 if quick else 3.0)
+    timer = measure.Timer(device, repeats=repeats, warmup=2, budget_s=0.5 if quick else 3.0)
     dtype = weight_dtype("auto", device)
     shapes = {m: measure.model_args(m) for m in models}
     n_points = len(measure.transfer_sizes(quick)) * 4 + (6 if quick else 7) + 2
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--roofline", metavar="NAME", help=f"derive from published peaks: {', '.join(roofline.GPUS)}")
     ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>.json)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3 quick, 7 full)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per point (fewer where one exceeds the time budget)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                     help="print how far two profiles are apart, per table (repeatability, roofline vs measured)")
     a = ap.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                 except json.JSONDecodeError:
                     raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
             t = time.perf_counter()
-            prof = measured_profile(a.model, a.quick, device, a.repeats or (3 if a.quick else 7), existing)
+            prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
             prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
         validate(prof, out)
         try:

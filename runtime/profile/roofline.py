@@ -43,6 +43,7 @@ ASSUMPTIONS = {
     "pcie_latency_s": 10e-6,
     "launch_s": 5e-6,               # per kernel launch (eager PyTorch)
     "step_overhead_s": 300e-6,      # Python engine loop per decode step, outside the layers
+    "layer_glue_s": 150e-6,         # Python between a layer's kernels (eager PyTorch, ~15 launches)
     "host_gather_bytes_per_s": 10e9,  # CPU index_select into pinned staging
     "runtime_overhead_bytes": 1.5e9,  # CUDA context, cuBLAS workspace, allocator slack
     "disk_bytes_per_s": 2e9,        # NVMe read/write of chunk K/V files
@@ -91,6 +92,8 @@ def model_tables(args, gpu: dict, kivi=dict(bits=2, group_size=64, residual=64))
         "lm_head_sample": per("lm_head_sample", lambda B: _kernel(2 * B * dim * args.vocab_size,
                                                          dim * args.vocab_size * w + B * args.vocab_size * 4, 3, gpu)),
         "step_overhead": table({"batch": [1, 4]}, [a["step_overhead_s"]] * 2),
+        "decode_layer": table({"batch": [1, 4]}, [_kernel(2 * B * (p_attn + p_mlp), (p_attn + p_mlp) * w, 15, gpu)
+                                                  + a["layer_glue_s"] for B in (1, 4)]),
         "rope_rerotate": per("rope_rerotate", lambda T: _kernel(6 * T * kv_row, 2 * T * kv_row, 4, gpu)),
         "chunk_store": per("chunk_store", lambda T: 2 * T * kv_row / pcie + 2 * T * kv_row / a["disk_bytes_per_s"]),
         "chunk_load": per("chunk_load", lambda T: 2 * T * kv_row / pcie + 2 * T * kv_row / a["disk_bytes_per_s"]),

@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 KINDS = ("measured", "roofline")
 TRANSFERS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "gather")
 KERNELS = ("prefill_layer", "decode_attention_full", "decode_attention_kivi", "score_topk", "gather_replace",
-           "quantize", "projections", "mlp", "lm_head_sample", "step_overhead")
+           "quantize", "projections", "mlp", "lm_head_sample", "step_overhead", "decode_layer")
 
 
 class ProfileError(ConfigError):
