@@ -7,6 +7,7 @@ not depend on the values), through the runtime's own code (`runtime/model.py` bl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import threading
@@ -174,6 +175,24 @@ def _gemm(device, n=1024):
     return lambda: a @ b
 
 
+@contextlib.contextmanager
+def busy(fn: Callable[[], object]):
+    """Run fn in a loop on another thread for the duration of the block."""
+    stop = threading.Event()
+
+    def loop():
+        with torch.inference_mode():     # per thread: the buffers are inference tensors
+            while not stop.is_set():
+                fn()
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+
+
 def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
     """How much a concurrent copy slows a GEMM, and the reverse (CUDA: copy stream vs compute
     stream; CPU: a copy thread vs the compute thread)."""
@@ -196,28 +215,10 @@ def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
         gemm_slowdown = max(t_both / max(t_gemm, t_copy), 1.0)
         copy_slowdown = gemm_slowdown
     else:
-        stop = threading.Event()
-
-        def copier():
-            with torch.inference_mode():     # per thread: the buffers are inference tensors
-                while not stop.is_set():
-                    copy()
-        th = threading.Thread(target=copier, daemon=True)
-        th.start()
-        t_gemm_busy = timer(gemm)[1]
-        stop.set()
-        th.join()
-        stop2 = threading.Event()
-
-        def gemmer():
-            with torch.inference_mode():
-                while not stop2.is_set():
-                    gemm()
-        th = threading.Thread(target=gemmer, daemon=True)
-        th.start()
-        t_copy_busy = timer(copy)[1]
-        stop2.set()
-        th.join()
+        with busy(copy):
+            t_gemm_busy = timer(gemm)[1]
+        with busy(gemm):
+            t_copy_busy = timer(copy)[1]
         gemm_slowdown, copy_slowdown = t_gemm_busy / t_gemm, t_copy_busy / t_copy
     return {"gemm_s": t_gemm, "copy_s": t_copy, "copy_bytes": n,
             "gemm_slowdown_with_copy": gemm_slowdown, "copy_slowdown_with_gemm": copy_slowdown}
