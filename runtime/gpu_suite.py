@@ -3,7 +3,10 @@
 Prepare on the CPU box (the GPU machine reaches no registry; its image has torch, triton,
 transformers and pynvml but not simpy, hydra, omegaconf, antlr4 or gguf):
 
-    pip download --no-deps -d wheels simpy hydra-core omegaconf "antlr4-python3-runtime==4.9.*" gguf
+    pip wheel --no-deps -w wheels simpy hydra-core "omegaconf>=2.2,<2.4" "antlr4-python3-runtime==4.9.*" gguf
+
+(`pip wheel`, not `pip download`: antlr4 4.9 exists only as a source archive, and hydra-core 1.3
+needs omegaconf < 2.4)
 
 then, through the device tool, one call:  command="python -m runtime.gpu_suite", carry=["wheels"].
 
