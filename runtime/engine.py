@@ -219,7 +219,7 @@ def prefill_once(model: Transformer, prompts: list[list[int]], kv_dtype: str = "
     return Prefilled(prompts=[list(p) for p in prompts], pad=pad, kv=kv, logits=logits)
 
 
-def _load_prefilled(cache: KVCache, pre: Prefilled) -> torch.Tensor:
+def load_prefilled(cache: KVCache, pre: Prefilled) -> torch.Tensor:
     T = pre.kv[0][0].shape[2]
     cols = torch.arange(T, device=pre.pad.device)
     step = Step(start=0, n_new=T, pad=pre.pad, positions=(cols[None, :] - pre.pad[:, None]).clamp(min=0))
@@ -285,7 +285,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             raise ValueError("prefilled was computed for other prompts")
         sync(device)
         t0 = time.perf_counter()
-        logits = prefill(model, cache, tokens, pad) if prefilled is None else _load_prefilled(cache, prefilled)
+        logits = prefill(model, cache, tokens, pad) if prefilled is None else load_prefilled(cache, prefilled)
         nxt = sample(logits, params.temperature, params.top_p, gen)
         t_first = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
         if on_token:
@@ -321,7 +321,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         t_end = time.perf_counter()
         kv_dev, kv_host = cache.nbytes()
         kv_fp16 = cache.fp16_bytes(args.n_kv_heads, args.head_dim)
-        stats = _policy_stats(cache, guesses, hits)
+        stats = policy_stats_of(cache, guesses, hits)
 
     reqs = []
     for b in range(B):
@@ -334,7 +334,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                        kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times, policy_stats=stats)
 
 
-def _policy_stats(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:
+def policy_stats_of(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:
     """Counters summed over layers, turned into rates where a policy reports hit/total pairs."""
     raw = cache.stats()
     out: dict[str, float] = {}

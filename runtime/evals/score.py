@@ -12,8 +12,7 @@ import time
 
 import torch
 
-from .. import engine
-from ..engine import Prefilled, SamplingParams, decode_step, generate, speculate
+from ..engine import Prefilled, SamplingParams, decode_step, generate, load_prefilled, policy_stats_of, speculate
 from ..kv import make_cache
 from ..model import Transformer
 from .data import PasskeySample, TextSample, TextTokenizer
@@ -26,7 +25,7 @@ def teacher_force(model: Transformer, policy, pre: Prefilled, targets: list[int]
     T = pre.kv[0][0].shape[2]
     cache = make_cache(policy, n_layers=args.n_layers, batch=1, n_kv_heads=args.n_kv_heads,
                        head_dim=args.head_dim, capacity=T + len(targets) + 1, device=model.device)
-    logits = engine._load_prefilled(cache, pre)
+    logits = load_prefilled(cache, pre)
     lps = [_logprob(logits, targets[0])]
     guess, guesses, hits = None, 0, 0
     if cache.speculative and len(targets) > 1:
@@ -42,7 +41,7 @@ def teacher_force(model: Transformer, policy, pre: Prefilled, targets: list[int]
             hits += int(guess.item() == nxt)   # the guess was of this step's true token
             guess = both[:, 1].argmax(-1)
         lps.append(_logprob(logits, nxt))
-    return lps, engine._policy_stats(cache, guesses, hits)
+    return lps, policy_stats_of(cache, guesses, hits)
 
 
 def _tok(i: int, model: Transformer) -> torch.Tensor:
