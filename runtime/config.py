@@ -60,6 +60,13 @@ class WorkloadConfig:
     ignore_eos: bool = True
     temperature: float = 0.0
     top_p: float = 1.0
+    # the simulator's arrivals (simulator/workload.py); runtime.bench runs `static` only
+    arrival: str = "static"         # static | poisson | closed | trace
+    rate: float = 1.0               # poisson: requests per second
+    n_requests: int = 100           # poisson / closed: requests in all
+    users: int = 1                  # closed: concurrent users
+    think_s: float = 0.0            # closed: pause between a user's requests
+    trace: Optional[str] = None     # trace: CSV with columns arrival_s, prompt_len, gen_len
 
 
 @dataclass
@@ -75,6 +82,23 @@ class HardwareConfig:
     device: str = "auto"            # auto | cpu | cuda[:N]
     threads: Optional[int] = None   # torch intra-op threads on CPU; null = torch's default
     link: LinkConfig = field(default_factory=LinkConfig)
+    profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's committed profile
+    kv_memory_bytes: Optional[int] = None   # simulator: override the profile's memory for KV
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching in the simulator (simulator/scheduler.py)."""
+    name: str = "continuous"
+    max_batch: int = 256
+    order: str = "prefill_first"    # prefill_first (vLLM's default) | decode_first
+    ctx_bucket: int = 16            # decode steps are costed at the batch's mean context rounded up to this
+
+
+@dataclass
+class SloConfig:
+    ttft_s: Optional[float] = None  # goodput counts requests within both limits (null = no limit)
+    tpot_s: Optional[float] = None
 
 
 @dataclass
@@ -90,6 +114,19 @@ class BenchConfig:
     progress: bool = True
 
 
+@dataclass
+class SimulateConfig:
+    model: Any = MISSING
+    policy: Any = MISSING
+    workload: Any = MISSING
+    hardware: Any = MISSING
+    scheduler: Any = MISSING
+    experiment: Optional[str] = None
+    fidelity: str = "fast"             # fast (cached recurrence) | detailed (a SimPy process per op)
+    slo: SloConfig = field(default_factory=SloConfig)
+    results_dir: str = "results"
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_bench", node=BenchConfig)
@@ -100,3 +137,5 @@ def register() -> None:
     cs.store(group="policy", name="base_specache", node=SpecachePolicyConfig)
     cs.store(group="workload", name="base_workload", node=WorkloadConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
+    cs.store(name="base_simulate", node=SimulateConfig)
+    cs.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)

@@ -1,0 +1,216 @@
+"""Profile -> cost functions: every time the simulator uses comes from a profile table.
+
+A profile table (runtime/profile/schema.py) is a function measured (or derived) on a grid. Each
+is turned into one interpolator, built once, with one rule for every table:
+
+- inside the grid: linear interpolation of the p50 value over the *logarithm* of each axis
+  (the grids are geometric: 16, 64, 256 ...), with scipy's RegularGridInterpolator;
+- below the grid: the first grid value (nearest; a fixed cost does not vanish for tiny sizes);
+- measured noise: every table is first made non-decreasing along each axis (a running max);
+- above the grid: linear extrapolation in the raw axis value, with the slope of the last grid
+  segment (transfers and kernels grow linearly in bytes / tokens / rows once past their fixed
+  costs; extrapolating in log space would flatten them), clamped at zero.
+
+Missing tables raise one ConfigError line naming the table and the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+
+from runtime.errors import ConfigError
+from runtime.profile import load as load_profile
+from runtime.profile.schema import TRANSFERS
+
+KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class Table:
+    """One profile table as a function of its axes (in axis order), p50 values."""
+
+    def __init__(self, t: dict, where: str):
+        self.where = where
+        self.names = list(t["axes"])
+        self.axes = [np.asarray(v, dtype=float) for v in t["axes"].values()]
+        self.values = np.asarray(t["p50"], dtype=float)
+        self.extra = {k: v for k, v in t.items() if k not in ("axes", "unit", "p50", "p10", "p90")}
+        self._build()
+
+    def _build(self) -> None:
+        # an axis with one point is constant along it: drop it from the interpolator
+        self._live = [i for i, a in enumerate(self.axes) if len(a) > 1]
+        # measured p50s carry noise (a gather of 64 rows timed below one of 16): a larger size
+        # never costs less, so each table is made non-decreasing along every axis (running max)
+        vals = self.values.reshape([len(a) for a in self.axes])
+        for ax in range(vals.ndim):
+            vals = np.maximum.accumulate(vals, axis=ax)
+        self.values = vals
+        vals = vals[tuple(slice(None) if i in self._live else 0 for i in range(len(self.axes)))]
+        if not self._live:
+            self._const = float(vals)
+            return
+        self._interp = RegularGridInterpolator([np.log(self.axes[i]) for i in self._live], vals, method="linear")
+        self._lo = [self.axes[i][0] for i in self._live]
+        self._hi = [self.axes[i][-1] for i in self._live]
+        self._prev = [self.axes[i][-2] for i in self._live]
+
+    def __call__(self, *x: float) -> float:
+        if len(x) != len(self.axes):
+            raise TypeError(f"{self.where} takes {self.names}, got {len(x)} values")
+        if not self._live:
+            return self._const
+        x = [float(x[i]) for i in self._live]
+        clip = [min(max(v, lo), hi) for v, lo, hi in zip(x, self._lo, self._hi)]
+        f = float(self._interp([np.log(clip)])[0])
+        for j, (v, hi, prev) in enumerate(zip(x, self._hi, self._prev)):
+            if v > hi:                                   # last segment's slope, raw axis
+                at_prev = list(clip)
+                at_prev[j] = prev
+                slope = (f - float(self._interp([np.log(at_prev)])[0])) / (hi - prev)
+                f += (v - hi) * slope
+        return max(f, 0.0)
+
+
+@dataclass
+class ModelShape:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    kv_dtype: str            # resolved: float32 | float16 | bfloat16
+
+    @property
+    def kv_elem(self) -> int:
+        return KV_ELEMENT_BYTES[self.kv_dtype]
+
+    @property
+    def kv_row(self) -> int:
+        """Bytes of one token's K (or V) of one layer, all KV heads."""
+        return self.n_kv_heads * self.head_dim * self.kv_elem
+
+
+@dataclass
+class Costs:
+    """Interpolated cost functions of one profile and one model in it."""
+
+    path: Path
+    profile: dict
+    model: str
+    tables: dict[str, Table] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path, model: str) -> "Costs":
+        path = Path(path)
+        prof = load_profile(path)
+        if model not in prof["models"]:
+            raise ConfigError(f"{path}: no tables for model={model!r}; profiled models: "
+                              f"{', '.join(prof['models'])} (python -m runtime.profile --model {model})")
+        return cls(path, prof, model)
+
+    # -- table access (built once, on first use)
+
+    def table(self, name: str) -> Table:
+        if name not in self.tables:
+            transfer = name in TRANSFERS or name in self.profile["transfers"]
+            src, where = (self.profile["transfers"], f"transfers.{name}") if transfer else \
+                (self.profile["models"][self.model]["kernels"], f"models.{self.model}.kernels.{name}")
+            if name not in src or not isinstance(src[name], dict) or "axes" not in src[name]:
+                raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
+            self.tables[name] = Table(src[name], where)
+        return self.tables[name]
+
+    def need(self, *names: str) -> None:
+        """Fail early, naming the first table a policy needs that the profile lacks."""
+        for n in names:
+            self.table(n)
+
+    @cached_property
+    def overlap(self) -> dict:
+        o = self.profile["transfers"].get("overlap")
+        if not isinstance(o, dict) or "gemm_slowdown_with_copy" not in o:
+            raise ConfigError(f"{self.path}: missing 'transfers.overlap.gemm_slowdown_with_copy'; re-profile")
+        return o
+
+    @property
+    def gemm_slowdown(self) -> float:
+        return float(self.overlap["gemm_slowdown_with_copy"])
+
+    @property
+    def memory(self) -> dict:
+        return self.profile["models"][self.model]["memory"]
+
+    @property
+    def kv_dtype_auto(self) -> str:
+        return self.profile["models"][self.model].get("kv_dtype", "float16")
+
+    @property
+    def shape(self) -> dict:
+        return self.profile["models"][self.model]["shape"]
+
+    # -- costs the policies use (seconds)
+
+    def decode_layer(self, batch: float, ctx: float, attn: str) -> float:
+        """One decode layer of `batch` query rows over `ctx` tokens with attention table `attn`.
+
+        The profile's `decode_layer` is a whole layer (kernels + Python glue) at a small context
+        (its table's "context" key); the attention table adds its growth from there:
+        decode_layer(B) + attn(B, ctx) - attn(B, context clamped to the attention grid).
+        A `decode_layer` without a "context" key holds no attention at all (roofline profiles
+        derive it from the weight GEMMs and the glue only), so attn(B, ctx) is added whole."""
+        base = self.table("decode_layer")(batch)
+        a = self.table(attn)
+        ctx0 = self.table("decode_layer").extra.get("context")
+        if ctx0 is None:
+            return base + a(batch, ctx)
+        ctx0 = max(float(ctx0), float(a.axes[1][0]))
+        return max(base + a(batch, ctx) - a(batch, ctx0), 0.0)
+
+    def h2d(self, nbytes: float) -> float:
+        return self.table("h2d_pinned")(nbytes) if nbytes > 0 else 0.0
+
+    def d2h(self, nbytes: float) -> float:
+        return self.table("d2h_pinned")(nbytes) if nbytes > 0 else 0.0
+
+    def gather(self, nbytes: float) -> float:
+        """Gathered rows (index_select into staging + one copy), by the table's own row size."""
+        if nbytes <= 0:
+            return 0.0
+        t = self.table("gather")
+        return t(nbytes / float(t.extra.get("row_bytes", 256)))
+
+    def replace(self, batch: float, k: float, shape: ModelShape) -> float:
+        """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.
+
+        The profile's `gather_replace` (batch x k) includes the fetch; a measured one also
+        includes the mixed attention over its "context" key. Both are taken out (the fetch runs
+        on the H2D engine, the attention is the kivi table's), clamped at zero, made monotone in
+        k (a running max) and anchored at k = 0 -> 0 (k = 0 is plain kivi)."""
+        if k <= 0:
+            return 0.0
+        if "replace" not in self.tables:
+            self.tables["replace"] = self._replace_table(shape)
+        return self.tables["replace"](batch, k)
+
+    def _replace_table(self, shape: ModelShape) -> Table:
+        gr = self.table("gather_replace")
+        kivi = self.table("decode_attention_kivi")
+        ctx = gr.extra.get("context")
+        B, K = gr.axes
+        vals = np.empty((len(B), len(K)))
+        for i, b in enumerate(B):
+            for j, k in enumerate(K):
+                v = gr.values[i][j] - self.gather(2 * b * k * shape.kv_row)
+                if ctx is not None:
+                    v -= kivi(b, ctx)
+                vals[i, j] = max(v, 0.0)
+        vals = np.maximum.accumulate(vals, axis=1)
+        # anchor k=0 -> 0 on a log axis: a point well below the first k keeps interpolation
+        # monotone; below it the value is 0 (nearest)
+        k0 = K[0] / 16
+        t = {"axes": {"batch": list(B), "k": [k0, *K]}, "unit": "s",
+             "p50": np.concatenate([np.zeros((len(B), 1)), vals], axis=1).tolist()}
+        t["p10"] = t["p90"] = t["p50"]
+        return Table(t, f"models.{self.model}.kernels.gather_replace (replace part)")

@@ -1,0 +1,188 @@
+"""python -m simulator.run: simulated serving from a hardware profile -> results/simulated/.
+
+    python -m simulator.run                                        # shipped model, full KV, CPU profile
+    python -m simulator.run hardware=h100-sxm model=llama7b_shape policy=specache policy.k=64
+    python -m simulator.run workload=poisson workload.rate=4 scheduler.max_batch=32
+    python -m simulator.run -m policy=specache policy.k=0,16,64,256  # one CSV per sweep
+
+Same config tree as runtime.bench (conf/, primary conf/simulate.yaml), same results schema
+(runtime/results.py), plus max batch reached, engine utilisation and goodput under `slo`.
+In a multirun a failing point is a CSV row with its error, not the end of the sweep.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from runtime.config import register
+from runtime.errors import ConfigError, cli_errors
+from runtime.provenance import git_revision
+from runtime.results import stats, write_json_atomic
+
+from .costs import Costs, ModelShape
+from .policies import make_policy
+from .scheduler import Sim
+from .workload import check as check_workload
+
+register()
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROFILE = "profiles/cpu-intel-r-xeon-r-processor-2c.json"
+CSV_KEYS = ("throughput_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "goodput_req_s",
+            "kv_bytes_device", "kv_ratio_vs_fp16", "max_batch_reached", "util_compute", "util_h2d", "util_d2h")
+
+
+def profile_path(hw) -> Path:
+    p = hw.get("profile")
+    if p is None:
+        if hw.get("device") not in ("cpu", "auto"):
+            raise ConfigError(f"hardware={hw.name} has no profile; set hardware.profile=PATH or pick one of "
+                              "the profiled options (cpu, h100-sxm, h100-pcie, h200, a100, a6000, l40s)")
+        p = DEFAULT_PROFILE
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def model_shape(cfg, costs: Costs) -> tuple[ModelShape, int]:
+    """Layers: model.full_n_layers, else model.args.n_layers, else the profile's; heads and
+    head_dim from model.args over the profile's shape; kv_dtype auto = the profile's."""
+    shape = {**costs.shape, **(cfg.model.get("args") or {})}
+    head_dim = shape.get("head_dim") or shape["dim"] // shape["n_heads"]
+    if "args" in cfg.model and cfg.model.args and "dim" in cfg.model.args:
+        head_dim = shape["dim"] // shape["n_heads"]
+    n_layers = cfg.model.get("full_n_layers") or shape["n_layers"]
+    kv = cfg.policy.kv_dtype
+    kv = costs.kv_dtype_auto if kv == "auto" else kv
+    from .costs import KV_ELEMENT_BYTES
+    if kv not in KV_ELEMENT_BYTES:
+        raise ConfigError(f"policy.kv_dtype={kv!r} is not known; use one of auto, {', '.join(KV_ELEMENT_BYTES)}")
+    return ModelShape(int(n_layers), int(shape["n_kv_heads"]), int(head_dim), kv), int(shape["max_seq_len"])
+
+
+def simulate(cfg: DictConfig) -> dict:
+    """Everything but the CLI: returns the result record (also written to results/simulated/)."""
+    check_workload(cfg.workload)
+    path = profile_path(cfg.hardware)
+    costs = Costs.load(path, cfg.model.name)
+    shape, max_seq = model_shape(cfg, costs)
+    policy = make_policy(cfg.policy)
+    cap = cfg.hardware.get("kv_memory_bytes") or int(costs.memory["kv_available_bytes"])
+    if cap < 1:
+        raise ConfigError(f"hardware.kv_memory_bytes={cap} must be >= 1")
+    s = cfg.scheduler
+    sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
+              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq)
+    t0 = time.perf_counter()
+    reqs = sim.run(cfg.workload)
+    wall = time.perf_counter() - t0
+    record = summarize(sim, reqs, cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    record.update({
+        "model": cfg.model.name, "policy": policy.name, "hardware": cfg.hardware.name, "experiment": cfg.experiment,
+        "batch": cfg.workload.batch, "prompt_len": cfg.workload.prompt_len, "gen_len": cfg.workload.gen_len,
+        "sim_wall_s": wall, "sim_iterations": sim.iterations,
+        "config": resolved,
+        "provenance": {"kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
+                       "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],
+                       "fidelity": cfg.fidelity, "git_revision": git_revision(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    })
+    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = (f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_"
+            f"{cfg.workload.arrival}_{time.strftime('%Y%m%d-%H%M%S')}_{digest}.json")
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record))
+    return record
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def summarize(sim: Sim, reqs, cfg) -> dict:
+    t_first = min(r.arrival_s for r in reqs)
+    t_end = max(r.done_s for r in reqs)
+    span = t_end - t_first
+    out_tokens = sum(r.gen_len for r in reqs)
+    slo = cfg.slo
+    good = [r for r in reqs if (slo.ttft_s is None or r.ttft_s <= slo.ttft_s)
+            and (slo.tpot_s is None or r.gen_len < 2 or r.tpot_s <= slo.tpot_s)]
+    dev, host, tokens = sim.kv_peak
+    fp16 = tokens * sim.shape.n_layers * 2 * sim.shape.n_kv_heads * sim.shape.head_dim * 2
+    return {
+        "throughput_tok_s": out_tokens / span if span > 0 else math.nan,
+        **stats("ttft_s", [r.ttft_s for r in reqs]),
+        **stats("tpot_s", [r.tpot_s for r in reqs]),
+        "wall_s": span, "output_tokens": out_tokens, "requests": len(reqs),
+        "kv_bytes_device": dev, "kv_bytes_host": host,
+        "kv_ratio_vs_fp16": dev / fp16 if fp16 else math.nan,
+        "max_batch_reached": sim.max_batch_reached,
+        **{f"util_{k}": (v / span if span > 0 else math.nan) for k, v in sim.hw.busy.items()},
+        "goodput_req_s": len(good) / span if span > 0 else math.nan,
+        "goodput_fraction": len(good) / len(reqs),
+    }
+
+
+def format_table(r: dict) -> str:
+    mib = 2 ** 20
+    rows = [
+        ("model / policy / hardware", f"{r['model']} / {r['policy']} / {r['hardware']} ({r['provenance']['profile_kind']})"),
+        ("requests, max batch", f"{r['requests']} ({r['config']['workload']['arrival']}), {r['max_batch_reached']}"),
+        ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, goodput {r['goodput_req_s']:.3g} req/s"),
+        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.2f} / {r['ttft_s_p50'] * 1e3:.2f} / {r['ttft_s_p99'] * 1e3:.2f} ms"),
+        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.3f} / {r['tpot_s_p50'] * 1e3:.3f} / {r['tpot_s_p99'] * 1e3:.3f} ms"),
+        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
+                             f"({r['kv_ratio_vs_fp16']:.3f}x of fp16)"),
+        ("utilisation compute / h2d / d2h", f"{r['util_compute']:.2f} / {r['util_h2d']:.2f} / {r['util_d2h']:.2f}"),
+        ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
+        ("result", r["path"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def sweep_row(cfg: DictConfig, overrides: list[str], record: dict | None, error: str | None) -> None:
+    """Append this point to the sweep's CSV (one per multirun, named after its sweep folder)."""
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    sweep = Path(hc.sweep.dir)
+    path = Path(cfg.results_dir) / "simulated" / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"job": hc.job.num, "overrides": " ".join(overrides), "error": error or ""}
+    row.update({k: (record or {}).get(k, "") for k in CSV_KEYS})
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+@hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        try:
+            record = simulate(cfg)
+        except Exception as e:            # a failing point is recorded, the sweep goes on
+            sweep_row(cfg, list(hc.overrides.task), None, f"{type(e).__name__}: {e}")
+            print(f"simulator.run: point {hc.job.num} failed: {e}")
+            return
+        sweep_row(cfg, list(hc.overrides.task), record, None)
+        print(format_table(record))
+        return
+    with cli_errors("simulator.run"):
+        record = simulate(cfg)
+    print(format_table(record))
+
+
+if __name__ == "__main__":
+    main()

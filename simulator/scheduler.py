@@ -1,0 +1,203 @@
+"""Continuous batching on the simulated hardware: one SimPy event per serving iteration.
+
+Each iteration is either one prefill of the requests just admitted or one decode step of every
+running request. `scheduler.order`:
+- prefill_first (vLLM's default): requests waiting and admissible are admitted and prefilled
+  before the next decode step;
+- decode_first: running requests decode to completion; new requests are admitted only when the
+  batch has drained (no prefill ever interrupts decoding).
+
+Admission reserves a request's whole device KV (prompt + gen_len tokens, the policy's peak
+bytes up to that length) from `Hardware.kv` and gives it back at completion: a SimPy Container
+serves gets in FIFO order, and KV that grows during decode could otherwise deadlock. Admission
+is FIFO with head-of-line blocking, up to `scheduler.max_batch` requests. A request larger than
+the whole memory is an error, not a wait forever.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from runtime.errors import ConfigError
+
+from .costs import Costs, ModelShape
+from .hardware import Hardware, StepTime, solve
+from .policies import Policy
+from .workload import Lengths, Request, open_arrivals
+
+ORDERS = ("prefill_first", "decode_first")
+FIDELITIES = ("fast", "detailed")
+
+
+@dataclass
+class Sim:
+    costs: Costs
+    shape: ModelShape
+    policy: Policy
+    kv_capacity: int
+    max_batch: int = 256
+    order: str = "prefill_first"
+    fidelity: str = "fast"
+    ctx_bucket: int = 16
+    max_seq_len: int | None = None
+    # results
+    done: list[Request] = field(default_factory=list)
+    max_batch_reached: int = 0
+    iterations: int = 0
+    kv_peak: tuple[int, int, int] = (0, 0, 0)      # (device, host, tokens) at the largest holding
+    _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ConfigError(f"scheduler.order={self.order!r} is not known; choose one of: {', '.join(ORDERS)}")
+        if self.fidelity not in FIDELITIES:
+            raise ConfigError(f"fidelity={self.fidelity!r} is not known; choose one of: {', '.join(FIDELITIES)}")
+        if self.max_batch < 1:
+            raise ConfigError(f"scheduler.max_batch={self.max_batch} must be >= 1")
+        if self.ctx_bucket < 1:
+            raise ConfigError(f"scheduler.ctx_bucket={self.ctx_bucket} must be >= 1")
+        self.costs.need(*self.policy.tables())
+        self.env = simpy.Environment()
+        self.hw = Hardware(self.env, self.kv_capacity)
+        self.waiting: deque[Request] = deque()
+        self.wake = self.env.event()
+        self.open = 0                 # arrival processes still sending
+
+    # -- requests in
+
+    def submit(self, r: Request) -> None:
+        if self.max_seq_len and r.prompt_len + r.gen_len > self.max_seq_len:
+            raise ConfigError(f"request {r.id}: prompt_len + gen_len = {r.prompt_len + r.gen_len} exceeds the model's "
+                              f"context of {self.max_seq_len}; lower workload.prompt_len or workload.gen_len")
+        r.reserved = self.policy.reserve_bytes(r.prompt_len + r.gen_len, self.shape)
+        if r.reserved > self.kv_capacity:
+            raise ConfigError(f"request {r.id} needs {r.reserved} bytes of KV ({r.prompt_len} + {r.gen_len} tokens, "
+                              f"policy={self.policy.name}) but the device holds {self.kv_capacity} for KV; "
+                              "shorten it or pick a smaller policy / larger hardware")
+        self.waiting.append(r)
+        if not self.wake.triggered:
+            self.wake.succeed()
+
+    def feed(self, requests: list[Request]):
+        """Open arrivals: submit each request at its time."""
+        self.open += 1
+        for r in requests:
+            if r.arrival_s > self.env.now:
+                yield self.env.timeout(r.arrival_s - self.env.now)
+            self.submit(r)
+        self.open -= 1
+        self._poke()
+
+    def user(self, uid: int, think_s: float, make):
+        """A closed-loop user: send, wait for completion, think, repeat while `make` gives one."""
+        self.open += 1
+        while (r := make(self.env.now)) is not None:
+            r.finished = self.env.event()
+            self.submit(r)
+            yield r.finished
+            if think_s:
+                yield self.env.timeout(think_s)
+        self.open -= 1
+        self._poke()
+
+    def _poke(self):
+        if not self.wake.triggered:
+            self.wake.succeed()
+
+    # -- the serving loop
+
+    def serve(self):
+        running: list[Request] = []
+        while True:
+            new = self._admit(running)
+            if not running and not new:
+                if not self.waiting and self.open == 0:
+                    return
+                self.wake = self.env.event()
+                yield self.wake
+                continue
+            if new and (self.order == "prefill_first" or not running):
+                yield from self._step("prefill", [r.prompt_len for r in new])
+                for r in new:
+                    r.first_token_s, r.generated = self.env.now, 1
+                running += new
+            else:
+                ctx = sum(r.prompt_len + r.generated for r in running) / len(running)
+                yield from self._step("decode", len(running), ctx)
+                for r in running:
+                    r.generated += 1
+            self.max_batch_reached = max(self.max_batch_reached, len(running))
+            self._account(running)
+            for r in [r for r in running if r.generated >= r.gen_len]:
+                running.remove(r)
+                r.done_s = self.env.now
+                self.done.append(r)
+                yield self.hw.kv.put(r.reserved)
+                if hasattr(r, "finished"):
+                    r.finished.succeed()
+
+    def _admit(self, running: list[Request]) -> list[Request]:
+        if self.order == "decode_first" and running:
+            return []
+        new = []
+        while self.waiting and len(running) + len(new) < self.max_batch:
+            r = self.waiting[0]
+            if self.hw.kv.level < r.reserved:
+                break                                  # FIFO: the head waits for memory
+            self.hw.kv.get(r.reserved)                 # available now: granted at once
+            r.admitted_s = self.env.now
+            new.append(self.waiting.popleft())
+        return new
+
+    def _step(self, phase: str, *args):
+        self.iterations += 1
+        if phase == "decode":
+            b, ctx = args
+            ctx = math.ceil(ctx / self.ctx_bucket) * self.ctx_bucket
+            key, build = ("decode", b, ctx), lambda: self.policy.decode_graph(self.costs, self.shape, b, ctx)
+        else:
+            key, build = ("prefill", tuple(args[0])), lambda: self.policy.prefill_graph(self.costs, self.shape, args[0])
+        if self.fidelity == "detailed":
+            yield self.env.process(self.hw.run_step(build()))
+            return
+        st = self._cache.get(key)
+        if st is None:
+            st = self._cache[key] = solve(build())
+        for k, v in st.busy.items():
+            self.hw.busy[k] += v
+        yield self.env.timeout(st.seconds)
+
+    def _account(self, running: list[Request]) -> None:
+        """KV held after this iteration (the newest token is not stored yet), kept at its peak."""
+        tokens = [r.prompt_len + r.generated - 1 for r in running]
+        if sum(tokens) > self.kv_peak[2]:
+            dev, host = self.policy.kv_bytes(tokens, self.shape)
+            self.kv_peak = (dev, host, sum(tokens))
+
+    # -- running a workload
+
+    def run(self, w) -> list[Request]:
+        if w.arrival == "closed":
+            made = [0]
+
+            def make(now):
+                if made[0] >= w.n_requests:
+                    return None
+                made[0] += 1
+                return Request(made[0] - 1, now, lengths.prompt(), int(w.gen_len))
+
+            lengths = Lengths(w, np.random.default_rng(w.seed))
+            for u in range(w.users):
+                self.env.process(self.user(u, w.think_s, make))
+        else:
+            self.env.process(self.feed(open_arrivals(w)))
+        self.env.process(self.serve())
+        self.env.run()
+        stuck = len(self.waiting)
+        if stuck:
+            raise RuntimeError(f"{stuck} requests never ran (simulator bug: the loop ended with work left)")
+        return sorted(self.done, key=lambda r: r.id)
