@@ -413,7 +413,8 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     # a whole decode layer at ~40 tokens of context (kernels + the Python glue between them:
     # norms, RoPE, reshapes, residual adds); with the attention tables' growth over context it
     # gives a layer's decode step without summing kernels that miss the glue
-    out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, timer, device, dtype, kv_dtype)
+    out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, timer, device, dtype, kv_dtype,
+                                                                      out["lm_head_sample"])
     out["decode_layer"]["context"] = 40
     out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
@@ -471,44 +472,65 @@ def measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progres
     return out
 
 
-def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype) -> dict:
-    """Per-step framework cost outside the layers and the LM head: Python, launches, sync,
-    embedding, final norm, the engine's bookkeeping.
-
-    Decode steps of the model's layer shape with 1 and with 3 layers and a 256-token vocabulary
-    (so the head is negligible; `lm_head_sample` has the real one): per-layer = (t3 - t1) / 2,
-    overhead = t1 - per-layer. Small context, so attention is negligible too."""
+def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int) -> float:
+    """Median decode step (token read back included) of a random model of shape `a` at ~40
+    tokens of context."""
     from ..engine import decode_step, left_pad, prefill
 
-    res, layer = {}, {}
-    for B in (1, 4):
-        t = {}
-        for L in (1, 3):
-            a = ModelArgs(**{**vars(args), "n_layers": L, "max_seq_len": 512, "vocab_size": 256,
-                             "bos_id": 1, "eos_id": 2, "pad_id": 2})
-            m = random_init(a, 0, dtype, device)
-            tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
+    m = random_init(a, 0, dtype, device)
+    tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
 
-            def run(m=m, tokens=tokens, pad=pad, a=a):
-                cache = make_cache(NS(name="full", kv_dtype=kv_dtype), n_layers=a.n_layers, batch=B,
-                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=48, device=device)
-                prefill(m, cache, tokens, pad)
-                tok = tokens[:, -1]
-                times = []
-                for _ in range(8):
-                    s = time.perf_counter()
-                    tok = decode_step(m, cache, tok, pad).argmax(-1)
-                    tok.tolist()           # the engine reads every token back: part of a step
-                    times.append(time.perf_counter() - s)
-                return float(np.median(times))
-            t[L] = float(np.median([run() for _ in range(max(timer.repeats, 3))]))
-            del m
-        per_layer = (t[3] - t[1]) / 2
-        res[B] = max(t[1] - per_layer, 0.0)
-        layer[B] = per_layer
+    def run():
+        cache = make_cache(NS(name="full", kv_dtype=kv_dtype), n_layers=a.n_layers, batch=B,
+                           n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=48, device=device)
+        prefill(m, cache, tokens, pad)
+        tok = tokens[:, -1]
+        times = []
+        for _ in range(8):
+            s = time.perf_counter()
+            tok = decode_step(m, cache, tok, pad).argmax(-1)
+            tok.tolist()           # the engine reads every token back: part of a step
+            times.append(time.perf_counter() - s)
+        return float(np.median(times))
+    out = float(np.median([run() for _ in range(max(repeats, 3))]))
+    del m
+    return out
+
+
+def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype, head: dict) -> tuple[dict, dict]:
+    """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
+    launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
+    and the Python glue between them, at ~40 tokens of context).
+
+    overhead: steps of 1 and 3 layers with a 256-token vocabulary, overhead = t1 - (t3 - t1)/2.
+    decode_layer: from a step of the *whole* model (all layers, real vocabulary):
+    (t_whole - lm_head_sample - overhead) / n_layers. Small models fit in a large CPU cache
+    (480 MiB of L3 here) and run up to ~40% faster per layer than the whole model, whose
+    weights stream from DRAM; so the per-layer cost must come from the whole model. When the
+    whole model would not fit in memory, the deepest model that takes <= 1/4 of it stands in
+    (and the table says so)."""
+    import psutil
+
+    small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
+    with torch.device("meta"):
+        per_layer_bytes = sum(p.numel() for p in Block(args).parameters()) * torch.finfo(dtype).bits // 8
+    budget = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available) / 4
+    depth = max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
+    res, layer = {}, {}
+    head_b = head["axes"]["batch"]
+    for i, B in enumerate(head_b):
+        if B not in (1, 4) and B not in head_b[:2]:     # at least two points to interpolate
+            continue
+        t1 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 1, **small}), B, device, dtype, kv_dtype, timer.repeats)
+        t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
+        res[B] = max(t1 - (t3 - t1) / 2, 0.0)
+        whole = ModelArgs(**{**vars(args), "n_layers": depth, "max_seq_len": min(args.max_seq_len, 512)})
+        tw = _decode_step_time(whole, B, device, dtype, kv_dtype, timer.repeats)
+        layer[B] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
     batches = sorted(res)
-    return (table({"batch": batches}, [res[b] for b in batches]),
-            table({"batch": batches}, [layer[b] for b in batches]))
+    lay = table({"batch": batches}, [layer[b] for b in batches])
+    lay["whole_model_layers"] = depth
+    return table({"batch": batches}, [res[b] for b in batches]), lay
 
 
 # ----------------------------------------------------------------------------- memory for KV
