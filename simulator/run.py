@@ -12,6 +12,7 @@ In a multirun a failing point is a CSV row with its error, not the end of the sw
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -156,16 +157,22 @@ def sweep_row(cfg: DictConfig, overrides: list[str], record: dict | None, error:
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {"job": hc.job.num, "overrides": " ".join(overrides), "error": error or ""}
     row.update({k: (record or {}).get(k, "") for k in CSV_KEYS})
-    new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+        # parallel launchers (joblib) append from several processes: one writer at a time, and
+        # the header only when the file is still empty under the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if f.tell() == 0 and path.stat().st_size == 0:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     hc = HydraConfig.get()
@@ -175,10 +182,10 @@ def main(cfg: DictConfig) -> None:
         except Exception as e:            # a failing point is recorded, the sweep goes on
             sweep_row(cfg, list(hc.overrides.task), None, f"{type(e).__name__}: {e}")
             print(f"simulator.run: point {hc.job.num} failed: {e}")
-            return
+            return math.nan               # a sweeper (Optuna) records the point as failed
         sweep_row(cfg, list(hc.overrides.task), record, None)
         print(format_table(record))
-        return
+        return record["goodput_req_s"]    # the objective an Optuna sweep maximises
     with cli_errors("simulator.run"):
         record = simulate(cfg)
     print(format_table(record))
