@@ -51,6 +51,20 @@ class SpecachePolicyConfig(KiviPolicyConfig):
 
 
 @dataclass
+class RagPolicyConfig(PolicyConfig):
+    """`policy=rag` (runtime/rag.py): chunk K/V reuse with selective recompute."""
+    name: str = "rag"
+    selector: str = "draft"         # full | reuse | random | epic | cacheblend | draft (SpecCache)
+    recompute_ratio: float = 0.15   # r: budget = ceil(r * N) of the N chunk tokens; the question is always recomputed
+    chunk_len: int = 512            # tokens per document chunk (each prefilled alone at positions 0..n-1)
+    draft_layers: int = 5           # draft = the target's first D layers (selector=draft)
+    tau_smooth: float = 0.4         # span cut where neighbouring normalised scores differ by more
+    tau_cover: float = 0.7          # a span is completed when this share of it is chosen
+    span_max: int = 16              # longest span
+    seed: int = 0                   # selector=random
+
+
+@dataclass
 class WorkloadConfig:
     batch: int = 4
     prompt_len: int = 512
@@ -135,6 +149,7 @@ def register() -> None:
     cs.store(group="policy", name="base_offload", node=OffloadPolicyConfig)
     cs.store(group="policy", name="base_kivi", node=KiviPolicyConfig)
     cs.store(group="policy", name="base_specache", node=SpecachePolicyConfig)
+    cs.store(group="policy", name="base_rag", node=RagPolicyConfig)
     cs.store(group="workload", name="base_workload", node=WorkloadConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
     cs.store(name="base_simulate", node=SimulateConfig)

@@ -1,0 +1,479 @@
+"""RAG KV reuse: a chunk KV store, RoPE re-positioning, and selective recompute (`policy=rag`).
+
+Pipeline for one request (prompt = chunk_1 + ... + chunk_k + question):
+
+1. `ChunkStore.get(ids)`: each chunk's per-layer K/V from a prefill of the chunk alone at
+   positions 0..n-1 (keys already RoPE-rotated), held in host memory and on disk (safetensors
+   under `$KVTESTBED_CACHE/chunks`, default `~/.cache/kvtestbed/chunks`). The file name is a
+   content hash of (model identity, K/V dtype, token ids); the same key and a SHA-256 of the
+   tensors are stored in the file's metadata, so a stale, renamed or corrupt file is detected
+   and recomputed, never trusted. Files are written to a temp name and renamed (atomic).
+2. `rerotate(k, offset)`: a chunk placed at offset o has its keys rotated by angle(o) with
+   `runtime.model.apply_rope` (half-split pairing): R(o) R(p) = R(p + o), so the keys equal a
+   direct prefill of the chunk alone at positions o..o+n-1 (to float rounding).
+3. `rag_prefill`: a selector picks at most ceil(r * N) of the N context tokens; these plus
+   every question token are recomputed by the target layer by layer with full causal attention
+   over all N + Q positions (reused K/V rows for the others), overwriting the reused rows.
+   The result is an `engine.Prefilled`, so decoding continues under any KV policy.
+
+Selectors: full (all, whatever r), reuse (none, whatever r), random (seeded), epic (the first
+tokens of every chunk, round-robin so the total stays within the budget), cacheblend (largest
+K/V deviation at layer 1 = the second block, after a full recompute of layer 0: deviation =
+||dK||_2 + ||dV||_2 over all KV heads of a token; K and V both), draft (SpecCache: hidden-state
+norms of the first D blocks, global top tokens plus span completion).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .engine import Prefilled, _FullPolicy, prefill_once
+from .errors import ConfigError
+from .kv import make_cache, resolve_kv_dtype
+from .kv.base import Step, sdpa_gqa
+from .model import Transformer, apply_rope
+
+SELECTORS = ("full", "reuse", "random", "epic", "cacheblend", "draft")
+FORMAT = "kvtestbed-chunk-v1"
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def _get(policy, name, default):
+    return getattr(policy, name, default) if policy is not None else default
+
+
+def check_policy(policy, model: Transformer) -> None:
+    """Raise ConfigError (one line naming the field) for a bad `policy=rag` config."""
+    sel = _get(policy, "selector", "draft")
+    if sel not in SELECTORS:
+        raise ConfigError(f"policy.selector={sel!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    r = float(_get(policy, "recompute_ratio", 0.15))
+    if not (0.0 <= r <= 1.0) or math.isnan(r):
+        raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")
+    cl = int(_get(policy, "chunk_len", 512))
+    if cl <= 0 or cl > model.args.max_seq_len:
+        raise ConfigError(f"policy.chunk_len={cl} must be in [1, {model.args.max_seq_len}] (the model's context)")
+    D = int(_get(policy, "draft_layers", 5))
+    if sel == "draft" and not 1 <= D <= model.args.n_layers:
+        raise ConfigError(f"policy.draft_layers={D} must be in [1, {model.args.n_layers}] (the model's layers)")
+    for f in ("tau_smooth", "tau_cover"):
+        t = float(_get(policy, f, 0.5))
+        if not 0.0 <= t <= 1.0:
+            raise ConfigError(f"policy.{f}={t} must be in [0, 1]")
+    sm = int(_get(policy, "span_max", 16))
+    if sm < 1:
+        raise ConfigError(f"policy.span_max={sm} must be >= 1")
+
+
+def split_chunks(ids: list[int], chunk_len: int) -> list[list[int]]:
+    """A document's token ids cut into chunks of `chunk_len` (the last one may be shorter)."""
+    if chunk_len <= 0:
+        raise ConfigError(f"policy.chunk_len={chunk_len} must be >= 1")
+    return [list(ids[i:i + chunk_len]) for i in range(0, len(ids), chunk_len)]
+
+
+# ----------------------------------------------------------------------------- chunk store
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("KVTESTBED_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "kvtestbed") / "chunks"
+
+
+def model_identity(model: Transformer) -> str:
+    """SHA-256 over the ModelArgs, the weights' dtype, and every weight tensor's name, shape,
+    sum and sum of squares (float64): a changed weight changes the identity."""
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(model.args), sort_keys=True).encode())
+    h.update(str(model.dtype).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            if name in ("rope_cos", "rope_sin"):
+                continue
+            t64 = t.detach().to(torch.float64)
+            h.update(f"{name}:{tuple(t.shape)}:{float(t64.sum())!r}:{float(t64.square().sum())!r}".encode())
+    return h.hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+ChunkKV = list[tuple[torch.Tensor, torch.Tensor]]   # per layer: k, v (1, H_kv, n, D)
+
+
+class ChunkStore:
+    """Per-chunk K/V (positions 0..n-1) in host memory and on disk; see the module docstring.
+
+    A store is bound to the model's weights as they are when it is built (the identity is
+    hashed once); build a new store after changing weights in place.
+    """
+
+    def __init__(self, model: Transformer, root: str | os.PathLike | None = None, kv_dtype: str = "auto",
+                 disk: bool = True):
+        self.model = model
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.kv_dtype = kv_dtype
+        self.dtype = resolve_kv_dtype(kv_dtype, model.device)
+        self.disk = disk
+        self.model_id = model_identity(model)
+        self.mem: dict[str, ChunkKV] = {}
+        self.stats = {"mem_hits": 0, "disk_hits": 0, "computed": 0, "stale": 0, "corrupt": 0}
+
+    def key(self, ids: list[int]) -> str:
+        h = hashlib.sha256()
+        h.update(FORMAT.encode())
+        h.update(self.model_id.encode())
+        h.update(str(self.dtype).encode())
+        h.update(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+    def path(self, ids: list[int]) -> Path:
+        return self.root / f"{self.key(ids)}.safetensors"
+
+    def get(self, ids: list[int]) -> ChunkKV:
+        ids = list(ids)
+        if not ids:
+            raise ConfigError("a chunk is empty; every chunk needs at least one token")
+        if len(ids) > self.model.args.max_seq_len:
+            raise ConfigError(f"a chunk has {len(ids)} tokens > the model's context of "
+                              f"{self.model.args.max_seq_len}; lower policy.chunk_len")
+        key = self.key(ids)
+        if key in self.mem:
+            self.stats["mem_hits"] += 1
+            return self.mem[key]
+        kv = self._read(key, len(ids)) if self.disk else None
+        if kv is not None:
+            self.stats["disk_hits"] += 1
+        else:
+            kv = self._compute(ids)
+            self.stats["computed"] += 1
+            if self.disk:
+                self._write(key, kv, len(ids))
+        self.mem[key] = kv
+        return kv
+
+    def _compute(self, ids: list[int]) -> ChunkKV:
+        pre = prefill_once(self.model, [ids], kv_dtype=self.kv_dtype)
+        return [(k.to(self.dtype), v.to(self.dtype)) for k, v in pre.kv]
+
+    def _read(self, key: str, n: int) -> ChunkKV | None:
+        from safetensors import safe_open
+
+        path = self.root / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("key") != key:
+                    self.stats["stale"] += 1
+                    return None
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta.get("sha256") != _tensor_digest(tensors):
+                self.stats["corrupt"] += 1
+                return None
+            L = self.model.args.n_layers
+            kv = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(L)]
+            want = (1, self.model.args.n_kv_heads, n, self.model.args.head_dim)
+            if any(tuple(t.shape) != want or t.dtype != self.dtype for pair in kv for t in pair):
+                self.stats["corrupt"] += 1
+                return None
+        except Exception:   # truncated / garbage file, missing tensor: recompute, never trust
+            self.stats["corrupt"] += 1
+            return None
+        return [(k.to(self.model.device), v.to(self.model.device)) for k, v in kv]
+
+    def _write(self, key: str, kv: ChunkKV, n: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, (k, v) in enumerate(kv):
+            tensors[f"k.{i}"] = k.detach().contiguous().cpu()
+            tensors[f"v.{i}"] = v.detach().contiguous().cpu()
+        meta = {"format": FORMAT, "key": key, "model_id": self.model_id, "n_tokens": str(n),
+                "sha256": _tensor_digest(tensors)}
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, self.root / f"{key}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ----------------------------------------------------------------------------- RoPE re-positioning
+
+def rerotate(model: Transformer, k: torch.Tensor, offset: int) -> torch.Tensor:
+    """Keys (B, H_kv, n, D) rotated at positions 0..n-1 -> the same keys at offset..offset+n-1."""
+    if offset == 0:
+        return k
+    cos = model.rope_cos[offset].view(1, 1, 1, -1)
+    sin = model.rope_sin[offset].view(1, 1, 1, -1)
+    return apply_rope(k, cos, sin)
+
+
+def prefill_at(model: Transformer, ids: list[int], offset: int, kv_dtype: str = "auto") -> ChunkKV:
+    """A direct prefill of `ids` alone at positions offset..offset+n-1 (the re-rotation reference)."""
+    n = len(ids)
+    tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
+    cache = make_cache(_FullPolicy(kv_dtype), n_layers=model.args.n_layers, batch=1, n_kv_heads=model.args.n_kv_heads,
+                       head_dim=model.args.head_dim, capacity=n, device=model.device)
+    pad = torch.zeros(1, dtype=torch.long, device=model.device)
+    pos = torch.arange(offset, offset + n, device=model.device)[None]
+    model(tokens, cache, Step(start=0, n_new=n, pad=pad, positions=pos), last_only=True)
+    return [(layer.k[:, :, :n].clone(), layer.v[:, :, :n].clone()) for layer in cache.layers]
+
+
+def placed_kv(model: Transformer, store: ChunkStore, chunks: list[list[int]]) -> ChunkKV:
+    """The chunks' stored K/V concatenated, each re-rotated to its offset in the prompt."""
+    per_layer: list[tuple[list, list]] = [([], []) for _ in range(model.args.n_layers)]
+    off = 0
+    for ids in chunks:
+        kv = store.get(ids)
+        for i, (k, v) in enumerate(kv):
+            per_layer[i][0].append(rerotate(model, k, off))
+            per_layer[i][1].append(v)
+        off += len(ids)
+    return [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in per_layer]
+
+
+# ----------------------------------------------------------------------------- selectors
+
+def budget_of(r: float, n_ctx: int) -> int:
+    return min(n_ctx, math.ceil(r * n_ctx - 1e-9))
+
+
+def span_complete(scores: torch.Tensor, budget: int, tau_smooth: float = 0.4, tau_cover: float = 0.7,
+                  span_max: int = 16) -> tuple[list[int], list[tuple[int, int]]]:
+    """SpecCache's selection from per-token scores (N,).
+
+    Scores are normalised to [0, 1]; the sequence is cut into spans where neighbours differ by
+    more than `tau_smooth`, and spans longer than `span_max` are cut every `span_max` tokens.
+    Tokens are taken greedily by descending score (ties: lower position first) while the
+    budget lasts; whenever a taken token brings its span's chosen share to >= `tau_cover`, the
+    rest of that span is added too if it fits in the remaining budget.
+    Returns (chosen positions sorted, spans [start, end) as cut).
+    """
+    N = scores.numel()
+    if budget <= 0 or N == 0:
+        return [], []
+    s = scores.double().cpu()
+    lo, hi = float(s.min()), float(s.max())
+    s = ((s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)).tolist()
+    spans: list[tuple[int, int]] = []
+    span_of = [0] * N
+    start = 0
+    for i in range(1, N + 1):
+        if i == N or abs(s[i] - s[i - 1]) > tau_smooth or i - start >= span_max:
+            spans.append((start, i))
+            for j in range(start, i):
+                span_of[j] = len(spans) - 1
+            start = i
+    order = sorted(range(N), key=lambda i: (-s[i], i))
+    chosen: set[int] = set()
+    for i in order:
+        if len(chosen) >= budget:
+            break
+        if i in chosen:
+            continue
+        chosen.add(i)
+        a, b = spans[span_of[i]]
+        members = range(a, b)
+        have = sum(1 for j in members if j in chosen)
+        missing = (b - a) - have
+        if missing and have / (b - a) >= tau_cover - 1e-12 and missing <= budget - len(chosen):
+            chosen.update(members)
+    return sorted(chosen), spans
+
+
+def draft_scores(model: Transformer, prompt: list[int], draft_layers: int) -> torch.Tensor:
+    """SpecCache's draft: the first D blocks of the model prefill the whole prompt; a token's
+    score is the mean over the last third of those blocks (ceil(D/3)) of its hidden state's L2
+    norm. Returns (T,) float32."""
+    D = draft_layers
+    T = len(prompt)
+    dev = model.device
+    tokens = torch.tensor([prompt], dtype=torch.long, device=dev)
+    cache = make_cache(_FullPolicy("auto"), n_layers=D, batch=1, n_kv_heads=model.args.n_kv_heads,
+                       head_dim=model.args.head_dim, capacity=T, device=dev)
+    pad = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.arange(T, device=dev)[None]
+    step = Step(start=0, n_new=T, pad=pad, positions=pos)
+    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]
+    first_scored = D - math.ceil(D / 3)
+    acc = torch.zeros(T, dtype=torch.float32, device=dev)
+    with torch.inference_mode():
+        x = model.tok_embeddings(tokens)
+        for li, (block, kv) in enumerate(zip(model.layers[:D], cache.layers)):
+            x = block(x, cos, sin, kv, step)
+            if li >= first_scored:
+                acc += x[0].float().norm(dim=-1)
+    return acc / (D - first_scored)
+
+
+def _cacheblend_deviation(model: Transformer, prompt: list[int], reused: ChunkKV, n_ctx: int) -> torch.Tensor:
+    """Layer 0 recomputed for all tokens (full attention), then layer 1's fresh K/V of every
+    context token against its reused K/V: ||dK||_2 + ||dV||_2 over all KV heads. (N,)"""
+    li = 1 if model.args.n_layers > 1 else 0
+    T = len(prompt)
+    dev = model.device
+    tokens = torch.tensor([prompt], dtype=torch.long, device=dev)
+    pos = torch.arange(T, device=dev)
+    cos, sin = model.rope_cos[pos][None, None], model.rope_sin[pos][None, None]
+    with torch.inference_mode():
+        x = model.tok_embeddings(tokens)
+        if li == 1:
+            cache = make_cache(_FullPolicy("auto"), n_layers=1, batch=1, n_kv_heads=model.args.n_kv_heads,
+                               head_dim=model.args.head_dim, capacity=T, device=dev)
+            step = Step(start=0, n_new=T, pad=torch.zeros(1, dtype=torch.long, device=dev), positions=pos[None])
+            x = model.layers[0](x, cos, sin, cache.layers[0], step)
+        _, k, v = _qkv(model.layers[li], x, cos, sin)
+        k0, v0 = reused[li]
+        dk = (k[:, :, :n_ctx].float() - k0.float()).square().sum(dim=(1, 3)).sqrt()[0]
+        dv = (v[:, :, :n_ctx].float() - v0.float()).square().sum(dim=(1, 3)).sqrt()[0]
+    return dk + dv
+
+
+def select(selector: str, *, r: float, chunks: list[list[int]], model: Transformer, prompt: list[int],
+           reused: ChunkKV, policy=None) -> tuple[list[int], dict]:
+    """Context positions (sorted, < N) to recompute, within ceil(r*N); and what was chosen (log)."""
+    lens = [len(c) for c in chunks]
+    N = sum(lens)
+    B = budget_of(r, N)
+    info: dict = {"selector": selector, "n_ctx": N, "budget": B}
+    if selector == "full":
+        info["budget"] = N
+        return list(range(N)), info
+    if selector == "reuse" or B == 0:
+        info["budget"] = 0 if selector == "reuse" else B
+        return [], info
+    if selector == "random":
+        g = torch.Generator().manual_seed(int(_get(policy, "seed", 0)))
+        return sorted(torch.randperm(N, generator=g)[:B].tolist()), info
+    if selector == "epic":
+        cands = []
+        off = 0
+        for c, n in enumerate(lens):
+            take = math.ceil(r * n - 1e-9)
+            cands += [(j, c, off + j) for j in range(min(take, n))]
+            off += n
+        cands.sort()
+        return sorted(p for _, _, p in cands[:B]), info
+    if selector == "cacheblend":
+        dev = _cacheblend_deviation(model, prompt, reused, N)
+        top = torch.topk(dev, B).indices
+        info["deviation_top"] = [(int(i), float(dev[i])) for i in top[:8]]
+        return sorted(top.tolist()), info
+    if selector == "draft":
+        D = int(_get(policy, "draft_layers", 5))
+        scores = draft_scores(model, prompt, D)[:N]
+        chosen, spans = span_complete(scores, B, float(_get(policy, "tau_smooth", 0.4)),
+                                      float(_get(policy, "tau_cover", 0.7)), int(_get(policy, "span_max", 16)))
+        top = torch.topk(scores, min(8, N)).indices
+        info.update(draft_layers=D, n_spans=len(spans), chosen=chosen,
+                    top_scores=[(int(i), float(scores[i])) for i in top])   # attention sinks show up here
+        return chosen, info
+    raise ConfigError(f"policy.selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+
+
+# ----------------------------------------------------------------------------- selective recompute
+
+def _qkv(block, x, cos, sin):
+    att = block.attention
+    H, Hkv, D = att.n_heads, att.n_kv_heads, att.head_dim
+    B, T, _ = x.shape
+    q, k, v = att.wqkv(block.attention_norm(x)).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, Hkv, D).transpose(1, 2)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, recompute: list[int],
+                      kv_dtype: torch.dtype) -> tuple[ChunkKV, torch.Tensor]:
+    """Recompute the tokens at `recompute` (sorted positions, must include the last one) layer by
+    layer with causal attention over all T positions; the other rows keep `reused` (covering
+    positions 0..N-1, N <= T). Returns per-layer K/V (1, H_kv, T, D) and the last logits (1, V)."""
+    T = len(prompt)
+    dev = model.device
+    R = torch.tensor(recompute, dtype=torch.long, device=dev)
+    assert int(R[-1]) == T - 1, "the last prompt token must be recomputed"
+    N = reused[0][0].shape[2] if reused else 0
+    m = R.numel()
+    cos, sin = model.rope_cos[R][None, None], model.rope_sin[R][None, None]
+    mask = (torch.arange(T, device=dev)[None, :] <= R[:, None])[None, None]     # (1, 1, m, T)
+    out: ChunkKV = []
+    with torch.inference_mode():
+        x = model.tok_embeddings(torch.tensor([prompt], dtype=torch.long, device=dev)[:, R])   # (1, m, dim)
+        for li, block in enumerate(model.layers):
+            att = block.attention
+            q, k, v = _qkv(block, x, cos, sin)
+            Hkv, D = att.n_kv_heads, att.head_dim
+            K = torch.zeros(1, Hkv, T, D, dtype=kv_dtype, device=dev)
+            V = torch.zeros(1, Hkv, T, D, dtype=kv_dtype, device=dev)
+            if N:
+                K[:, :, :N] = reused[li][0]
+                V[:, :, :N] = reused[li][1]
+            K[:, :, R] = k.to(kv_dtype)
+            V[:, :, R] = v.to(kv_dtype)
+            o = sdpa_gqa(q.to(kv_dtype), K, V, mask).to(x.dtype)                  # (1, H, m, D)
+            x = x + att.wo(o.transpose(1, 2).reshape(1, m, att.n_heads * D))
+            x = x + block.feed_forward(block.ffn_norm(x))
+            out.append((K, V))
+        logits = model.output(model.norm(x[:, -1:])).float()[:, -1]
+    return out, logits
+
+
+@dataclass
+class RagResult:
+    prefilled: Prefilled
+    chosen: list[int]             # context positions recomputed (within the budget)
+    recomputed: list[int]         # chosen + every question position
+    info: dict = field(default_factory=dict)
+
+
+def rag_prefill(model: Transformer, chunks: list[list[int]], question: list[int], policy,
+                store: ChunkStore | None = None) -> RagResult:
+    """`policy=rag` prefill of prompt = chunks + question; see the module docstring."""
+    check_policy(policy, model)
+    if not question:
+        raise ConfigError("the question is empty; a rag prompt needs at least one token after the chunks")
+    for i, c in enumerate(chunks):
+        if not c:
+            raise ConfigError(f"chunk {i} is empty; every chunk needs at least one token")
+        if len(c) > model.args.max_seq_len:
+            raise ConfigError(f"chunk {i} has {len(c)} tokens > the model's context of {model.args.max_seq_len}; "
+                              "lower policy.chunk_len")
+    prompt = [t for c in chunks for t in c] + list(question)
+    if len(prompt) > model.args.max_seq_len:
+        raise ConfigError(f"the rag prompt has {len(prompt)} tokens > the model's context of "
+                          f"{model.args.max_seq_len}; use fewer or shorter chunks")
+    kv_dtype = _get(policy, "kv_dtype", "auto")
+    if store is None:
+        store = ChunkStore(model, kv_dtype=kv_dtype)
+    dtype = store.dtype
+    N = len(prompt) - len(question)
+    reused = placed_kv(model, store, chunks) if chunks else []
+    selector = _get(policy, "selector", "draft")
+    r = float(_get(policy, "recompute_ratio", 0.15))
+    chosen, info = select(selector, r=r, chunks=chunks, model=model, prompt=prompt, reused=reused, policy=policy)
+    recompute = sorted(chosen) + list(range(N, len(prompt)))
+    kv, logits = selective_prefill(model, prompt, reused, recompute, dtype)
+    pad = torch.zeros(1, dtype=torch.long, device=model.device)
+    info["store"] = dict(store.stats)
+    return RagResult(Prefilled(prompts=[prompt], pad=pad, kv=kv, logits=logits), chosen, recompute, info)
