@@ -269,16 +269,26 @@ POLICIES = {"full": Policy, "offload": Offload, "kivi": Kivi, "specache": Specac
 def make_policy(cfg) -> Policy:
     """The twin of a policy config (`name` and its knobs, as in conf/policy/*.yaml)."""
     name = cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)
-    if name not in POLICIES:
-        raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[name]
+    known = all_policies()
+    if name not in known:
+        raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join([*sorted(POLICIES), *sorted(set(known) - set(POLICIES))])}")
+    cls = known[name]
     knobs = {f: cfg[f] for f in cls.__dataclass_fields__ if f in cfg}
     pol = cls(**knobs)
     check(pol)
     return pol
 
 
+def all_policies() -> dict:
+    """POLICIES plus the twins in their own modules (imported here: they subclass Policy)."""
+    from .rag import Rag
+    return {**POLICIES, "rag": Rag}
+
+
 def check(p: Policy) -> None:
+    from . import rag
+    if isinstance(p, rag.Rag):
+        rag.check(p)
     if isinstance(p, Kivi):
         from runtime.kv.kivi import check_knobs
         check_knobs(p)

@@ -1,0 +1,137 @@
+"""The twin of runtime/rag.py (`policy=rag`): chunk K/V reuse with selective recompute.
+
+A prompt of P tokens is N context tokens (chunks of `chunk_len`, the last one possibly shorter)
+followed by a question of Q = `question_len` tokens (a twin default of 32, as in
+conf/workload/rag.yaml: prompt_len = 8 x 512 + 32; no config field carries it): N = P - Q.
+The prefill graph mirrors the runtime's order (placed_kv -> select -> selective_prefill):
+
+- h2d, per layer: `chunk_load` of every chunk (one per chunk file, by its tokens); the loads
+  are issued first and run beside the draft's compute;
+- compute: `step_overhead`; the selector's own cost (draft: D x `prefill_layer`(N + Q);
+  cacheblend: `prefill_layer`(N + Q) for layer 0 + `projections`(N + Q) for the layer-1 K/V
+  deviation, after the chunks are placed; random / epic / reuse: none); per layer
+  `rope_rerotate`(N) after that layer's loads; per layer `selective_prefill`(m, N + Q) with
+  m = ceil(r N) + Q (reuse: m = Q); `lm_head_sample`.
+- selector=full (or a prompt with no context tokens): the `full` twin's prefill exactly.
+
+Copies are not stretched against compute (a chunk load is a file read, not a pinned DMA beside
+a GEMM). Decode and KV bytes are the `full` twin's: the runtime decodes a RAG prefill with a
+normal cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from runtime.errors import ConfigError
+
+from .costs import Costs, ModelShape
+from .policies import Op, Policy
+
+SELECTORS = ("full", "reuse", "random", "epic", "cacheblend", "draft")
+
+
+def budget_of(r: float, n_ctx: int) -> int:
+    """As runtime.rag.budget_of: ceil(r N), at most N."""
+    return min(n_ctx, math.ceil(r * n_ctx - 1e-9))
+
+
+@dataclass
+class Rag(Policy):
+    name: str = "rag"
+    selector: str = "draft"
+    recompute_ratio: float = 0.15
+    chunk_len: int = 512
+    draft_layers: int = 5
+    tau_smooth: float = 0.4
+    tau_cover: float = 0.7
+    span_max: int = 16
+    seed: int = 0
+    question_len: int = 32          # Q: the twin's default (no config field; see the docstring)
+
+    def tables(self):
+        base = super().tables()
+        if self.selector == "full":
+            return base
+        extra = ("chunk_load", "rope_rerotate", "selective_prefill")
+        if self.selector == "cacheblend":
+            extra += ("projections",)
+        return base + extra
+
+    # -- one prompt
+
+    def split(self, prompt: int) -> tuple[int, int]:
+        """(N context tokens, Q question tokens) of a prompt of this length."""
+        q = min(self.question_len, prompt)
+        return prompt - q, q
+
+    def chunks(self, n_ctx: int) -> list[int]:
+        full, rest = divmod(n_ctx, self.chunk_len)
+        return [self.chunk_len] * full + ([rest] if rest else [])
+
+    def recomputed(self, n_ctx: int, q: int) -> int:
+        """m: context tokens chosen (within the budget) + every question token."""
+        if self.selector == "reuse":
+            return q
+        return budget_of(self.recompute_ratio, n_ctx) + q
+
+    def selector_cost(self, c: Costs, s: ModelShape, total: int) -> float:
+        if self.selector == "draft":
+            if not 1 <= self.draft_layers <= s.n_layers:
+                raise ConfigError(f"policy.draft_layers={self.draft_layers} must be in [1, {s.n_layers}] "
+                                  "(the model's layers)")
+            return self.draft_layers * c.table("prefill_layer")(total)
+        if self.selector == "cacheblend":
+            return c.table("prefill_layer")(total) + c.table("projections")(total)
+        return 0.0
+
+    # -- the step graph
+
+    def prefill_graph(self, c: Costs, s: ModelShape, prompts: list[int]) -> list[Op]:
+        split = [self.split(p) for p in prompts]
+        if self.selector == "full" or all(n == 0 for n, _ in split):
+            return Policy.prefill_graph(self, c, s, prompts)
+        load = sum(c.table("chunk_load")(t) for n, _ in split for t in self.chunks(n))
+        rerot = sum(c.table("rope_rerotate")(n) for n, _ in split if n)
+        sel = sum(self.selector_cost(c, s, n + q) for n, q in split)
+        recompute = sum(c.table("selective_prefill")(self.recomputed(n, q), n + q) for n, q in split)
+        L = s.n_layers
+        ops = [Op("overhead", "compute", c.table("step_overhead")(len(prompts)))]
+        for i in range(L):
+            ops.append(Op(f"load{i}", "h2d", load))
+        prev = "overhead"
+        early = self.selector == "draft"          # the draft needs no reused K/V: it runs beside the loads
+        if early and sel:
+            ops.append(Op("select", "compute", sel, (prev,)))
+            prev = "select"
+        for i in range(L):
+            ops.append(Op(f"rerotate{i}", "compute", rerot, (prev, f"load{i}")))
+            prev = f"rerotate{i}"
+        if not early and sel:
+            ops.append(Op("select", "compute", sel, (prev,)))
+            prev = "select"
+        for i in range(L):
+            ops.append(Op(f"layer{i}", "compute", recompute, (prev,)))
+            prev = f"layer{i}"
+        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(len(prompts)), (prev,)))
+        return ops
+
+
+def check(p: Rag) -> None:
+    """The runtime's shape-free knob checks (runtime.rag.check_policy), one line each."""
+    if p.selector not in SELECTORS:
+        raise ConfigError(f"policy.selector={p.selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    r = float(p.recompute_ratio)
+    if math.isnan(r) or not 0.0 <= r <= 1.0:
+        raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")
+    if p.chunk_len < 1:
+        raise ConfigError(f"policy.chunk_len={p.chunk_len} must be >= 1")
+    if p.selector == "draft" and p.draft_layers < 1:
+        raise ConfigError(f"policy.draft_layers={p.draft_layers} must be >= 1")
+    for f in ("tau_smooth", "tau_cover"):
+        if not 0.0 <= float(getattr(p, f)) <= 1.0:
+            raise ConfigError(f"policy.{f}={getattr(p, f)} must be in [0, 1]")
+    if p.span_max < 1:
+        raise ConfigError(f"policy.span_max={p.span_max} must be >= 1")
+    if p.question_len < 1:
+        raise ConfigError(f"question_len={p.question_len} must be >= 1")
