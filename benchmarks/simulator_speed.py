@@ -25,11 +25,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simulator.run import model_shape, profile_path, summarize  # noqa: E402  (registers the configs)
-from simulator.costs import Costs  # noqa: E402
-from simulator.policies import make_policy  # noqa: E402
-from simulator.scheduler import Sim  # noqa: E402
-from simulator.workload import check as check_workload  # noqa: E402
+from simulator.run import build_sim, summarize  # noqa: E402  (registers the configs)
 
 
 def config(n: int, fidelity: str, rate: float, k: int):
@@ -46,15 +42,8 @@ def config(n: int, fidelity: str, rate: float, k: int):
 def run_once(n: int, fidelity: str, rate: float, k: int) -> dict:
     """Build the Sim as simulator.run.simulate does, time sim.run only."""
     cfg = config(n, fidelity, rate, k)
-    check_workload(cfg.workload)
-    path = profile_path(cfg.hardware)
-    costs = Costs.load(path, cfg.model.name)
-    shape, max_seq = model_shape(cfg, costs)
-    policy = make_policy(cfg.policy)
-    cap = cfg.hardware.get("kv_memory_bytes") or int(costs.memory["kv_available_bytes"])
-    s = cfg.scheduler
-    sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
-              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq)
+    sim, _ = build_sim(cfg)
+    shape = sim.shape
     t0 = time.perf_counter()
     reqs = sim.run(cfg.workload)
     wall = time.perf_counter() - t0

@@ -67,8 +67,8 @@ def model_shape(cfg, costs: Costs) -> tuple[ModelShape, int]:
     return ModelShape(int(n_layers), int(shape["n_kv_heads"]), int(head_dim), kv), int(shape["max_seq_len"])
 
 
-def simulate(cfg: DictConfig) -> dict:
-    """Everything but the CLI: returns the result record (also written to results/simulated/)."""
+def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
+    """The simulator a config describes, and the profile it reads."""
     check_workload(cfg.workload)
     path = profile_path(cfg.hardware)
     costs = Costs.load(path, cfg.model.name)
@@ -80,6 +80,13 @@ def simulate(cfg: DictConfig) -> dict:
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
               ctx_bucket=s.ctx_bucket, max_seq_len=max_seq)
+    return sim, path
+
+
+def simulate(cfg: DictConfig) -> dict:
+    """Everything but the CLI: returns the result record (also written to results/simulated/)."""
+    sim, path = build_sim(cfg)
+    policy, costs = sim.policy, sim.costs
     t0 = time.perf_counter()
     reqs = sim.run(cfg.workload)
     wall = time.perf_counter() - t0
