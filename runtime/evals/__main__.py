@@ -15,6 +15,7 @@ from ..engine import resolve_device
 from ..errors import ConfigError, cli_errors
 from ..model import ModelArgs, load_gguf, random_init
 from . import data
+from . import rag as _rag  # noqa: F401 - registers the rag task with report.TASKS
 from .report import report
 from .run import passkey_task, ppl_task, run_grid
 from .specs import GRAMMAR, PRESETS, expand
@@ -66,6 +67,16 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--last", type=int, default=512, help="tokens scored, after a prefill of the rest")
     pp.add_argument("--n", type=int, default=8, help="samples")
     _common(pp, "ppl")
+    rg = sub.add_parser("rag", help="synthetic multi-document QA under policy=rag selectors (runtime/evals/rag.py)")
+    rg.add_argument("--n", type=int, default=8, help="samples per hop count")
+    rg.add_argument("--chunks", type=int, default=8)
+    rg.add_argument("--chunk-len", type=int, default=512)
+    rg.add_argument("--hops", nargs="+", type=int, default=[1, 2])
+    rg.add_argument("--r", nargs="+", type=float, default=[0, 0.05, 0.15, 0.3, 1])
+    rg.add_argument("--selectors", nargs="+", default=["full", "reuse", "random", "epic", "cacheblend", "draft"])
+    rg.add_argument("--draft-layers", nargs="+", type=int, default=[3, 5, 10])
+    rg.add_argument("--max-new-tokens", type=int, default=10)
+    _common(rg, "rag")
     rp = sub.add_parser("report", help="CSV tables and PNG figures from a results folder")
     rp.add_argument("--out", type=Path, required=True)
     return ap
@@ -74,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     with cli_errors(PROG):
-        if a.cmd != "report":
+        if a.cmd == "rag":
+            run_rag_cmd(a)
+        elif a.cmd != "report":
             run(a)
         tables = report(a.out)
         for task, table in tables.items():
@@ -109,6 +122,28 @@ def run(a: argparse.Namespace) -> None:
                 "corpus": "pydoc_data.topics (CPython documentation)"}
     path = run_grid(model, task, samples, specs, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
                     progress=not a.no_progress, meta=meta)
+    print(f"{path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def run_rag_cmd(a: argparse.Namespace) -> None:
+    from . import rag
+
+    if a.n < 1:
+        raise ConfigError(f"--n {a.n} must be >= 1")
+    pts = rag.points(a.selectors, a.r, a.draft_layers)
+    device = resolve_device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, device)
+    bad_d = [D for D in a.draft_layers if "draft" in a.selectors and not 1 <= D <= model.args.n_layers]
+    if bad_d:
+        raise ConfigError(f"--draft-layers {bad_d} must be in [1, {model.args.n_layers}] (the model's layers)")
+    samples = rag.rag_samples(tok, a.n, a.seed, a.chunk_len, a.chunks, tuple(a.hops))
+    meta = {"n": a.n, "chunks": a.chunks, "chunk_len": a.chunk_len, "hops": a.hops, "seed": a.seed,
+            "max_new_tokens": a.max_new_tokens}
+    path = rag.run_rag(model, tok, samples, pts, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
+                       max_new_tokens=a.max_new_tokens, progress=not a.no_progress, meta=meta, seed=a.seed)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -1,0 +1,387 @@
+"""RAG quality of `policy=rag` selectors against full recompute: seeded synthetic multi-document QA.
+
+    python -m runtime.evals rag [--n N] [--chunks 8] [--chunk-len 512] [--hops 1 2]
+                                [--r 0 0.05 0.15 0.3 1] [--selectors full reuse random epic cacheblend draft]
+                                [--draft-layers 3 5 10] [--model smollm2|tiny] [--out results/evals/rag]
+
+Data, generated in code (nothing downloaded). A sample holds `n_chunks` fictional "chains": a
+company founded by a person, that person born in a city in a year. Each chain gives two facts,
+"<Company> was founded by <Person>." and "<Person> was born in <City> in <Year>."; the 2k facts
+are spread two per chunk among filler sentences, each chunk tokenized on its own and padded /
+cut with filler to exactly `chunk_len` tokens. The question (the prompt's suffix) is either
+single-hop ("Where was <Person> born?", the answer in the one chunk holding the birth fact) or
+two-hop ("Where was the founder of <Company> born?", founder and birthplace in two different
+chunks). Answers are a city or a year; every name, city and year is unique in the sample, so
+the gold answer text occurs in exactly one chunk. Sample i is a pure function of (seed, i,
+chunk_len, n_chunks, hops).
+
+Per (sample, point), a point being (selector, r, D): `runtime.rag.rag_prefill` on a warm chunk
+store (held in memory, filled before the timed points), then greedy decoding (`engine.generate`
+from the returned prefill, max `--max-new-tokens`). Recorded: the output, exact match and token
+F1 (SQuAD normalisation: lowercase, no punctuation / articles; the answer is the first line of
+the output), the number of context tokens chosen for recompute, and TTFT = rag_prefill seconds +
+the first token's sampling. `full` and `reuse` ignore r (one point each, at r = 1 and r = 0);
+the other selectors run at every r strictly between 0 and 1 (at r = 0 or 1 they are `reuse` or
+`full`), `draft` at every D.
+
+Results: `<out>/rag.jsonl`, one fsynced line per (sample, point), resumable like the other tasks
+(`run.ResultLog`); the report (also registered with `report.TASKS`, so `python -m runtime.evals
+report --out ...` includes it) writes `<out>/rag.csv` and `<out>/rag.png`: per (hops, point) EM
+and F1 with bootstrap intervals, exact McNemar on EM against `full` (paired), the bootstrap
+interval of the paired F1 delta, mean chosen tokens and TTFT, and TTFT speed-up over full.
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..model import Transformer
+from ..provenance import provenance
+from . import report as _report
+from .data import TextTokenizer
+from .run import ResultLog, check_meta
+from .stats import bootstrap_mean, mcnemar_exact, paired_delta
+
+TASK = "rag"
+FILLER = (
+    "The morning was quiet and the roads were empty.", "Rain fell softly on the old stone walls.",
+    "Several travellers stopped to rest by the river.", "The market opened early, as it always did.",
+    "Nobody remembered exactly when the bridge was painted.", "A cold wind came down from the hills.",
+    "The library kept its doors open until late in the evening.", "Children played in the square after school.",
+    "The harvest that season was neither good nor bad.", "Letters arrived twice a week by the mountain road.",
+    "Most houses on the street had green shutters.", "The clock tower was repaired more than once.",
+    "Fishermen mended their nets along the harbour.", "The museum displayed maps of forgotten coastlines.",
+    "Visitors often commented on the narrow streets.", "A small orchestra played in the park on Sundays.",
+)
+HEADER = "\n\nAnswer the question with a short answer, using the documents above.\nQuestion: "
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "io")
+_CODAS = ("", "", "n", "r", "l", "s", "x", "th", "m")
+_COMPANY_SUFFIX = ("Works", "Industries", "Foundry", "Labs", "Trading Company", "Mills")
+
+
+@dataclass(frozen=True)
+class RagSample:
+    id: str
+    index: int
+    hops: int
+    n_chunks: int
+    chunk_len: int
+    chunks: list[list[int]]         # n_chunks lists of exactly chunk_len token ids
+    chunk_texts: list[str]          # the decoded chunks (what the model sees)
+    question_text: str
+    question: list[int]             # the suffix ids
+    answer: str
+    answer_chunk: int               # the chunk holding the birth fact (the gold answer)
+    bridge_chunk: int               # the chunk holding the founding fact (two-hop; else -1)
+    kind: str                       # "place" or "year"
+
+    @property
+    def prompt(self) -> list[int]:
+        return [t for c in self.chunks for t in c] + list(self.question)
+
+
+def _word(rng: np.random.Generator, syll: int) -> str:
+    w = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(syll))
+    return (w + _CODAS[rng.integers(len(_CODAS))]).capitalize()
+
+
+def _unique_names(n: int, make, taken: list[str]) -> list[str]:
+    """n new names, none inside another nor inside / around one already `taken` (so "the gold
+    answer appears in exactly one chunk" holds for text, not just for facts)."""
+    out: list[str] = []
+    while len(out) < n:
+        w = make()
+        if all(w.lower() not in o.lower() and o.lower() not in w.lower() for o in out + taken):
+            out.append(w)
+    return out
+
+
+def make_rag(tok: TextTokenizer, index: int, seed: int = 0, chunk_len: int = 512, n_chunks: int = 8,
+             hops: int = 1) -> RagSample:
+    if hops not in (1, 2):
+        raise ConfigError(f"hops={hops} must be 1 or 2")
+    if n_chunks < 2:
+        raise ConfigError(f"n_chunks={n_chunks} must be >= 2 (a two-hop question needs two chunks)")
+    rng = np.random.default_rng([seed, index, chunk_len, n_chunks, hops, 7919])
+    k = n_chunks
+    taken = [f.lower() for f in FILLER] + [HEADER.lower()]
+    people = _unique_names(k, lambda: f"{_word(rng, 2)} {_word(rng, 2)}", taken)
+    cities = _unique_names(k, lambda: _word(rng, 3), taken + people)
+    companies = _unique_names(
+        k, lambda: f"{_word(rng, 2)} {_COMPANY_SUFFIX[rng.integers(len(_COMPANY_SUFFIX))]}", taken + people + cities)
+    years = [int(y) for y in rng.choice(np.arange(1650, 1990), size=k, replace=False)]
+    found = [f"{companies[j]} was founded by {people[j]}." for j in range(k)]
+    born = [f"{people[j]} was born in {cities[j]} in {years[j]}." for j in range(k)]
+    # 2k facts into k chunks, two each; the target chain (0)'s two facts in different chunks
+    while True:
+        slots = rng.permutation(2 * k) // 2        # fact f goes to chunk slots[f]
+        if slots[0] != slots[k]:                   # found[0] is fact 0, born[0] is fact k
+            break
+    facts = found + born
+    per_chunk = [[facts[f] for f in range(2 * k) if slots[f] == c] for c in range(k)]
+    chunks, texts = [], []
+    for c, fs in enumerate(per_chunk):
+        ids, text = _fill_chunk(tok, fs, chunk_len, rng)
+        chunks.append(ids)
+        texts.append(text)
+    # two-hop questions ask for the place: "born in the year" would not match the fact's wording
+    kind = "place" if hops == 2 or rng.integers(2) == 0 else "year"
+    what = "Where was" if kind == "place" else "In what year was"
+    subject = people[0] if hops == 1 else f"the founder of {companies[0]}"
+    q = f"{what} {subject} born?"
+    # the answer is started in the facts' own wording, so a small model copies the next words
+    # (as the passkey prompt ends with "The pass key is"); a bare "Answer:" got 0/8 with `full`
+    if hops == 2:
+        lead = f"The founder of {companies[0]} was born in"
+    elif kind == "place":
+        lead = f"{people[0]} was born in"
+    else:
+        lead = f"{people[0]} was born in {cities[0]} in"
+    qtext = f"{HEADER}{q}\nAnswer: {lead}"
+    return RagSample(id=f"rag/C{n_chunks}x{chunk_len}/h{hops}/s{seed}/i{index}", index=index, hops=hops,
+                     n_chunks=k, chunk_len=chunk_len, chunks=chunks, chunk_texts=texts, question_text=qtext,
+                     question=tok.encode(qtext), answer=cities[0] if kind == "place" else str(years[0]),
+                     answer_chunk=int(slots[k]), bridge_chunk=int(slots[0]) if hops == 2 else -1, kind=kind)
+
+
+def _fill_chunk(tok: TextTokenizer, facts: list[str], chunk_len: int, rng: np.random.Generator) -> tuple[list[int], str]:
+    """Facts among filler sentences, tokenized, padded with more filler and cut to exactly
+    chunk_len tokens, every fact whole inside. (ids, their decoded text)."""
+    per = max(1.0, np.mean([len(tok.encode(s)) for s in FILLER]))
+    n_fill = int(chunk_len / per) + 4
+    filler = [FILLER[i % len(FILLER)] for i in rng.permutation(max(n_fill, len(FILLER)))][:n_fill]
+    depth = len(filler)
+    spots = sorted(rng.integers(0, depth + 1, size=len(facts)).tolist())
+    while True:
+        sents = list(filler)
+        for f, p in sorted(zip(facts, [min(s, depth) for s in spots]), key=lambda x: -x[1]):
+            sents.insert(p, f)
+        ids = tok.encode(" ".join(sents))
+        while len(ids) < chunk_len:                # pad with filler
+            sents.append(FILLER[len(sents) % len(FILLER)])
+            ids = tok.encode(" ".join(sents))
+        ids = ids[:chunk_len]
+        text = tok.decode(ids)
+        if all(f in text for f in facts):
+            return ids, text
+        if depth == 0:
+            raise ConfigError(f"chunk_len={chunk_len} tokens cannot hold {len(facts)} facts "
+                              f"({sum(len(tok.encode(f)) for f in facts)} tokens); raise --chunk-len")
+        depth //= 2                                  # move the facts earlier and retry
+
+
+def rag_samples(tok: TextTokenizer, n: int, seed: int = 0, chunk_len: int = 512, n_chunks: int = 8,
+                hops: tuple[int, ...] = (1, 2)) -> list[RagSample]:
+    """n samples per hop count, index-major (a larger n only appends)."""
+    return [make_rag(tok, i, seed, chunk_len, n_chunks, h) for i in range(n) for h in hops]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def normalize(s: str) -> str:
+    """SQuAD's answer normalisation: lowercase, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def extract_answer(output: str) -> str:
+    """The continuation up to the end of the answered slot: its first non-empty line, cut at the
+    first '.', ',' or ' in ' (after "X was born in", " Kelmar in 1873." answers "Kelmar")."""
+    for line in output.split("\n"):
+        if line.strip():
+            return re.split(r"[.,]| in ", line.strip() + " ", maxsplit=1)[0].strip()
+    return ""
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    return normalize(pred) == normalize(gold)
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+# ----------------------------------------------------------------------------- points and the grid
+
+def points(selectors: list[str], rs: list[float], draft_layers: list[int]) -> list[dict]:
+    """The grid's points; `full` is always first (every statistic is paired with it)."""
+    from ..rag import SELECTORS
+
+    for s in selectors:
+        if s not in SELECTORS:
+            raise ConfigError(f"--selectors {s!r} is not known; choose from {', '.join(SELECTORS)}")
+    for r in rs:
+        if not 0.0 <= r <= 1.0:
+            raise ConfigError(f"--r {r} must be in [0, 1]")
+    out = [dict(name="full", selector="full", r=1.0, D=None)]
+    for s in selectors:
+        if s == "full":
+            continue
+        if s == "reuse":
+            out.append(dict(name="reuse", selector="reuse", r=0.0, D=None))
+            continue
+        for r in sorted(set(rs)):
+            if not 0.0 < r < 1.0:
+                continue
+            for D in (draft_layers if s == "draft" else [None]):
+                name = f"{s}-D{D}-r{r:g}" if D is not None else f"{s}-r{r:g}"
+                out.append(dict(name=name, selector=s, r=float(r), D=D))
+    seen, uniq = set(), []
+    for p in out:
+        if p["name"] not in seen:
+            seen.add(p["name"])
+            uniq.append(p)
+    return uniq
+
+
+def score_point(model: Transformer, tok: TextTokenizer, s: RagSample, pt: dict, store, kv_dtype: str,
+                max_new_tokens: int, seed: int = 0) -> dict:
+    from ..engine import SamplingParams, generate, sync
+    from ..rag import rag_prefill
+
+    policy = SimpleNamespace(name="rag", selector=pt["selector"], recompute_ratio=pt["r"],
+                             draft_layers=pt["D"] or 1, chunk_len=s.chunk_len, kv_dtype=kv_dtype, seed=seed)
+    sync(model.device)
+    t0 = time.perf_counter()
+    res = rag_prefill(model, s.chunks, s.question, policy, store)
+    sync(model.device)
+    prefill_s = time.perf_counter() - t0
+    gen = generate(model, [s.prompt], SamplingParams(max_new_tokens=max_new_tokens),
+                   SimpleNamespace(name="full", kv_dtype=kv_dtype), prefilled=res.prefilled)
+    out = tok.decode(gen.requests[0].tokens)
+    pred = extract_answer(out)
+    return {"output": out, "pred": pred, "em": exact_match(pred, s.answer), "f1": token_f1(pred, s.answer),
+            "chosen": len(res.chosen), "budget": res.info.get("budget"), "n_ctx": res.info.get("n_ctx"),
+            "rag_prefill_s": prefill_s, "ttft_s": prefill_s + gen.requests[0].ttft_s,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_rag(model: Transformer, tok: TextTokenizer, samples: list[RagSample], pts: list[dict], out: Path, *,
+            model_name: str, kv_dtype: str = "auto", max_new_tokens: int = 10, progress: bool = True,
+            meta: dict | None = None, seed: int = 0) -> Path:
+    """Evaluate every (sample, point) not yet in <out>/rag.jsonl; returns that file's path."""
+    from ..rag import ChunkStore
+
+    out = Path(out)
+    check_meta(out, TASK, {"task": TASK, "model": model_name, "kv_dtype": kv_dtype,
+                           "points": [p["name"] for p in pts], **(meta or {}),
+                           "provenance": provenance(model.device)})
+    log = ResultLog(out / f"{TASK}.jsonl")
+    store = ChunkStore(model, kv_dtype=kv_dtype, disk=False)     # in memory; warmed per sample below
+    bar = tqdm(total=len(samples) * len(pts), desc=TASK, unit="pt", disable=not progress)
+    for s in samples:
+        todo = [p for p in pts if (s.id, p["name"]) not in log.done]
+        bar.update(len(pts) - len(todo))
+        if not todo:
+            continue
+        store.mem.clear()                                          # bound memory: one sample's chunks
+        t0 = time.perf_counter()
+        for c in s.chunks:                                         # warm store: TTFT excludes chunk prefill
+            store.get(c)
+        store_s = time.perf_counter() - t0
+        for p in todo:
+            bar.set_postfix_str(p["name"], refresh=False)
+            base = {"task": TASK, "sample_id": s.id, "policy": p["name"], "selector": p["selector"], "r": p["r"],
+                    "draft_layers": p["D"], "model": model_name, "index": s.index, "hops": s.hops,
+                    "kind": s.kind, "n_chunks": s.n_chunks, "chunk_len": s.chunk_len, "answer": s.answer,
+                    "answer_chunk": s.answer_chunk, "bridge_chunk": s.bridge_chunk, "prompt_len": len(s.prompt),
+                    "store_fill_s": store_s}
+            try:
+                rec = score_point(model, tok, s, p, store, kv_dtype, max_new_tokens, seed)
+            except Exception as e:  # noqa: BLE001 - recorded per point, like run._score_or_error
+                rec = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            log.append({**base, **rec})
+            bar.update(1)
+    bar.close()
+    return log.path
+
+
+# ----------------------------------------------------------------------------- report
+
+def rag_table(df: pd.DataFrame) -> pd.DataFrame:
+    for col in ("em", "f1", "ttft_s", "chosen"):
+        if col not in df:
+            df[col] = math.nan
+    rows = []
+    groups = [("all", df)] + [(str(h), g) for h, g in df.groupby("hops")]
+    for hops, dh in groups:
+        base = dh[(dh.policy == "full") & dh.ok]
+        full_ttft = base.ttft_s.mean() if len(base) else math.nan
+        for pol in _report._policy_order(dh):
+            g = dh[dh.policy == pol]
+            ok = g[g.ok]
+            pair = _report._paired(g, dh[dh.policy == "full"], ["em", "f1"])
+            mc = mcnemar_exact(list(pair.em_full.astype(bool)), list(pair.em.astype(bool))) if len(pair) else None
+            first = g.iloc[0]
+            D = first.get("draft_layers")
+            rows.append({"task": TASK, "hops": hops, "policy": pol, "selector": first.selector, "r": first.r,
+                         "draft_layers": None if D is None or (isinstance(D, float) and math.isnan(D)) else int(D),
+                         "n": len(ok), "errors": int((~g.ok).sum()),
+                         **_report._ci("em", bootstrap_mean(ok.em.astype(float))),
+                         **_report._ci("f1", bootstrap_mean(ok.f1.astype(float))),
+                         "n_paired": len(pair), "only_full": mc.only_full if mc else None,
+                         "only_policy": mc.only_policy if mc else None, "mcnemar_p": mc.p if mc else math.nan,
+                         **_report._ci("f1_delta", paired_delta(pair.f1, pair.f1_full)),
+                         "chosen": ok.chosen.mean() if len(ok) else math.nan,
+                         "ttft_s": ok.ttft_s.mean() if len(ok) else math.nan,
+                         "speedup_vs_full": full_ttft / ok.ttft_s.mean() if len(ok) else math.nan,
+                         "error": g.error.dropna().iloc[-1] if (~g.ok).any() else None})
+    return pd.DataFrame(rows)
+
+
+def rag_figure(table: pd.DataFrame, path: Path) -> None:
+    """EM and F1 vs r per selector (draft: one line per D); full (r=1) and reuse (r=0) as
+    reference lines, since they ignore r."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    t = table[(table.n > 0) & (table.hops == "all")].copy()
+    t["curve"] = [f"draft D={int(d)}" if s == "draft" else s for s, d in zip(t.selector, t.draft_layers.fillna(0))]
+    curves = t[~t.selector.isin(["full", "reuse"])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, y in zip(axes, ("em", "f1")):
+        if len(curves):
+            sns.lineplot(curves, x="r", y=y, hue="curve", marker="o", ax=ax)
+            for _, g in curves.groupby("curve"):
+                ax.errorbar(g.r, g[y], yerr=[g[y] - g[f"{y}_lo"], g[f"{y}_hi"] - g[y]], fmt="none",
+                            ecolor="gray", capsize=3, lw=1)
+        for sel, style in (("full", "-"), ("reuse", "--")):
+            row = t[t.selector == sel]
+            if len(row):
+                ax.axhline(float(row[y].iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row[y].iloc[0]:.2f})")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("recompute ratio r")
+        ax.set_ylabel(f"{y.upper()} (95% CI)")
+        ax.legend(fontsize=7)
+    n = int(t.n.max()) if len(t) else 0
+    fig.suptitle(f"synthetic multi-document QA: quality vs r (n={n} per point)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# `python -m runtime.evals report --out ...` picks the rag task up too
+_report.TASKS.setdefault(TASK, (rag_table, rag_figure))
