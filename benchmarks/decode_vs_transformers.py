@@ -17,13 +17,12 @@ import warnings
 import torch
 
 from runtime.engine import SamplingParams, generate
+from runtime.kv import policy_spec
 from runtime.model import load_gguf, shipped_gguf_path
 from runtime.provenance import cpu_name
 
 
-class FullPolicy:
-    name = "full"
-    kv_dtype = "auto"
+FULL = policy_spec("full")
 
 
 def hf_decode_tok_s(hf, ids: torch.Tensor, new: int) -> float:
@@ -58,8 +57,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     for B in a.batch:
         ids = torch.randint(20, ours.args.vocab_size, (B, a.context), generator=g)
-        generate(ours, ids[:, :16].tolist(), SamplingParams(max_new_tokens=2), FullPolicy)  # warm-up
-        r = generate(ours, ids.tolist(), SamplingParams(max_new_tokens=a.new + 1, ignore_eos=True), FullPolicy)
+        generate(ours, ids[:, :16].tolist(), SamplingParams(max_new_tokens=2), FULL)  # warm-up
+        r = generate(ours, ids.tolist(), SamplingParams(max_new_tokens=a.new + 1, ignore_eos=True), FULL)
         ref = hf_decode_tok_s(hf, ids, a.new)
         rows.append((B, r.decode_tok_s, ref))
     print(f"\n{'batch':>5} {'context':>7} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")

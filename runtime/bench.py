@@ -24,7 +24,7 @@ from .config import register
 from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
 from .provenance import provenance
-from .results import summarize, write_json_atomic
+from .results import key_value_table, summarize, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -107,8 +107,7 @@ def format_table(r: dict) -> str:
           if r.get("policy_stats") else []),
         ("result", r["path"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return key_value_table(rows)
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")

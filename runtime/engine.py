@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .kv import KVCache, Step, make_cache
+from .kv import KVCache, Step, make_cache, policy_spec
 from .model import Transformer
 
 
@@ -199,19 +199,12 @@ class Prefilled:
     logits: torch.Tensor                          # (B, V) of the last prompt position
 
 
-class _FullPolicy:
-    name = "full"
-
-    def __init__(self, kv_dtype: str):
-        self.kv_dtype = kv_dtype
-
-
 def prefill_once(model: Transformer, prompts: list[list[int]], kv_dtype: str = "auto") -> Prefilled:
     """Prefill `prompts` once; `generate(..., prefilled=...)` then starts any policy from it.
     Exact: every policy's prefill is full-precision attention over the prompt (LayerKV.attend)."""
     args, device = model.args, model.device
     tokens, pad = left_pad(prompts, args.pad_id, device)
-    cache = make_cache(_FullPolicy(kv_dtype), n_layers=args.n_layers, batch=len(prompts),
+    cache = make_cache(policy_spec("full", kv_dtype), n_layers=args.n_layers, batch=len(prompts),
                        n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, capacity=tokens.shape[1], device=device)
     logits = prefill(model, cache, tokens, pad)
     T = tokens.shape[1]

@@ -18,13 +18,9 @@ import torch
 
 from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
+from .kv import policy_spec
 from .model import load_gguf, load_hf, weight_dtype
 from .tokenizer import from_gguf, from_hf
-
-
-class _Policy:
-    def __init__(self, name: str, kv_dtype: str):
-        self.name, self.kv_dtype = name, kv_dtype
 
 
 def load(model: str | None, device: torch.device, dtype: str = "auto"):
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 shown = now
 
         t = time.perf_counter()
-        r = generate(model, [ids], params, _Policy(a.policy, a.kv_dtype), on_token=stream)
+        r = generate(model, [ids], params, policy_spec(a.policy, a.kv_dtype), on_token=stream)
         dt = time.perf_counter() - t
         req = r.requests[0]
         print(flush=True)

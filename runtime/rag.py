@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import Prefilled, _FullPolicy, prefill_once
+from .engine import Prefilled, prefill_once
 from .errors import ConfigError
-from .kv import make_cache, resolve_kv_dtype
+from .kv import make_cache, policy_spec, resolve_kv_dtype
 from .kv.base import Step, sdpa_gqa
 from .model import Transformer, apply_rope
 
@@ -231,7 +231,7 @@ def prefill_at(model: Transformer, ids: list[int], offset: int, kv_dtype: str = 
     """A direct prefill of `ids` alone at positions offset..offset+n-1 (the re-rotation reference)."""
     n = len(ids)
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
-    cache = make_cache(_FullPolicy(kv_dtype), n_layers=model.args.n_layers, batch=1, n_kv_heads=model.args.n_kv_heads,
+    cache = make_cache(policy_spec("full", kv_dtype), n_layers=model.args.n_layers, batch=1, n_kv_heads=model.args.n_kv_heads,
                        head_dim=model.args.head_dim, capacity=n, device=model.device)
     pad = torch.zeros(1, dtype=torch.long, device=model.device)
     pos = torch.arange(offset, offset + n, device=model.device)[None]
@@ -309,7 +309,7 @@ def draft_scores(model: Transformer, prompt: list[int], draft_layers: int) -> to
     T = len(prompt)
     dev = model.device
     tokens = torch.tensor([prompt], dtype=torch.long, device=dev)
-    cache = make_cache(_FullPolicy("auto"), n_layers=D, batch=1, n_kv_heads=model.args.n_kv_heads,
+    cache = make_cache(policy_spec("full"), n_layers=D, batch=1, n_kv_heads=model.args.n_kv_heads,
                        head_dim=model.args.head_dim, capacity=T, device=dev)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.arange(T, device=dev)[None]
@@ -338,7 +338,7 @@ def _cacheblend_deviation(model: Transformer, prompt: list[int], reused: ChunkKV
     with torch.inference_mode():
         x = model.tok_embeddings(tokens)
         if li == 1:
-            cache = make_cache(_FullPolicy("auto"), n_layers=1, batch=1, n_kv_heads=model.args.n_kv_heads,
+            cache = make_cache(policy_spec("full"), n_layers=1, batch=1, n_kv_heads=model.args.n_kv_heads,
                                head_dim=model.args.head_dim, capacity=T, device=dev)
             step = Step(start=0, n_new=T, pad=torch.zeros(1, dtype=torch.long, device=dev), positions=pos[None])
             x = model.layers[0](x, cos, sin, cache.layers[0], step)

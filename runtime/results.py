@@ -52,6 +52,12 @@ def summarize(runs) -> dict:
     }
 
 
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns: the short tables `runtime.bench` and `simulator.run` print last."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def write_json_atomic(path: str | Path, obj) -> Path:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
     a reader never sees half a file and a crash never leaves one."""

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from runtime.config import register
 from runtime.errors import ConfigError, cli_errors
 from runtime.provenance import git_revision
-from runtime.results import stats, write_json_atomic
+from runtime.results import key_value_table, stats, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -151,8 +151,7 @@ def format_table(r: dict) -> str:
         ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
         ("result", r["path"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return key_value_table(rows)
 
 
 def sweep_row(cfg: DictConfig, overrides: list[str], record: dict | None, error: str | None) -> None:

@@ -1,6 +1,8 @@
 """KV policies, one module each behind `base.LayerKV`; `make_cache` builds one by name."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from ..errors import ConfigError
@@ -29,6 +31,11 @@ def resolve_kv_dtype(name: str, device: torch.device) -> torch.dtype:
     return KV_DTYPES[name]
 
 
+def policy_spec(name: str, kv_dtype: str = "auto", **knobs) -> SimpleNamespace:
+    """A policy config built in code, with the fields a `conf/policy/*.yaml` gives."""
+    return SimpleNamespace(name=name, kv_dtype=kv_dtype, **knobs)
+
+
 def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
                capacity: int, device: torch.device, link=None) -> KVCache:
     """Build a model's KV cache from a policy config (`.name`, `.kv_dtype` and the policy's
@@ -42,4 +49,4 @@ def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: 
     return POLICIES[name].build(policy, shape, link)
 
 
-__all__ = ["CacheShape", "KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "resolve_kv_dtype"]
+__all__ = ["CacheShape", "KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "policy_spec", "resolve_kv_dtype"]
