@@ -97,7 +97,7 @@ class HardwareConfig:
     threads: Optional[int] = None   # torch intra-op threads on CPU; null = torch's default
     link: LinkConfig = field(default_factory=LinkConfig)
     profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's committed profile
-    kv_memory_bytes: Optional[int] = None   # simulator: override the profile's memory for KV
+    kv_budget_bytes: Optional[int] = None   # device bytes for KV: runtime.serve admission and the simulator; null = the profile's kv_available_bytes (simulator) / unlimited (runtime)
 
 
 @dataclass

@@ -74,9 +74,9 @@ def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
     costs = Costs.load(path, cfg.model.name)
     shape, max_seq = model_shape(cfg, costs)
     policy = make_policy(cfg.policy)
-    cap = cfg.hardware.get("kv_memory_bytes") or int(costs.memory["kv_available_bytes"])
+    cap = cfg.hardware.get("kv_budget_bytes") or int(costs.memory["kv_available_bytes"])
     if cap < 1:
-        raise ConfigError(f"hardware.kv_memory_bytes={cap} must be >= 1")
+        raise ConfigError(f"hardware.kv_budget_bytes={cap} must be >= 1")
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
               ctx_bucket=s.ctx_bucket, max_seq_len=max_seq)
