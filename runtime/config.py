@@ -141,6 +141,21 @@ class SimulateConfig:
     results_dir: str = "results"
 
 
+@dataclass
+class ServeConfig:
+    """python -m runtime.serve: the runtime's continuous batching over a workload's arrivals."""
+    model: Any = MISSING
+    policy: Any = MISSING
+    workload: Any = MISSING
+    hardware: Any = MISSING
+    scheduler: Any = MISSING
+    experiment: Optional[str] = None
+    warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
+    slo: SloConfig = field(default_factory=SloConfig)
+    results_dir: str = "results"
+    progress: bool = True
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_bench", node=BenchConfig)
@@ -153,4 +168,5 @@ def register() -> None:
     cs.store(group="workload", name="base_workload", node=WorkloadConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
     cs.store(name="base_simulate", node=SimulateConfig)
+    cs.store(name="base_serve", node=ServeConfig)
     cs.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)
