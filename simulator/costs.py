@@ -100,6 +100,9 @@ class Costs:
     profile: dict
     model: str
     tables: dict[str, Table] = field(default_factory=dict)
+    # hardware.link: (bytes/s, latency s) of an emulated link (runtime/transfer.py EmulatedLink)
+    # on a CPU profile; None = the profile's own copies
+    link: tuple[float, float] | None = None
 
     @classmethod
     def load(cls, path: str | Path, model: str) -> "Costs":
@@ -135,7 +138,35 @@ class Costs:
         return o
 
     @property
+    def link_kind(self) -> str:
+        """How copies run, as the runtime runs them (runtime/transfer.py):
+        - `device`: a GPU's copy engines, H2D and D2H each beside the compute stream;
+        - `emulated`: one worker thread on a CPU box (hardware.link.gbps), both directions in
+          one FIFO, beside compute;
+        - `direct`: a CPU box without emulation: a copy is a memcpy on the compute thread,
+          so it overlaps nothing."""
+        if self.profile["device"].get("type") != "cpu":
+            return "device"
+        return "emulated" if self.link else "direct"
+
+    def engine(self, name: str) -> str:
+        """The engine a copy op (`h2d` / `d2h`) occupies under `link_kind`."""
+        kind = self.link_kind
+        if kind == "direct":
+            return "compute"
+        if kind == "emulated":
+            return "h2d"
+        return name
+
+    @property
     def gemm_slowdown(self) -> float:
+        """How much a copy running beside compute slows it (1: not at all)."""
+        kind = self.link_kind
+        if kind == "direct":
+            return 1.0                      # the copy is not beside compute but in series with it
+        if kind == "emulated":              # a memcpy on a worker thread, then a wait to the deadline
+            em = self.profile["transfers"].get("emulated_link") or {}
+            return float(em.get("gemm_slowdown_while_worker_copies", 1.0))
         return float(self.overlap["gemm_slowdown_with_copy"])
 
     @property
@@ -169,17 +200,30 @@ class Costs:
         return max(base + a(batch, ctx) - a(batch, ctx0), 0.0)
 
     def h2d(self, nbytes: float) -> float:
-        return self.table("h2d_pinned")(nbytes) if nbytes > 0 else 0.0
+        if nbytes <= 0:
+            return 0.0
+        return self._over_link(nbytes) if self.link else self.table("h2d_pinned")(nbytes)
 
     def d2h(self, nbytes: float) -> float:
-        return self.table("d2h_pinned")(nbytes) if nbytes > 0 else 0.0
+        if nbytes <= 0:
+            return 0.0
+        return self._over_link(nbytes) if self.link else self.table("d2h_pinned")(nbytes)
+
+    def _over_link(self, nbytes: float) -> float:
+        """One copy over the emulated link: the deadline rule of runtime/transfer.py."""
+        bw, latency = self.link
+        return latency + nbytes / bw
 
     def gather(self, nbytes: float) -> float:
         """Gathered rows (index_select into staging + one copy), by the table's own row size."""
         if nbytes <= 0:
             return 0.0
         t = self.table("gather")
-        return t(nbytes / float(t.extra.get("row_bytes", 256)))
+        rows = t(nbytes / float(t.extra.get("row_bytes", 256)))
+        if self.link:             # the gathered K and V then cross the emulated link: two copies
+            bw, latency = self.link
+            rows += 2 * latency + nbytes / bw
+        return rows
 
     def replace(self, batch: float, k: float, shape: ModelShape) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.

@@ -86,7 +86,8 @@ class Policy:
 
     def prefill_graph(self, c: Costs, s: ModelShape, prompts: list[int]) -> list[Op]:
         n = len(prompts)
-        per_layer = sum(c.table("prefill_layer")(t) for t in prompts) + self.prefill_extra(c, prompts)
+        # the runtime prefills a batch left-padded to its longest prompt: every row costs that
+        per_layer = n * c.table("prefill_layer")(max(prompts)) + self.prefill_extra(c, prompts)
         store = self.prefill_store(c, s, prompts)
         ops = [Op("overhead", "compute", c.table("step_overhead")(n))]
         prev = "overhead"
@@ -95,7 +96,7 @@ class Policy:
             ops.append(Op(f"layer{i}", "compute", d, (prev,)))
             prev = f"layer{i}"
             if store:
-                ops.append(Op(f"store{i}", "d2h", store, (prev,)))
+                ops.append(Op(f"store{i}", c.engine("d2h"), store, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(n), (prev,)))
         return ops
 
@@ -152,10 +153,10 @@ class Offload(Policy):
             deps = (prev,) if i == 0 else (prev, f"fetch{i}")
             nxt = (i + 1) % s.n_layers
             # the slot of layer i+1 frees when layer i-1 is done: the fetch waits for it
-            ops.append(Op(f"fetch{nxt}" if nxt else "fetch0_next", "h2d", fetch, (prev,)))
+            ops.append(Op(f"fetch{nxt}" if nxt else "fetch0_next", c.engine("h2d"), fetch, (prev,)))
             ops.append(Op(f"layer{i}", "compute", beside(layer, fetch, c.gemm_slowdown), deps))
             prev = f"layer{i}"
-            ops.append(Op(f"back{i}", "d2h", back, (prev,)))
+            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(batch), (prev,)))
         return ops
 
@@ -251,14 +252,14 @@ class Specache(Kivi):
                 d = attend + replace
                 ops.append(Op(f"layer{i}", "compute", beside(d, fetch, c.gemm_slowdown) if i else d, (prev,)))
                 prev = f"layer{i}"
-                ops.append(Op(f"fetch{i}", "h2d", fetch, (prev,)))
+                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
             else:
                 # score -> fetch -> attend with the rows: the fetch is on the critical path
                 ops.append(Op(f"score{i}", "compute", attend, (prev,)))
-                ops.append(Op(f"fetch{i}", "h2d", fetch, (f"score{i}",)))
+                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (f"score{i}",)))
                 ops.append(Op(f"layer{i}", "compute", replace, (f"fetch{i}",)))
                 prev = f"layer{i}"
-            ops.append(Op(f"back{i}", "d2h", back, (prev,)))
+            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))
         return ops
 

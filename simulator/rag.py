@@ -98,7 +98,7 @@ class Rag(Policy):
         L = s.n_layers
         ops = [Op("overhead", "compute", c.table("step_overhead")(len(prompts)))]
         for i in range(L):
-            ops.append(Op(f"load{i}", "h2d", load))
+            ops.append(Op(f"load{i}", c.engine("h2d"), load))
         prev = "overhead"
         early = self.selector == "draft"          # the draft needs no reused K/V: it runs beside the loads
         if early and sel:

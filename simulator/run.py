@@ -72,6 +72,14 @@ def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
     check_workload(cfg.workload)
     path = profile_path(cfg.hardware)
     costs = Costs.load(path, cfg.model.name)
+    link = cfg.hardware.get("link") or {}
+    if link.get("gbps"):
+        if costs.profile["device"].get("type") != "cpu":
+            raise ConfigError(f"hardware.link.gbps={link.gbps} emulates a link on a CPU box, but {path} profiles "
+                              f"a {costs.profile['device'].get('type')}; drop hardware.link.gbps (its copies are measured)")
+        if link.gbps <= 0 or (link.get("latency_us") or 0) < 0:
+            raise ConfigError(f"hardware.link.gbps={link.gbps} must be > 0 and hardware.link.latency_us >= 0")
+        costs.link = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
     shape, max_seq = model_shape(cfg, costs)
     policy = make_policy(cfg.policy)
     cap = cfg.hardware.get("kv_budget_bytes") or int(costs.memory["kv_available_bytes"])

@@ -85,7 +85,10 @@ def hand_sum(c, sh, sel, r=0.15, D=5) -> float:
     # each later layer's loads end before its re-rotation (a re-rotation outlasts a layer's loads)
     assert rerot >= load
     t = c.table("step_overhead")(1) + (select if sel == "draft" else 0.0)
-    t = max(t, load) + L * rerot
+    if c.link_kind == "direct":      # a CPU box: a load is a memcpy on the compute thread, in series
+        t += L * load + L * rerot
+    else:
+        t = max(t, load) + L * rerot
     t += (select if sel == "cacheblend" else 0.0) + L * recompute + c.table("lm_head_sample")(1)
     return t
 
