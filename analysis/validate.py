@@ -110,7 +110,7 @@ def points_of(cfg: DictConfig) -> list[Point]:
     return out
 
 
-def _compose(name: str, overrides: list[str]) -> DictConfig:
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(name, overrides=overrides)
@@ -123,9 +123,9 @@ def runtime_entry(cfg: DictConfig) -> str:
 
 def compose_halves(p: Point, experiment: str | None, results_dir: str) -> tuple[DictConfig, DictConfig, str]:
     common = [*p.overrides, f"results_dir={results_dir}"]
-    sim_cfg = _compose("simulate", common + p.simulator)
+    sim_cfg = compose_config("simulate", common + p.simulator)
     entry = runtime_entry(sim_cfg)
-    run_cfg = _compose(entry, common + p.runtime + ["progress=false"])
+    run_cfg = compose_config(entry, common + p.runtime + ["progress=false"])
     for c in (run_cfg, sim_cfg):        # the records name the validation experiment and point
         c.experiment = f"{experiment or 'validate'}-{p.id}"
     return run_cfg, sim_cfg, entry
@@ -317,12 +317,7 @@ def format_points(df: pd.DataFrame) -> str:
 
 def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
     """Predicted vs measured (log-log, y = x and +-10 % bands), one panel per headline metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = _plt()
     ok = df[df.status == "ok"]
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4.6))
     units = {"throughput_tok_s": ("tok/s", 1), "ttft_s": ("ms", 1e3), "tpot_s": ("ms", 1e3)}
@@ -349,6 +344,53 @@ def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    return plt, sns
+
+
+def plot_errors(df: pd.DataFrame, out: str | Path | None = None):
+    """Signed relative error per point, by policy (rows: headline metrics; colour: split)."""
+    plt, sns = _plt()
+    ok = df[df.status == "ok"]
+    long = ok.melt(id_vars=["id", "policy", "split"], value_vars=[f"{m}_rel_err" for m in HEADLINE],
+                   var_name="metric", value_name="rel_err")
+    long["metric"] = long.metric.str.removesuffix("_rel_err")
+    long["rel_err_pct"] = 100 * long.rel_err
+    g = sns.catplot(data=long, x="policy", y="rel_err_pct", hue="split", col="metric", kind="strip",
+                    dodge=True, height=3.6, aspect=1.2, s=55, hue_order=list(SPLITS))
+    for ax in g.axes.flat:
+        ax.axhline(0, color="black", lw=1)
+        ax.axhspan(-10, 10, color="grey", alpha=0.15, lw=0)
+        ax.set_ylabel("(predicted - measured) / measured, %")
+        ax.tick_params(axis="x", rotation=30)
+    if out:
+        g.savefig(out, dpi=120, bbox_inches="tight")
+    return g
+
+
+def plot_engine_time(df: pd.DataFrame, out: str | Path | None = None):
+    """Wall time of each half per point: what the simulator saves over running the model."""
+    plt, sns = _plt()
+    ok = df[df.status == "ok"].dropna(subset=["runtime_wall_s", "sim_wall_s"])
+    long = ok.melt(id_vars=["id"], value_vars=["runtime_wall_s", "sim_wall_s"], var_name="engine", value_name="seconds")
+    long["engine"] = long.engine.map({"runtime_wall_s": "runtime (measured)", "sim_wall_s": "simulator (predicted)"})
+    fig, ax = plt.subplots(figsize=(9, 0.28 * max(len(ok), 4) + 1))
+    sns.barplot(data=long, y="id", x="seconds", hue="engine", ax=ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall seconds (log)")
+    ax.set_ylabel("")
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def validate(cfg: DictConfig) -> pd.DataFrame:
@@ -381,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     with cli_errors("analysis.validate"):
-        cfg = _compose("validate", argv)
+        cfg = compose_config("validate", argv)
         df = validate(cfg)
     path = csv_path(cfg)
     print(format_points(df))

@@ -13,7 +13,7 @@ TINY = ["model=tiny", "hardware=cpu", "workload.batch=1", "workload.prompt_len=4
 
 
 def config(tmp_path, points, base=TINY, **top):
-    cfg = V._compose("validate", [f"results_dir={tmp_path}", "progress=false"])
+    cfg = V.compose_config("validate", [f"results_dir={tmp_path}", "progress=false"])
     OmegaConf.update(cfg, "experiment", "t", force_add=True)
     cfg.validation.base = base
     cfg.validation.points = points
@@ -47,7 +47,7 @@ def test_points_need_id_and_known_split(tmp_path):
 
 def test_every_shipped_experiment_composes_identically_in_both_halves(tmp_path):
     for name in ("validate_quick", "validate_cpu"):
-        cfg = V._compose("validate", [f"experiment={name}"])
+        cfg = V.compose_config("validate", [f"experiment={name}"])
         pts = V.points_of(cfg)
         assert len(pts) >= (24 if name == "validate_cpu" else 5)
         assert {p.split for p in pts} == set(V.SPLITS)

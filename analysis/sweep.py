@@ -1,0 +1,267 @@
+"""python -m analysis.sweep experiment=sweep_k_bits_r: simulator grids over k x bits x r.
+
+    python -m analysis.sweep experiment=sweep_k_bits_r
+    python -m analysis.sweep experiment=sweep_k_bits_r sweep.base=[model=smollm2,hardware=cpu]
+
+An experiment (conf/experiment/sweep_*.yaml) lists grids: overrides shared by a grid and axes
+whose cartesian product are its points. Every point is one `simulator.run` configuration
+(composed from conf/simulate.yaml, so every key is checked by the same schema), predicted from
+the profile; a failing point is a row with its error. Quality is not simulated: where the
+measured evals (analysis/evals/*.csv) hold the same knobs, their accuracy is joined in:
+passkey accuracy for (policy, k, bits), and RAG exact match for (selector, r) when a RAG eval
+has been run. The table goes to results/sweep/<experiment>.csv; analysis/sweep.ipynb draws it.
+
+For ad-hoc sweeps of one policy, Hydra's multirun does the same one point per job:
+`python -m simulator.run -m policy=specache policy.k=0,16,64,256 policy.bits=1,2,4`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from runtime.errors import ConfigError, cli_errors
+
+from .validate import compose_config, describe, write_csv_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALS = ROOT / "analysis" / "evals"
+METRICS = ("throughput_tok_s", "ttft_s", "tpot_s", "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16")
+
+
+@dataclass
+class SweepSpec:
+    base: list[str] = field(default_factory=list)
+    grids: list[Any] = field(default_factory=list)     # {name, overrides, axes: {key: [values]}}
+
+
+@dataclass
+class SweepConfig:
+    experiment: Optional[str] = None
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    results_dir: str = "results"
+    evals_dir: str = str(EVALS)
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="base_sweep", node=SweepConfig)
+
+
+def points(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """(grid name, overrides) of every point, grids in order, axes varying last-fastest."""
+    if not cfg.sweep.grids:
+        raise ConfigError("sweep.grids is empty; pick an experiment that lists grids, e.g. experiment=sweep_k_bits_r")
+    out = []
+    for i, g in enumerate(cfg.sweep.grids):
+        if "name" not in g or "axes" not in g or not g.axes:
+            raise ConfigError(f"sweep.grids[{i}] needs a `name` and non-empty `axes` ({{key: [values]}})")
+        keys = list(g.axes)
+        for combo in itertools.product(*(list(g.axes[k]) for k in keys)):
+            ov = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, combo)]
+            out.append((str(g.name), [*cfg.sweep.base, *g.get("overrides", []), *ov]))
+    return out
+
+
+def run_point(grid: str, overrides: list[str], results_dir: str) -> dict:
+    from simulator.run import simulate
+
+    row: dict[str, Any] = {"grid": grid, "overrides": " ".join(overrides), "status": "ok"}
+    try:
+        cfg = compose_config("simulate", [*overrides, f"results_dir={results_dir}"])
+        p = cfg.policy
+        row.update(describe(cfg))
+        row.update({"hardware": cfg.hardware.name,
+                    "k": p.get("k", math.nan) if p.name == "specache" else (0 if p.name == "kivi" else math.nan),
+                    "bits": p.get("bits", math.nan), "prefetch": p.get("prefetch", math.nan),
+                    "selector": p.get("selector", ""), "recompute_ratio": p.get("recompute_ratio", math.nan)})
+        rec = simulate(cfg)
+        row.update({m: rec.get(m, math.nan) for m in METRICS})
+    except Exception as e:          # recorded; the sweep goes on
+        row["status"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+    return row
+
+
+# ----------------------------------------------------------------------------- measured quality
+
+SPEC = re.compile(r"^(?P<name>specache|kivi)(?:-k(?P<k>\d+))?-?b?(?P<bits>\d)(?P<rest>.*)$")
+
+
+def passkey_quality(evals_dir: str | Path) -> pd.DataFrame:
+    """Passkey accuracy at the longest evaluated length, per (policy, k, bits, prefetch), for
+    the default group size and residual (the sweep's knobs)."""
+    path = Path(evals_dir) / "passkey.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["policy", "k", "bits", "prefetch", "passkey_accuracy", "passkey_length"])
+    df = pd.read_csv(path)
+    df = df[(df.get("error").isna() if "error" in df else True) & (df.length == df.length.max())]
+    rows = []
+    for r in df.itertuples():
+        if r.policy in ("full", "offload"):
+            rows.append({"policy": r.policy, "k": math.nan, "bits": math.nan, "prefetch": math.nan,
+                         "passkey_accuracy": r.accuracy, "passkey_length": r.length})
+            continue
+        m = SPEC.match(r.policy)
+        if not m or re.search(r"-(g|r)\d", m["rest"]):
+            continue                # other group sizes / residuals are not on the sweep's axes
+        k = int(m["k"]) if m["name"] == "specache" else 0
+        rows.append({"policy": m["name"], "k": k, "bits": int(m["bits"]),
+                     "prefetch": (False if "noprefetch" in m["rest"] else True) if m["name"] == "specache" else math.nan,
+                     "passkey_accuracy": r.accuracy, "passkey_length": r.length})
+    return pd.DataFrame(rows)
+
+
+def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
+    """RAG exact match per (selector, r) from the RAG eval's CSV, if one has been run."""
+    for path in (Path(evals_dir) / "rag.csv", *sorted(Path(evals_dir).glob("rag/*.csv"))):
+        if path.exists():
+            df = pd.read_csv(path)
+            sel = next((c for c in ("selector", "policy") if c in df), None)
+            r = next((c for c in ("r", "recompute_ratio") if c in df), None)
+            em = next((c for c in ("em", "exact_match", "accuracy") if c in df), None)
+            if sel and r and em:
+                q = df.groupby([sel, r], as_index=False)[em].mean()
+                return q.rename(columns={sel: "selector", r: "recompute_ratio", em: "rag_em"})
+    return None
+
+
+def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
+    pk = passkey_quality(evals_dir)
+    out = df.copy()
+    out["passkey_accuracy"] = np.nan
+    for i, r in out.iterrows():
+        if r.status != "ok":
+            continue
+        m = pk[pk.policy == r.policy]
+        if r.policy in ("kivi", "specache"):
+            m = m[(m.bits == r.bits) & (m.k == r.k)]
+            if r.policy == "specache" and r.k > 0:
+                m = m[m.prefetch == r.prefetch]
+        if len(m):
+            out.at[i, "passkey_accuracy"] = float(m.passkey_accuracy.iloc[0])
+    rq = rag_quality(evals_dir)
+    if rq is not None:
+        out = out.merge(rq, on=["selector", "recompute_ratio"], how="left")
+    return out
+
+
+def pareto(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Points no other point beats on both x and y (higher is better on both)."""
+    d = df.dropna(subset=[x, y]).sort_values([x, y], ascending=[False, False])
+    best, keep = -np.inf, []
+    for i, r in d.iterrows():
+        if r[y] > best:
+            keep.append(i)
+            best = r[y]
+    return d.loc[keep]
+
+
+def plot_heatmaps(df: pd.DataFrame, out: str | Path | None = None, prefetch: bool = True):
+    """SpeCache over k x bits: throughput, device KV (x fp16) and measured passkey accuracy."""
+    from .validate import _plt
+
+    plt, sns = _plt()
+    d = df[(df.status == "ok") & (df.policy == "specache")]
+    d = d[d.prefetch.astype(str).str.lower() == str(prefetch).lower()]
+    panels = [("throughput_tok_s", "throughput (tok/s)", "viridis"),
+              ("kv_ratio_vs_fp16", "device KV / fp16", "magma_r"),
+              ("passkey_accuracy", "passkey accuracy (measured, 135M)", "RdYlGn")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (col, title, cmap) in zip(axes, panels):
+        t = d.pivot_table(index="bits", columns="k", values=col, aggfunc="first")
+        sns.heatmap(t, annot=True, fmt=".3g", cmap=cmap, ax=ax, cbar=False,
+                    mask=t.isna(), **({"vmin": 0, "vmax": 1} if col == "passkey_accuracy" else {}))
+        ax.set_title(title)
+    fig.suptitle(f"SpeCache (prefetch={prefetch}): {d.model.iloc[0] if len(d) else ''} on "
+                 f"{d.hardware.iloc[0] if len(d) else ''}, batch {d.batch.iloc[0] if len(d) else ''}, "
+                 f"{d.prompt_len.iloc[0] if len(d) else ''} tokens (k = 0: KIVI)")
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_rag(df: pd.DataFrame, out: str | Path | None = None):
+    """RAG: predicted TTFT over r per selector (and measured exact match where evaluated)."""
+    from .validate import _plt
+
+    plt, sns = _plt()
+    d = df[(df.status == "ok") & (df.policy == "rag")]
+    has_em = "rag_em" in d and d.rag_em.notna().any()
+    fig, axes = plt.subplots(1, 2 if has_em else 1, figsize=(11 if has_em else 6, 3.8), squeeze=False)
+    sns.lineplot(data=d.assign(ttft_ms=d.ttft_s * 1e3), x="recompute_ratio", y="ttft_ms", hue="selector",
+                 marker="o", ax=axes[0][0])
+    axes[0][0].set_ylabel("predicted TTFT (ms)")
+    if has_em:
+        sns.lineplot(data=d, x="recompute_ratio", y="rag_em", hue="selector", marker="o", ax=axes[0][1])
+        axes[0][1].set_ylabel("exact match (measured)")
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = "passkey_accuracy"):
+    """Throughput vs measured quality; the Pareto front joined, every point labelled."""
+    from .validate import _plt
+
+    plt, sns = _plt()
+    d = df[(df.status == "ok")].dropna(subset=[quality, "throughput_tok_s"])
+    front = pareto(d, "throughput_tok_s", quality)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    sns.scatterplot(data=d, x="throughput_tok_s", y=quality, hue="policy", size="kv_ratio_vs_fp16",
+                    sizes=(30, 200), ax=ax)
+    ax.plot(front.throughput_tok_s, front[quality], color="black", lw=1, ls="--", label="Pareto front")
+    for r in front.itertuples():
+        ax.annotate(r.label, (r.throughput_tok_s, getattr(r, quality)), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted throughput (tok/s, log)")
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    fig.tight_layout()
+    if out:
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def sweep(cfg: DictConfig) -> pd.DataFrame:
+    pts = points(cfg)
+    rows = [run_point(g, ov, cfg.results_dir)
+            for g, ov in tqdm(pts, desc=f"sweep {cfg.experiment}", unit="point", disable=not cfg.progress)]
+    df = join_quality(pd.DataFrame(rows), cfg.evals_dir)
+    write_csv_atomic(df, csv_path(cfg))
+    return df
+
+
+def csv_path(cfg: DictConfig) -> Path:
+    return Path(cfg.results_dir) / "sweep" / f"{cfg.experiment or 'sweep'}.csv"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    with cli_errors("analysis.sweep"):
+        cfg = compose_config("sweep", argv)
+        df = sweep(cfg)
+    ok = df[df.status == "ok"]
+    cols = ["label", "throughput_tok_s", "tpot_s", "ttft_s", "kv_ratio_vs_fp16", "passkey_accuracy"]
+    with pd.option_context("display.width", 160, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
+        print(ok[cols].to_string(index=False))
+    for r in df[df.status != "ok"].itertuples():
+        print(f"FAILED {r.overrides}: {r.status}")
+    print(f"\n{csv_path(cfg)}  ({len(ok)} ok, {len(df) - len(ok)} failed)")
+
+
+if __name__ == "__main__":
+    main()
