@@ -416,6 +416,8 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, timer, device, dtype, kv_dtype,
                                                                       out["lm_head_sample"])
     out["decode_layer"]["context"] = 40
+    out["prefill_layer"] = whole_model_prefill(args, timer, device, dtype, out["prefill_layer"],
+                                               out["lm_head_sample"], out["step_overhead"], quick)
     out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
     return out
@@ -497,6 +499,57 @@ def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: in
     return out
 
 
+def _whole_depth(args: ModelArgs, device, dtype) -> int:
+    """The deepest model of this shape that takes <= 1/4 of free memory (all of it, usually)."""
+    import psutil
+
+    with torch.device("meta"):
+        per_layer_bytes = sum(p.numel() for p in Block(args).parameters()) * torch.finfo(dtype).bits // 8
+    budget = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available) / 4
+    return max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
+
+
+def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dict, head: dict, overhead: dict,
+                        quick: bool) -> dict:
+    """`prefill_layer` as a layer runs inside the whole model.
+
+    The kernel grid times one Block alone. Inside the whole model each layer's weights and
+    activations compete for the cache with every other layer's: on this project's CPU box a
+    lone 135M layer sits in the 480 MiB L3 and runs measurably faster than the same layer in
+    the 30-layer model (the decode_layer story again). Timing whole-model prefills at every
+    grid point would take minutes at 8K, so the whole model is timed at a few lengths,
+    per layer = (whole - lm_head(1) - overhead(1)) / depth, and the grid is scaled by the
+    ratio whole/alone, interpolated over log(tokens) and held flat past the ends."""
+    from ..engine import left_pad, prefill
+
+    lengths = [t for t in ([256] if quick else [64, 256, 1024]) if t in alone["axes"]["tokens"]]
+    if not lengths:
+        return alone
+    depth = _whole_depth(args, device, dtype)
+    m = random_init(ModelArgs(**{**vars(args), "n_layers": depth}), 0, dtype, device)
+    fixed = head["p50"][0] + overhead["p50"][0]
+    toks = alone["axes"]["tokens"]
+    ratios = []
+    for T in lengths:
+        tokens, pad = left_pad([[5] * T], m.args.pad_id, device)
+
+        def run():
+            cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=depth, batch=1, n_kv_heads=args.n_kv_heads,
+                               head_dim=args.head_dim, capacity=T, device=device)
+            prefill(m, cache, tokens, pad)
+        p50 = timer(run)[1]
+        ratios.append(max((p50 - fixed) / depth, 1e-9) / alone["p50"][toks.index(T)])
+    del m
+    r = np.interp(np.log(toks), np.log(lengths), ratios)       # flat past the ends
+    out = dict(alone)
+    for q in ("p10", "p50", "p90"):
+        if q in alone:
+            out[q] = [v * f for v, f in zip(alone[q], r)]
+    out["whole_model"] = {"layers": depth, "tokens": lengths, "ratio_to_alone": [float(x) for x in ratios],
+                          "alone_p50": alone["p50"]}
+    return out
+
+
 def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype, head: dict) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
@@ -509,13 +562,8 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
     weights stream from DRAM; so the per-layer cost must come from the whole model. When the
     whole model would not fit in memory, the deepest model that takes <= 1/4 of it stands in
     (and the table says so)."""
-    import psutil
-
     small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
-    with torch.device("meta"):
-        per_layer_bytes = sum(p.numel() for p in Block(args).parameters()) * torch.finfo(dtype).bits // 8
-    budget = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available) / 4
-    depth = max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
+    depth = _whole_depth(args, device, dtype)
     res, layer = {}, {}
     head_b = head["axes"]["batch"]
     for i, B in enumerate(head_b):
