@@ -65,6 +65,8 @@ class ValidateConfig:
     experiment: Optional[str] = None
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     only: Optional[list[str]] = None    # point ids to run (default: all)
+    overrides: list[str] = field(default_factory=list)   # appended to every point, both halves
+                                        # (e.g. [hardware.profile=PATH] for a GPU measured elsewhere)
     halves: str = "both"                # both | runtime | simulator (the other half from the CSV)
     resume: bool = True                 # skip points the CSV already holds with the same config
     results_dir: str = "results"
@@ -100,7 +102,7 @@ def points_of(cfg: DictConfig) -> list[Point]:
         if p.id in seen:
             raise ConfigError(f"validation.points: id {p.id!r} is used twice; ids name rows of the CSV")
         seen.add(p.id)
-        out.append(Point(str(p.id), str(p.split), [*spec.base, *p.get("overrides", [])],
+        out.append(Point(str(p.id), str(p.split), [*spec.base, *p.get("overrides", []), *cfg.get("overrides", [])],
                          list(p.get("runtime", [])), list(p.get("simulator", []))))
     if cfg.only:
         unknown = set(cfg.only) - seen
@@ -153,6 +155,7 @@ def config_hash(run_cfg: DictConfig, sim_cfg: DictConfig) -> str:
     for half in both.values():
         for key in ("results_dir", "progress", "experiment"):
             half.pop(key, None)
+        half["hardware"].pop("profile", None)   # where the profile lies (GPU box vs here) is not the config
     return hashlib.sha1(json.dumps(both, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

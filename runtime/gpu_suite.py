@@ -1,9 +1,10 @@
 """python -m runtime.gpu_suite: everything a lent GPU should run, in one call, with a table last.
 
 Prepare on the CPU box (the GPU machine reaches no registry; its image has torch, triton,
-transformers and pynvml but not simpy, hydra, omegaconf, antlr4 or gguf):
+transformers and pynvml but not simpy, hydra, omegaconf, antlr4, gguf or pandas):
 
-    pip wheel --no-deps -w wheels simpy hydra-core "omegaconf>=2.2,<2.4" "antlr4-python3-runtime==4.9.*" gguf
+    pip wheel --no-deps -w wheels simpy hydra-core "omegaconf>=2.2,<2.4" "antlr4-python3-runtime==4.9.*" gguf \
+        pandas python-dateutil pytz tzdata six
 
 (`pip wheel`, not `pip download`: antlr4 4.9 exists only as a source archive, and hydra-core 1.3
 needs omegaconf < 2.4)
@@ -16,7 +17,9 @@ Steps (each recorded, a failing step does not stop the rest):
   2. the GPU tests (`pytest -m gpu`);
   3. the full profile of this GPU on the shipped model's shapes and 7B-class shapes
      (`runtime.profile --model smollm2 llama7b_shape`), compared with its roofline twin;
-  4. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context.
+  4. the runtime half of the GPU validation (conf/experiment/validate_gpu.yaml, analysis.validate
+     halves=runtime): results/validation/validate_gpu.csv and its measured records;
+  5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context.
 Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
 Later issues add their GPU step to STEPS.
 """
@@ -104,7 +107,14 @@ def bench(rows) -> None:
         sh(name, [sys.executable, "-m", "runtime.bench", *overrides], 300, rows)
 
 
-STEPS = [install, gpu_tests, profile, bench]
+def validate(rows) -> None:
+    """The runtime half of conf/experiment/validate_gpu.yaml; the simulator half runs on the CPU
+    box from the profile this suite measured (see that file)."""
+    sh("validate-gpu", [sys.executable, "-m", "analysis.validate", "experiment=validate_gpu", "halves=runtime",
+                        f"results_dir={OUT / 'results'}", "progress=false", "figure=false"], 900, rows)
+
+
+STEPS = [install, gpu_tests, profile, validate, bench]
 
 
 def main() -> None:

@@ -88,3 +88,17 @@ def test_end_to_end_on_the_tiny_model_then_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(V, "measure", lambda *a: pytest.fail("resumed point was measured again"))
     again = V.validate(cfg)
     assert again.measured_ttft_s.tolist() == pytest.approx(df.measured_ttft_s.tolist())
+
+
+def test_extra_overrides_reach_both_halves_and_the_profile_path_is_not_the_config(tmp_path):
+    pts = [{"id": "a", "split": "heldout", "overrides": ["policy=full"]}]
+    cfg = config(tmp_path, pts)
+    cfg.overrides = ["workload.gen_len=5"]
+    (p,) = V.points_of(cfg)
+    run_cfg, sim_cfg, _ = V.compose_halves(p, "t", str(tmp_path))
+    assert run_cfg.workload.gen_len == sim_cfg.workload.gen_len == 5
+    h = V.config_hash(run_cfg, sim_cfg)
+    sim_cfg.hardware.profile = "/somewhere/else.json"
+    assert V.config_hash(run_cfg, sim_cfg) == h
+    sim_cfg.workload.gen_len = 6
+    assert V.config_hash(run_cfg, sim_cfg) != h
