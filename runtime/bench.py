@@ -24,6 +24,7 @@ from .config import register
 from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
 from .provenance import provenance
+from .rag import bench_rag
 from .results import key_value_table, summarize, write_json_atomic
 from .transfer import make_link
 
@@ -69,10 +70,13 @@ def run(cfg: DictConfig) -> dict:
 
     link = make_link(cfg.hardware.link, device)
     try:
-        if cfg.warmup:
-            generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link)
-        runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress)
-                for _ in range(cfg.repeats)]
+        if cfg.policy.name == "rag":   # chunks from a warm store + selective recompute, then decode (runtime/rag.py)
+            runs = bench_rag(model, cfg, prompts[0], params, link=link)
+        else:
+            if cfg.warmup:
+                generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link)
+            runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress)
+                    for _ in range(cfg.repeats)]
     finally:
         link.close()
 

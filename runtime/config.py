@@ -62,6 +62,9 @@ class RagPolicyConfig(PolicyConfig):
     tau_cover: float = 0.7          # a span is completed when this share of it is chosen
     span_max: int = 16              # longest span
     seed: int = 0                   # selector=random
+    epic_prefix: Optional[int] = None   # selector=epic: the first n tokens of every chunk (the paper's 8/16/32, r ignored); null = n = ceil(r * chunk)
+    draft_model: Optional[str] = None   # selector=draft: a separate draft (GGUF file or transformers folder; tokens aligned by character offsets); null = the target
+    question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
 
 
 @dataclass

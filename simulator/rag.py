@@ -1,8 +1,9 @@
 """The twin of runtime/rag.py (`policy=rag`): chunk K/V reuse with selective recompute.
 
 A prompt of P tokens is N context tokens (chunks of `chunk_len`, the last one possibly shorter)
-followed by a question of Q = `question_len` tokens (a twin default of 32, as in
-conf/workload/rag.yaml: prompt_len = 8 x 512 + 32; no config field carries it): N = P - Q.
+followed by a question of Q = min(`policy.question_len`, P) tokens (32, as in
+conf/workload/rag.yaml: prompt_len = 8 x 512 + 32): N = P - Q, cut exactly as runtime.bench
+cuts its prompt (`runtime.rag.split_prompt`).
 The prefill graph mirrors the runtime's order (placed_kv -> select -> selective_prefill):
 
 - h2d, per layer: `chunk_load` of every chunk (one per chunk file, by its tokens); the loads
@@ -11,7 +12,9 @@ The prefill graph mirrors the runtime's order (placed_kv -> select -> selective_
   cacheblend: `prefill_layer`(N + Q) for layer 0 + `projections`(N + Q) for the layer-1 K/V
   deviation, after the chunks are placed; random / epic / reuse: none); per layer
   `rope_rerotate`(N) after that layer's loads; per layer `selective_prefill`(m, N + Q) with
-  m = ceil(r N) + Q (reuse: m = Q); `lm_head_sample`.
+  m = ceil(r N) + Q (reuse: m = Q; epic with a fixed `epic_prefix`: min(prefix, chunk) per
+  chunk + Q, r ignored); `lm_head_sample`.
+- a separate draft (`draft_model`) is not costed: the profile holds the target's tables only.
 - selector=full (or a prompt with no context tokens): the `full` twin's prefill exactly.
 
 Copies are not stretched against compute (a chunk load is a file read, not a pinned DMA beside
@@ -47,7 +50,9 @@ class Rag(Policy):
     tau_cover: float = 0.7
     span_max: int = 16
     seed: int = 0
-    question_len: int = 32          # Q: the twin's default (no config field; see the docstring)
+    epic_prefix: int | None = None  # epic: fixed first tokens per chunk (null = ceil(r * chunk))
+    draft_model: str | None = None  # a separate draft: not costed (check() refuses it)
+    question_len: int = 32          # Q: the prompt's last tokens (policy.question_len)
 
     def tables(self):
         base = super().tables()
@@ -73,6 +78,8 @@ class Rag(Policy):
         """m: context tokens chosen (within the budget) + every question token."""
         if self.selector == "reuse":
             return q
+        if self.selector == "epic" and self.epic_prefix is not None:
+            return sum(min(self.epic_prefix, c) for c in self.chunks(n_ctx)) + q
         return budget_of(self.recompute_ratio, n_ctx) + q
 
     def selector_cost(self, c: Costs, s: ModelShape, total: int) -> float:
@@ -134,4 +141,10 @@ def check(p: Rag) -> None:
     if p.span_max < 1:
         raise ConfigError(f"policy.span_max={p.span_max} must be >= 1")
     if p.question_len < 1:
-        raise ConfigError(f"question_len={p.question_len} must be >= 1")
+        raise ConfigError(f"policy.question_len={p.question_len} must be >= 1 (a rag prompt ends with a question)")
+    if p.epic_prefix is not None and p.epic_prefix < 1:
+        raise ConfigError(f"policy.epic_prefix={p.epic_prefix} must be >= 1 (tokens per chunk) or null (= ceil(r * chunk))")
+    if p.selector == "draft" and p.draft_model is not None:
+        raise ConfigError(f"policy.draft_model={p.draft_model}: the simulator has no cost tables for a separate draft "
+                          "(a profile measures the target only); simulate with policy.draft_model=null "
+                          "(the target's first draft_layers layers)")

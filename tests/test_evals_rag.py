@@ -66,6 +66,16 @@ def test_points():
     assert [p["name"] for p in pts] == ["full", "reuse", "random-r0.15", "draft-D3-r0.15", "draft-D5-r0.15"]
     with pytest.raises(ConfigError, match="selectors"):
         er.points(["nope"], [0.1], [3])
+    with pytest.raises(ConfigError, match="epic<n>"):
+        er.points(["epic0"], [0.1], [3])
+    # EPIC's fixed prefixes: one point each, r = the effective ratio n / chunk_len
+    fixed = er.points(["epic", "epic8", "epic32"], [0.15], [3], chunk_len=256)
+    assert [(p["name"], p["selector"], p.get("epic_prefix"), p["r"]) for p in fixed] == [
+        ("full", "full", None, 1.0), ("epic-r0.15", "epic", None, 0.15), ("epic8", "epic", 8, 8 / 256),
+        ("epic32", "epic", 32, 32 / 256)]
+    assert all("draft_model" not in p for p in er.points(["draft"], [0.15], [3]))
+    sep = er.points(["draft"], [0.15], [3], draft_model="/x/d.gguf")[1]
+    assert sep["draft_model"] == "/x/d.gguf" and sep["name"] == "draft[d.gguf]-D3-r0.15"
     with pytest.raises(ConfigError, match="--r"):
         er.points(["random"], [1.5], [3])
 
@@ -76,20 +86,22 @@ def test_tiny_end_to_end_is_resumable(tmp_path):
 
     model = random_init(ModelArgs(**TINY_ARGS), seed=0)
     samples = er.rag_samples(BYTES, 1, seed=0, chunk_len=160, n_chunks=2, hops=(1, 2))   # 2 samples
-    pts = er.points(["full", "draft"], [0.15], [1])                                          # 2 points
+    pts = er.points(["full", "draft", "epic8"], [0.15], [1], chunk_len=160)                 # 3 points
     path = er.run_rag(model, BYTES, samples[:1], pts, tmp_path, model_name="tiny", progress=False)
-    assert len(path.read_text().splitlines()) == 2
+    assert len(path.read_text().splitlines()) == 3
     er.run_rag(model, BYTES, samples, pts, tmp_path, model_name="tiny", progress=False)
     er.run_rag(model, BYTES, samples, pts, tmp_path, model_name="tiny", progress=False)
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     keys = [(r["sample_id"], r["policy"]) for r in recs]
-    assert len(keys) == len(set(keys)) == 4
+    assert len(keys) == len(set(keys)) == 6
     assert all("error" not in r for r in recs)
     assert {r["chosen"] for r in recs if r["policy"] == "full"} == {320}
     assert all(r["chosen"] <= 48 and r["ttft_s"] > 0 for r in recs if r["policy"] != "full")
+    assert {r["chosen"] for r in recs if r["policy"] == "epic8"} == {2 * 8}     # 8 first tokens of 2 chunks
     tables = report.report(tmp_path)                     # registered with report.TASKS
     t = tables["rag"]
     assert set(t.hops) == {"all", "1", "2"}
     full = t[(t.hops == "all") & (t.policy == "full")].iloc[0]
     assert full.n == 2 and full.mcnemar_p == 1.0 and full.f1_delta == 0.0
+    assert t[(t.hops == "all") & (t.policy == "epic8")].iloc[0].epic_prefix == 8
     assert (tmp_path / "rag.csv").exists() and (tmp_path / "rag.png").stat().st_size > 1000

@@ -253,3 +253,261 @@ def test_chunk_longer_than_context(tiny_model, store):
 
 def test_selectors_listed():
     assert set(SELECTORS) == {"full", "reuse", "random", "epic", "cacheblend", "draft"}
+
+
+# ----------------------------------------------------------------------------- EPIC's fixed prefixes
+
+@pytest.mark.parametrize("n", [8, 16, 32])
+def test_epic_fixed_prefix_takes_the_first_n_of_every_chunk(tiny_model, store, prompt_parts, n):
+    chunks, q = prompt_parts
+    N = N_CHUNKS * CHUNK
+    for r in (0.0, 0.05, 0.9):                            # r is ignored with a fixed prefix
+        res = rag_prefill(tiny_model, chunks, q, pol("epic", r, epic_prefix=n), store)
+        want = [c * CHUNK + j for c in range(N_CHUNKS) for j in range(min(n, CHUNK))]   # 32 > CHUNK: whole chunks
+        assert res.chosen == want
+        assert res.recomputed == want + list(range(N, N + Q))
+        assert res.info["budget"] == len(want) and res.info["epic_prefix"] == n
+
+
+def test_epic_prefix_with_uneven_chunks(tiny_model, store, prompt_parts):
+    chunks, q = prompt_parts
+    chunks = [chunks[0][:5], chunks[1], chunks[2][:10]]   # 5 + 24 + 10
+    res = rag_prefill(tiny_model, chunks, q, pol("epic", 0.15, epic_prefix=8), store)
+    assert res.chosen == [0, 1, 2, 3, 4] + list(range(5, 13)) + list(range(29, 37))
+
+
+def test_epic_prefix_must_be_positive(tiny_model, store, prompt_parts):
+    chunks, q = prompt_parts
+    with pytest.raises(ConfigError, match="policy.epic_prefix"):
+        rag_prefill(tiny_model, chunks, q, pol("epic", 0.15, epic_prefix=0), store)
+
+
+# ----------------------------------------------------------------------------- python -m runtime.bench policy=rag
+
+def _bench_cfg(tmp_path, *extra):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        return compose(config_name="bench", overrides=[
+            "model=tiny", "policy=rag", "workload=rag", "policy.chunk_len=32", "policy.question_len=8",
+            "workload.prompt_len=136", "workload.gen_len=4", "policy.draft_layers=1", f"results_dir={tmp_path}",
+            "progress=false", *extra])
+
+
+@pytest.mark.parametrize("selector, r, extra, budget", [
+    ("draft", 0.15, [], math.ceil(0.15 * 128)),
+    ("random", 0.3, [], math.ceil(0.3 * 128)),
+    ("epic", 0.15, ["policy.epic_prefix=8"], 4 * 8),
+    ("full", 1.0, [], 128),
+])
+def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
+    import json
+    from pathlib import Path
+
+    from runtime import bench
+
+    cfg = _bench_cfg(tmp_path, f"policy.selector={selector}", f"policy.recompute_ratio={r}", "repeats=2", *extra)
+    rec = bench.run(cfg)
+    data = json.loads(Path(rec["path"]).read_text())
+    assert data["policy"] == "rag" and data["config"]["policy"]["selector"] == selector
+    ps = data["policy_stats"]
+    assert data["ttft_s"] > 0 and ps["rag_prefill_s"] > 0       # (policy_stats: the last repeat's)
+    assert ps["n_ctx"] == 4 * 32 and ps["question_len"] == 8
+    assert ps["chosen"] == ps["budget"] == budget            # the budget rule: ceil(r N), or the epic prefixes
+    assert ps["recomputed"] == budget + 8
+    assert data["requests"] == 2 and data["output_tokens"] == 2 * 4 and data["tpot_s"] > 0
+    for key in ("place_s", "select_s", "recompute_s"):
+        assert ps[key] >= 0
+
+
+def test_bench_policy_rag_equals_engine_on_full(tmp_path):
+    """selector=full decodes the same tokens as a plain full-KV generate of the same prompt."""
+    from runtime import bench
+    from runtime import model as model_lib
+    from runtime.engine import resolve_device
+
+    cfg = _bench_cfg(tmp_path, "policy.selector=full", "workload.gen_len=6")
+    model = model_lib.from_config(cfg.model, resolve_device("cpu"))
+    prompt = bench.make_prompts(cfg.workload, model.args.vocab_size, {0, 1, 2})[0]
+    from runtime.rag import bench_rag
+
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    runs = bench_rag(model, cfg, prompt, params)
+    ref = generate(model, [prompt], params, SimpleNamespace(name="full", kv_dtype="auto"))
+    assert runs[0].requests[0].tokens == ref.requests[0].tokens
+    # TTFT runs from rag_prefill's start: it includes the rag prefill and the first token
+    assert runs[0].requests[0].ttft_s >= runs[0].policy_stats["rag_prefill_s"] > 0
+    assert runs[0].prefill_s >= runs[0].policy_stats["rag_prefill_s"]
+
+
+def test_bench_policy_rag_needs_batch_one(tmp_path):
+    from runtime import bench
+
+    with pytest.raises(ConfigError, match="workload.batch=2") as e:
+        bench.run(_bench_cfg(tmp_path, "workload.batch=2"))
+    assert "\n" not in str(e.value)
+
+
+def test_split_prompt():
+    from runtime.rag import split_prompt
+
+    ids = list(range(100))
+    chunks, q = split_prompt(ids, 32, 8)
+    assert [len(c) for c in chunks] == [32, 32, 28] and q == ids[92:]
+    assert split_prompt(ids[:5], 32, 8) == ([], ids[:5])
+
+
+# ----------------------------------------------------------------------------- a separate draft: alignment
+
+def test_align_hand_built_offsets():
+    from runtime.rag import align
+
+    # "unbelievable cats": target "un" "believ" "able" " cats"; draft "unbel" "ievable" " " "cats" (+ a 0-width special)
+    t = [(0, 2), (2, 8), (8, 12), (12, 17)]
+    d = [(0, 0), (0, 5), (5, 12), (12, 13), (13, 17)]
+    assert align(d, t) == [[], [0, 1], [1, 2], [3], [3]]
+    assert align(d, t, n_target=3) == [[], [0, 1], [1, 2], [], []]    # only context tokens count
+    assert align(t, t) == [[0], [1], [2], [3]]                          # same splits: the identity
+    # spans that only touch do not overlap; one draft token over many targets
+    assert align([(0, 17)], t) == [[0, 1, 2, 3]] and align([(2, 2), (8, 9)], t) == [[], [2]]
+
+
+def test_text_and_offsets_multibyte():
+    from runtime.rag import text_and_offsets
+
+    text, offs = text_and_offsets([b"h", b"\xc3", b"\xa9llo", b" w"])
+    assert text == "héllo w"
+    # the token holding half of 'é' owns that character too, so it overlaps whatever covers it
+    assert offs == [(0, 1), (1, 2), (1, 5), (5, 7)]
+
+
+def test_token_bytes_rebuild_the_text(shipped_tokenizer):
+    from runtime.rag import text_and_offsets, token_bytes
+
+    s = "Kelmar was born in Zürich in 1873. <|im_start|>"
+    ids = shipped_tokenizer.encode(s)
+    text, offs = text_and_offsets(token_bytes(shipped_tokenizer, ids))
+    assert text == shipped_tokenizer.tok.decode(ids, skip_special_tokens=False) == s
+    enc = shipped_tokenizer.tok.encode(s, add_special_tokens=False)
+    assert offs == [tuple(o) for o in enc.offsets]
+
+
+def test_span_complete_with_cover():
+    s = torch.tensor([1.0, 0.9, 0.8, 0.75, 0.7, 0.1, 0.0, 0.05, 0.6, 0.65, 0.3, 0.2])
+    ident = [[i] for i in range(len(s))]
+    for B in (3, 6, 8):
+        assert span_complete(s, B, 0.4, 0.7, 4, cover=ident) == span_complete(s, B, 0.4, 0.7, 4)
+    # draft token 0 covers target 0-1, token 1 covers 2-4 (too wide for what is left), token 2 covers 5
+    cover = [[0, 1], [2, 3, 4], [5]]
+    chosen, _ = span_complete(torch.tensor([1.0, 0.9, 0.0]), 3, tau_smooth=0.05, cover=cover)
+    assert chosen == [0, 1, 5]
+
+
+def _wordlevel(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_separate_draft_with_other_splits_chooses_whole_words(tiny_model, store):
+    """Target: one token per byte; draft: one per word. Every target token overlapping a chosen
+    draft word is chosen, and nothing else."""
+    from runtime.evals.data import ByteTokenizer
+    from runtime.model import ModelArgs, random_init
+    from runtime.rag import Draft
+
+    bt = ByteTokenizer()
+    words = "the river ran past old stone walls while rain fell on quiet empty roads".split()
+    docs = [" ".join(words[i:] + words[:i]) + "." for i in (0, 3, 6)]
+    chunks = [bt.encode(d) for d in docs]
+    q = bt.encode(" Where did the river run?")
+    draft_model = random_init(ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64,
+                                        max_seq_len=512), seed=1)
+    draft = Draft(model=draft_model, tok=_wordlevel(words + ["."]), target_tok=bt, name="wordlevel")
+    assert not draft.same_tokenizer
+    N = sum(len(c) for c in chunks)
+    for r in (0.1, 0.3):
+        res = rag_prefill(tiny_model, chunks, q, pol("draft", r, draft_layers=3), store, draft=draft)
+        info = res.info
+        assert info["aligned"] and info["draft_model"] == "wordlevel"
+        assert 0 < len(res.chosen) <= math.ceil(r * N)
+        text = "".join(docs) + bt.decode(q)
+        enc = draft.tok.encode(text)
+        spans = [enc.offsets[j] for j in info["draft_chosen"]]
+        want = sorted({t for a, b in spans for t in range(a, b) if t < N})   # byte tokens: token i = char i
+        assert res.chosen == want
+        assert set(range(N, N + len(q))) <= set(res.recomputed)
+        # whole words: a chosen letter's whole word is chosen
+        for a, b in spans:
+            assert set(range(a, min(b, N))) <= set(res.chosen)
+
+
+class _NoOffsets:
+    def encode(self, text):
+        return [1, 2, 3]
+
+
+class _SlowTokenizer:
+    """transformers' slow tokenizers raise on return_offsets_mapping."""
+
+    def __call__(self, text, **kw):
+        raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+
+
+@pytest.mark.parametrize("tok", [_NoOffsets(), _SlowTokenizer()])
+def test_draft_tokenizer_without_offsets_is_a_config_error(tiny_model, store, prompt_parts, tok):
+    from runtime.evals.data import ByteTokenizer
+    from runtime.rag import Draft
+
+    chunks, q = prompt_parts
+    draft = Draft(model=tiny_model, tok=tok, target_tok=ByteTokenizer(), name="slow-draft")
+    with pytest.raises(ConfigError, match="policy.draft_model=slow-draft.*offsets") as e:
+        rag_prefill(tiny_model, chunks, q, pol("draft", 0.15), store, draft=draft)
+    assert "\n" not in str(e.value)
+
+
+def test_draft_model_path_errors(tiny_model, store, prompt_parts, tmp_path):
+    chunks, q = prompt_parts
+    with pytest.raises(ConfigError, match="policy.draft_model=.*no such file"):
+        rag_prefill(tiny_model, chunks, q, pol("draft", 0.15, draft_model=str(tmp_path / "nope")), store)
+    (tmp_path / "config.json").write_text("{}")            # a folder without tokenizer.json: no offsets
+    from runtime.evals.data import ByteTokenizer
+
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        rag_prefill(tiny_model, chunks, q, pol("draft", 0.15, draft_model=str(tmp_path)), store,
+                    tokenizer=ByteTokenizer())
+    with pytest.raises(ConfigError, match="target's tokenizer"):   # a random target: no text to align
+        rag_prefill(tiny_model, chunks, q, pol("draft", 0.15, draft_model=str(tmp_path)), store)
+
+
+def test_separate_draft_same_gguf_is_the_identity(shipped_model, shipped_tokenizer):
+    """The shipped GGUF loaded again as the 'separate' draft: the same tokenizer, so ids are shared
+    and the choice equals the target's own first D layers; forcing the character-offset path on
+    a prompt that round-trips gives the identity alignment and the same choice."""
+    from runtime.evals import rag as er
+    from runtime.model import shipped_gguf_path
+    from runtime.rag import load_draft, split_chunks
+
+    s = er.make_rag(shipped_tokenizer, 0, seed=0, chunk_len=96, n_chunks=2, hops=1)
+    text = "".join(s.chunk_texts)
+    ids = shipped_tokenizer.encode(text)                  # one encoding of the whole text: round-trips
+    chunks = split_chunks(ids, 96)
+    q = s.question
+    store = ChunkStore(shipped_model, disk=False)
+    p = pol("draft", 0.15, draft_layers=2, chunk_len=96)
+    own = rag_prefill(shipped_model, chunks, q, p, store)
+    draft = load_draft(str(shipped_gguf_path()), shipped_model, shipped_tokenizer)
+    assert draft.same_tokenizer and draft.model is not shipped_model
+    sep = rag_prefill(shipped_model, chunks, q, p, store, draft=draft)
+    assert sep.chosen == own.chosen and not sep.info["aligned"]
+    torch.testing.assert_close(sep.prefilled.logits, own.prefilled.logits)
+    draft.__dict__["same_tokenizer"] = False              # force the text + offsets path
+    forced = rag_prefill(shipped_model, chunks, q, p, store, draft=draft)
+    assert forced.info["aligned"] and forced.info["draft_chosen"] == own.chosen
+    assert forced.chosen == own.chosen

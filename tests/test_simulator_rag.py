@@ -158,3 +158,55 @@ def test_cli_accepts_policy_rag(tmp_path):
     s = c.shape
     sh = ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto)
     assert r["ttft_s"] == pytest.approx(ttft(c, sh, selector="draft", draft_layers=3), rel=1e-9)
+
+
+SAME = ["model=tiny", "policy=rag", "workload=rag", "policy.chunk_len=32", "policy.question_len=8",
+        "workload.prompt_len=136", "workload.gen_len=2", "policy.draft_layers=1", "progress=false"]
+
+
+def test_bench_and_simulator_take_the_identical_config(tmp_path):
+    """One composed config, both halves: the shared groups are equal and both runs succeed, so
+    a validation joins measured and simulated records on config and compares TTFT."""
+    from runtime import bench
+    from simulator.run import simulate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        b = compose("bench", overrides=[*SAME, f"results_dir={tmp_path}"])
+        s = compose("simulate", overrides=[*[o for o in SAME if not o.startswith("progress")],
+                                           f"results_dir={tmp_path}"])
+    for group in ("model", "policy", "workload"):
+        assert b[group] == s[group], group
+    measured, simulated = bench.run(b), simulate(s)
+    for rec in (measured, simulated):
+        assert rec["policy"] == "rag" and rec["ttft_s"] > 0
+        for group in ("model", "policy", "workload"):
+            assert rec["config"][group] == measured["config"][group]
+
+
+@pytest.mark.parametrize("P, chunk, q", [(4128, 512, 32), (2000, 512, 32), (20, 512, 32), (136, 32, 8)])
+def test_prompt_cut_like_the_runtime(P, chunk, q):
+    from runtime.rag import split_prompt
+
+    pol = make_policy({"name": "rag", "chunk_len": chunk, "question_len": q})
+    chunks, question = split_prompt(list(range(P)), chunk, q)
+    n, qq = pol.split(P)
+    assert (n, qq) == (sum(map(len, chunks)), len(question))
+    assert pol.chunks(n) == [len(c) for c in chunks]
+
+
+def test_epic_fixed_prefix_recomputes_the_prefixes(cpu):
+    c, sh = cpu
+    pol = make_policy({"name": "rag", "selector": "epic", "epic_prefix": 16, "recompute_ratio": 0.9})
+    assert pol.recomputed(N, Q) == 8 * 16 + Q
+    assert make_policy({"name": "rag", "selector": "epic", "epic_prefix": 600}).recomputed(N, Q) == N + Q
+    # r is ignored: the TTFT is that of the prefixes, below epic at r = 0.15 (77 per chunk)
+    assert ttft(c, sh, selector="epic", epic_prefix=16, recompute_ratio=0.9) < ttft(c, sh, selector="epic")
+    with pytest.raises(ConfigError, match="policy.epic_prefix"):
+        make_policy({"name": "rag", "selector": "epic", "epic_prefix": 0})
+
+
+def test_separate_draft_is_not_costed():
+    with pytest.raises(ConfigError, match="policy.draft_model") as e:
+        make_policy({"name": "rag", "selector": "draft", "draft_model": "/some/draft.gguf"})
+    assert "\n" not in str(e.value)
+    make_policy({"name": "rag", "selector": "epic", "draft_model": "/some/draft.gguf"})   # only draft uses it

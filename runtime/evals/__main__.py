@@ -73,8 +73,11 @@ def parser() -> argparse.ArgumentParser:
     rg.add_argument("--chunk-len", type=int, default=512)
     rg.add_argument("--hops", nargs="+", type=int, default=[1, 2])
     rg.add_argument("--r", nargs="+", type=float, default=[0, 0.05, 0.15, 0.3, 1])
-    rg.add_argument("--selectors", nargs="+", default=["full", "reuse", "random", "epic", "cacheblend", "draft"])
+    rg.add_argument("--selectors", nargs="+", default=["full", "reuse", "random", "epic", "cacheblend", "draft"],
+                    help="also epic<n>: EPIC's fixed n first tokens per chunk (the paper's epic8 epic16 epic32)")
     rg.add_argument("--draft-layers", nargs="+", type=int, default=[3, 5, 10])
+    rg.add_argument("--draft-model", default=None, help="a separate draft for the draft points (GGUF file or "
+                    "transformers folder; its first --draft-layers layers; tokens aligned by character offsets)")
     rg.add_argument("--max-new-tokens", type=int, default=10)
     _common(rg, "rag")
     rp = sub.add_parser("report", help="CSV tables and PNG figures from a results folder")
@@ -130,18 +133,24 @@ def run_rag_cmd(a: argparse.Namespace) -> None:
 
     if a.n < 1:
         raise ConfigError(f"--n {a.n} must be >= 1")
-    pts = rag.points(a.selectors, a.r, a.draft_layers)
+    pts = rag.points(a.selectors, a.r, a.draft_layers, a.chunk_len, a.draft_model)
     device = resolve_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, device)
-    bad_d = [D for D in a.draft_layers if "draft" in a.selectors and not 1 <= D <= model.args.n_layers]
+    if "draft" in a.selectors and a.draft_model:
+        from ..rag import load_draft
+
+        depth = load_draft(a.draft_model, model, tok).model.args.n_layers
+    else:
+        depth = model.args.n_layers
+    bad_d = [D for D in a.draft_layers if "draft" in a.selectors and not 1 <= D <= depth]
     if bad_d:
-        raise ConfigError(f"--draft-layers {bad_d} must be in [1, {model.args.n_layers}] (the model's layers)")
+        raise ConfigError(f"--draft-layers {bad_d} must be in [1, {depth}] (the draft's layers)")
     samples = rag.rag_samples(tok, a.n, a.seed, a.chunk_len, a.chunks, tuple(a.hops))
     meta = {"n": a.n, "chunks": a.chunks, "chunk_len": a.chunk_len, "hops": a.hops, "seed": a.seed,
-            "max_new_tokens": a.max_new_tokens}
+            "max_new_tokens": a.max_new_tokens, **({"draft_model": a.draft_model} if a.draft_model else {})}
     path = rag.run_rag(model, tok, samples, pts, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
                        max_new_tokens=a.max_new_tokens, progress=not a.no_progress, meta=meta, seed=a.seed)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")

@@ -50,6 +50,10 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", "replace")
 
+    def token_bytes(self, i: int) -> bytes:
+        """One token's bytes (runtime.rag aligns a separate draft's tokens by character offsets)."""
+        return bytes([i - self.OFFSET]) if self.OFFSET <= i < 256 + self.OFFSET else b""
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         return "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
 

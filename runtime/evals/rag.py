@@ -1,8 +1,9 @@
 """RAG quality of `policy=rag` selectors against full recompute: seeded synthetic multi-document QA.
 
     python -m runtime.evals rag [--n N] [--chunks 8] [--chunk-len 512] [--hops 1 2]
-                                [--r 0 0.05 0.15 0.3 1] [--selectors full reuse random epic cacheblend draft]
-                                [--draft-layers 3 5 10] [--model smollm2|tiny] [--out results/evals/rag]
+                                [--r 0 0.05 0.15 0.3 1] [--selectors full reuse random epic cacheblend draft
+                                 epic8 epic16 epic32] [--draft-layers 3 5 10] [--draft-model PATH]
+                                [--model smollm2|tiny] [--out results/evals/rag]
 
 Data, generated in code (nothing downloaded). A sample holds `n_chunks` fictional "chains": a
 company founded by a person, that person born in a city in a year. Each chain gives two facts,
@@ -22,7 +23,10 @@ F1 (SQuAD normalisation: lowercase, no punctuation / articles; the answer is the
 the output), the number of context tokens chosen for recompute, and TTFT = rag_prefill seconds +
 the first token's sampling. `full` and `reuse` ignore r (one point each, at r = 1 and r = 0);
 the other selectors run at every r strictly between 0 and 1 (at r = 0 or 1 they are `reuse` or
-`full`), `draft` at every D.
+`full`), `draft` at every D. `epic<n>` (epic8, epic16, epic32) is EPIC with the paper's fixed n
+first tokens of every chunk: one point, r ignored, recorded at its effective ratio n / chunk_len.
+`--draft-model` makes the draft points use a separate draft (policy.draft_model; points named
+`draft[<file>]-D..`, so they never mix with the target-layer draft in one results folder).
 
 Results: `<out>/rag.jsonl`, one fsynced line per (sample, point), resumable like the other tasks
 (`run.ResultLog`); the report (also registered with `report.TASKS`, so `python -m runtime.evals
@@ -224,13 +228,22 @@ def token_f1(pred: str, gold: str) -> float:
 
 # ----------------------------------------------------------------------------- points and the grid
 
-def points(selectors: list[str], rs: list[float], draft_layers: list[int]) -> list[dict]:
-    """The grid's points; `full` is always first (every statistic is paired with it)."""
+EPIC_FIXED = re.compile(r"epic(\d+)$")      # epic8 / epic16 / epic32: EPIC's fixed prefix per chunk
+
+
+def points(selectors: list[str], rs: list[float], draft_layers: list[int], chunk_len: int | None = None,
+           draft_model: str | None = None) -> list[dict]:
+    """The grid's points; `full` is always first (every statistic is paired with it).
+    `epic<n>` is EPIC with the paper's fixed n first tokens per chunk: one point, r ignored
+    (recorded as n / chunk_len, its effective ratio, when chunk_len is given). draft_model: the
+    `draft` points use that separate draft (policy.draft_model) instead of the target's layers."""
     from ..rag import SELECTORS
 
     for s in selectors:
-        if s not in SELECTORS:
-            raise ConfigError(f"--selectors {s!r} is not known; choose from {', '.join(SELECTORS)}")
+        m = EPIC_FIXED.match(s)
+        if s not in SELECTORS and not (m and int(m.group(1)) >= 1):
+            raise ConfigError(f"--selectors {s!r} is not known; choose from {', '.join(SELECTORS)} "
+                              "or epic<n> (EPIC's fixed n first tokens per chunk, e.g. epic8 epic16 epic32)")
     for r in rs:
         if not 0.0 <= r <= 1.0:
             raise ConfigError(f"--r {r} must be in [0, 1]")
@@ -241,12 +254,21 @@ def points(selectors: list[str], rs: list[float], draft_layers: list[int]) -> li
         if s == "reuse":
             out.append(dict(name="reuse", selector="reuse", r=0.0, D=None))
             continue
+        m = EPIC_FIXED.match(s)
+        if m:
+            n = int(m.group(1))
+            out.append(dict(name=s, selector="epic", r=min(1.0, n / chunk_len) if chunk_len else math.nan, D=None,
+                            epic_prefix=n))
+            continue
         for r in sorted(set(rs)):
             if not 0.0 < r < 1.0:
                 continue
             for D in (draft_layers if s == "draft" else [None]):
                 name = f"{s}-D{D}-r{r:g}" if D is not None else f"{s}-r{r:g}"
-                out.append(dict(name=name, selector=s, r=float(r), D=D))
+                if s == "draft" and draft_model:          # its own points: never mixed with the target's layers
+                    name = f"draft[{Path(draft_model).name}]-D{D}-r{r:g}"
+                out.append(dict(name=name, selector=s, r=float(r), D=D,
+                                **({"draft_model": draft_model} if s == "draft" and draft_model else {})))
     seen, uniq = set(), []
     for p in out:
         if p["name"] not in seen:
@@ -260,11 +282,14 @@ def score_point(model: Transformer, tok: TextTokenizer, s: RagSample, pt: dict, 
     from ..engine import SamplingParams, generate, sync
     from ..rag import rag_prefill
 
-    policy = SimpleNamespace(name="rag", selector=pt["selector"], recompute_ratio=pt["r"],
-                             draft_layers=pt["D"] or 1, chunk_len=s.chunk_len, kv_dtype=kv_dtype, seed=seed)
+    prefix = pt.get("epic_prefix")
+    r = 0.0 if prefix is not None else pt["r"]            # a fixed prefix ignores r (and r may be NaN)
+    policy = SimpleNamespace(name="rag", selector=pt["selector"], recompute_ratio=r, epic_prefix=prefix,
+                             draft_layers=pt["D"] or 1, chunk_len=s.chunk_len, kv_dtype=kv_dtype, seed=seed,
+                             draft_model=pt.get("draft_model"))
     sync(model.device)
     t0 = time.perf_counter()
-    res = rag_prefill(model, s.chunks, s.question, policy, store)
+    res = rag_prefill(model, s.chunks, s.question, policy, store, tokenizer=tok)
     sync(model.device)
     prefill_s = time.perf_counter() - t0
     gen = generate(model, [s.prompt], SamplingParams(max_new_tokens=max_new_tokens),
@@ -303,7 +328,7 @@ def run_rag(model: Transformer, tok: TextTokenizer, samples: list[RagSample], pt
         for p in todo:
             bar.set_postfix_str(p["name"], refresh=False)
             base = {"task": TASK, "sample_id": s.id, "policy": p["name"], "selector": p["selector"], "r": p["r"],
-                    "draft_layers": p["D"], "model": model_name, "index": s.index, "hops": s.hops,
+                    "draft_layers": p["D"], "epic_prefix": p.get("epic_prefix"), "model": model_name, "index": s.index, "hops": s.hops,
                     "kind": s.kind, "n_chunks": s.n_chunks, "chunk_len": s.chunk_len, "answer": s.answer,
                     "answer_chunk": s.answer_chunk, "bridge_chunk": s.bridge_chunk, "prompt_len": len(s.prompt),
                     "store_fill_s": store_s}
@@ -335,7 +360,10 @@ def rag_table(df: pd.DataFrame) -> pd.DataFrame:
             mc = mcnemar_exact(list(pair.em_full.astype(bool)), list(pair.em.astype(bool))) if len(pair) else None
             first = g.iloc[0]
             D = first.get("draft_layers")
+            prefix = first.get("epic_prefix")
             rows.append({"task": TASK, "hops": hops, "policy": pol, "selector": first.selector, "r": first.r,
+                         "epic_prefix": None if prefix is None or (isinstance(prefix, float) and math.isnan(prefix))
+                         else int(prefix),
                          "draft_layers": None if D is None or (isinstance(D, float) and math.isnan(D)) else int(D),
                          "n": len(ok), "errors": int((~g.ok).sum()),
                          **_report._ci("em", bootstrap_mean(ok.em.astype(float))),
@@ -359,7 +387,8 @@ def rag_figure(table: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
 
     t = table[(table.n > 0) & (table.hops == "all")].copy()
-    t["curve"] = [f"draft D={int(d)}" if s == "draft" else s for s, d in zip(t.selector, t.draft_layers.fillna(0))]
+    t["curve"] = [f"draft D={int(d)}" if s == "draft" else (f"epic{int(e)} (fixed)" if e == e and e is not None else s)
+                  for s, d, e in zip(t.selector, t.draft_layers.fillna(0), t.epic_prefix)]
     curves = t[~t.selector.isin(["full", "reuse"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, y in zip(axes, ("em", "f1")):
