@@ -64,6 +64,7 @@ class RagPolicyConfig(PolicyConfig):
     seed: int = 0                   # selector=random
     epic_prefix: Optional[int] = None   # selector=epic: the first n tokens of every chunk (the paper's 8/16/32, r ignored); null = n = ceil(r * chunk)
     draft_model: Optional[str] = None   # selector=draft: a separate draft (GGUF file or transformers folder; tokens aligned by character offsets); null = the target
+    store: str = "warm"             # warm: chunk K/V already in device memory | disk: read from the store's files
     question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
 
 

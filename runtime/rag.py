@@ -61,6 +61,9 @@ FORMAT = "kvtestbed-chunk-v1"
 
 # ----------------------------------------------------------------------------- config checks
 
+STORES = ("warm", "disk")         # policy.store: where a request finds its chunks' K/V
+
+
 def _get(policy, name, default):
     return getattr(policy, name, default) if policy is not None else default
 
@@ -71,6 +74,9 @@ def check_policy(policy, model: Transformer, separate_draft: bool = False) -> No
     sel = _get(policy, "selector", "draft")
     if sel not in SELECTORS:
         raise ConfigError(f"policy.selector={sel!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    store = _get(policy, "store", "warm")
+    if store not in STORES:
+        raise ConfigError(f"policy.store={store!r} is not known; choose one of: {', '.join(STORES)}")
     r = float(_get(policy, "recompute_ratio", 0.15))
     if not (0.0 <= r <= 1.0) or math.isnan(r):
         raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")
@@ -787,8 +793,10 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     if p.selector == "draft" and p.draft_model is not None:
         draft = load_draft(p.draft_model, model, tokenizer if tokenizer is not None else target_tokenizer(cfg.model))
     decode_policy = policy_spec("full", p.kv_dtype)
-    store = ChunkStore(model, kv_dtype=p.kv_dtype, disk=False)
-    for c in chunks:                                      # warm store, untimed
+    on_disk = getattr(p, "store", "warm") == "disk"
+    scratch = tempfile.TemporaryDirectory(prefix="kvtestbed-rag-") if on_disk else None
+    store = ChunkStore(model, root=scratch.name if scratch else None, kv_dtype=p.kv_dtype, disk=on_disk)
+    for c in chunks:                                      # fill the store, untimed
         store.get(c)
     if cfg.warmup:                                        # allocator, kernels: a tiny rag prompt, untimed
         small = [c[:8] for c in chunks[:2]]
@@ -797,6 +805,8 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
                  link=link, prefilled=pre.prefilled)
     runs = []
     for _ in range(cfg.repeats):
+        if on_disk:              # store=disk: every chunk is read back from its file (the OS may cache it)
+            store.mem.clear()
         with PeakMemory(model.device) as mem:
             sync(model.device)
             t0 = time.perf_counter()
@@ -806,6 +816,9 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
         run = generate(model, [prompt], params, decode_policy, link=link, prefilled=res.prefilled,
                        progress=bool(getattr(cfg, "progress", False)))
         runs.append(_shifted(run, rag_s, mem.peak, res))
+    runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
+    if scratch:
+        scratch.cleanup()
     return runs
 
 

@@ -53,12 +53,13 @@ class Rag(Policy):
     epic_prefix: int | None = None  # epic: fixed first tokens per chunk (null = ceil(r * chunk))
     draft_model: str | None = None  # a separate draft: not costed (check() refuses it)
     question_len: int = 32          # Q: the prompt's last tokens (policy.question_len)
+    store: str = "warm"             # warm: chunks already in device memory, no load | disk: chunk_load per chunk
 
     def tables(self):
         base = super().tables()
         if self.selector == "full":
             return base
-        extra = ("chunk_load", "rope_rerotate", "selective_prefill")
+        extra = ("rope_rerotate", "selective_prefill") + (("chunk_load",) if self.store == "disk" else ())
         if self.selector == "cacheblend":
             extra += ("projections",)
         return base + extra
@@ -98,21 +99,24 @@ class Rag(Policy):
         split = [self.split(p) for p in prompts]
         if self.selector == "full" or all(n == 0 for n, _ in split):
             return Policy.prefill_graph(self, c, s, prompts)
-        load = sum(c.table("chunk_load")(t) for n, _ in split for t in self.chunks(n))
+        # a warm store hands back K/V already in device memory (runtime/rag.py ChunkStore.mem):
+        # nothing to load; a disk store reads every chunk's file and copies it up
+        load = sum(c.table("chunk_load")(t) for n, _ in split for t in self.chunks(n)) if self.store == "disk" else 0.0
         rerot = sum(c.table("rope_rerotate")(n) for n, _ in split if n)
         sel = sum(self.selector_cost(c, s, n + q) for n, q in split)
         recompute = sum(c.table("selective_prefill")(self.recomputed(n, q), n + q) for n, q in split)
         L = s.n_layers
         ops = [Op("overhead", "compute", c.table("step_overhead")(len(prompts)))]
         for i in range(L):
-            ops.append(Op(f"load{i}", c.engine("h2d"), load))
+            if load:
+                ops.append(Op(f"load{i}", c.engine("h2d"), load))
         prev = "overhead"
         early = self.selector == "draft"          # the draft needs no reused K/V: it runs beside the loads
         if early and sel:
             ops.append(Op("select", "compute", sel, (prev,)))
             prev = "select"
         for i in range(L):
-            ops.append(Op(f"rerotate{i}", "compute", rerot, (prev, f"load{i}")))
+            ops.append(Op(f"rerotate{i}", "compute", rerot, (prev, f"load{i}") if load else (prev,)))
             prev = f"rerotate{i}"
         if not early and sel:
             ops.append(Op("select", "compute", sel, (prev,)))
@@ -128,6 +132,8 @@ def check(p: Rag) -> None:
     """The runtime's shape-free knob checks (runtime.rag.check_policy), one line each."""
     if p.selector not in SELECTORS:
         raise ConfigError(f"policy.selector={p.selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    if p.store not in ("warm", "disk"):
+        raise ConfigError(f"policy.store={p.store!r} is not known; choose one of: warm, disk")
     r = float(p.recompute_ratio)
     if math.isnan(r) or not 0.0 <= r <= 1.0:
         raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")

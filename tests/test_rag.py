@@ -302,6 +302,7 @@ def _bench_cfg(tmp_path, *extra):
     ("random", 0.3, [], math.ceil(0.3 * 128)),
     ("epic", 0.15, ["policy.epic_prefix=8"], 4 * 8),
     ("full", 1.0, [], 128),
+    ("random", 0.3, ["policy.store=disk"], math.ceil(0.3 * 128)),
 ])
 def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
     import json
@@ -321,6 +322,10 @@ def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
     assert data["requests"] == 2 and data["output_tokens"] == 2 * 4 and data["tpot_s"] > 0
     for key in ("place_s", "select_s", "recompute_s"):
         assert ps[key] >= 0
+    if "policy.store=disk" in extra:      # every timed run read every chunk back from its file
+        assert ps["store_disk_hits"] == 2 * 4
+    elif selector != "full":             # warm: every timed lookup a memory hit
+        assert ps["store_disk_hits"] == 0 and ps["store_mem_hits"] >= 2 * 4
 
 
 def test_bench_policy_rag_equals_engine_on_full(tmp_path):

@@ -74,11 +74,12 @@ def test_draft_speedup_near_bound(cpu, D):
     assert 0.5 * bound < speedup <= 1.05 * bound
 
 
-def hand_sum(c, sh, sel, r=0.15, D=5) -> float:
+def hand_sum(c, sh, sel, r=0.15, D=5, store="warm") -> float:
     L = sh.n_layers
     m = (0 if sel == "reuse" else math.ceil(r * N - 1e-9)) + Q
     rerot, recompute = c.table("rope_rerotate")(N), c.table("selective_prefill")(m, P)
-    load = 8 * c.table("chunk_load")(512)                  # one layer's loads (8 chunk files)
+    # one layer's loads (8 chunk files); a warm store's K/V are in device memory already
+    load = 8 * c.table("chunk_load")(512) if store == "disk" else 0.0
     select = {"draft": D * c.table("prefill_layer")(P),
               "cacheblend": c.table("prefill_layer")(P) + c.table("projections")(P)}.get(sel, 0.0)
     # the compute stream: overhead [draft], then re-rotation of layer 0 once its loads are in;
@@ -93,12 +94,13 @@ def hand_sum(c, sh, sel, r=0.15, D=5) -> float:
     return t
 
 
+@pytest.mark.parametrize("store", ["warm", "disk"])
 @pytest.mark.parametrize("sel", ["draft", "reuse", "random", "epic", "cacheblend"])
-def test_single_request_ttft_equals_hand_sum(cpu, sel):
+def test_single_request_ttft_equals_hand_sum(cpu, sel, store):
     c, sh = cpu
-    expect = hand_sum(c, sh, sel)
-    assert ttft(c, sh, selector=sel) == pytest.approx(expect, rel=1e-9)
-    pol = make_policy({"name": "rag", "selector": sel})
+    expect = hand_sum(c, sh, sel, store=store)
+    assert ttft(c, sh, selector=sel, store=store) == pytest.approx(expect, rel=1e-9)
+    pol = make_policy({"name": "rag", "selector": sel, "store": store})
     assert detailed(pol.prefill_graph(c, sh, [P])).seconds == pytest.approx(expect, rel=1e-9)   # SimPy fidelity
 
 
@@ -108,8 +110,9 @@ def test_load_bound_when_loads_dominate():
     c = Costs.load(H100, "llama7b_shape")
     s = c.shape
     sh = ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto)
-    pol = make_policy({"name": "rag", "selector": "reuse"})
+    pol = make_policy({"name": "rag", "selector": "reuse", "store": "disk"})
     st = solve(pol.prefill_graph(c, sh, [P]))
+    assert solve(make_policy({"name": "rag", "selector": "reuse"}).prefill_graph(c, sh, [P])).busy["h2d"] == 0   # warm
     loads = sh.n_layers * 8 * c.table("chunk_load")(512)
     assert st.seconds >= loads
     assert st.busy["h2d"] == pytest.approx(loads)
@@ -121,7 +124,7 @@ def test_missing_table_one_line_error(tmp_path, cpu):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(prof))
     c = Costs.load(path, "smollm2")
-    pol = make_policy({"name": "rag", "selector": "draft"})
+    pol = make_policy({"name": "rag", "selector": "draft", "store": "disk"})
     with pytest.raises(ConfigError) as e:
         c.need(*pol.tables())
     msg = str(e.value)
