@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from runtime.errors import ConfigError, cli_errors

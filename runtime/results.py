@@ -27,6 +27,26 @@ def stats(name: str, xs: list[float]) -> dict[str, float]:
     return {name: float(a.mean()), **{f"{name}_p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
 
 
+def serving_metrics(reqs, slo) -> dict:
+    """The schema's metrics of served requests (anything with arrival_s, done_s, gen_len and the
+    ttft_s / tpot_s properties, as simulator.workload.Request): throughput over the span from the
+    first arrival to the last completion, TTFT / TPOT statistics, goodput under `slo`. One
+    definition for the simulator and runtime.serve, so the two are compared like for like."""
+    span = max(r.done_s for r in reqs) - min(r.arrival_s for r in reqs)
+    out_tokens = sum(r.gen_len for r in reqs)
+    good = [r for r in reqs if (slo.ttft_s is None or r.ttft_s <= slo.ttft_s)
+            and (slo.tpot_s is None or r.gen_len < 2 or r.tpot_s <= slo.tpot_s)]
+    per_s = (lambda n: n / span) if span > 0 else (lambda n: math.nan)
+    return {
+        "throughput_tok_s": per_s(out_tokens),
+        **stats("ttft_s", [r.ttft_s for r in reqs]),
+        **stats("tpot_s", [r.tpot_s for r in reqs]),
+        "wall_s": span, "output_tokens": out_tokens, "requests": len(reqs),
+        "goodput_req_s": per_s(len(good)),
+        "goodput_fraction": len(good) / len(reqs),
+    }
+
+
 def summarize(runs) -> dict:
     """Pool the requests of one or more `engine.BatchResult`s into the schema's metrics."""
     reqs = [r for run in runs for r in run.requests]

@@ -93,7 +93,7 @@ from .errors import ConfigError, cli_errors
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from .provenance import provenance
-from .results import key_value_table, stats, write_json_atomic
+from .results import key_value_table, serving_metrics, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -470,25 +470,16 @@ def _replay(server: Server, arrivals: Arrivals, capacity: float, max_batch: int,
 def summarize(o: Outcome, cfg: DictConfig) -> dict:
     """simulator.run.summarize's keys, from a measured replay, plus the measured extras."""
     reqs = o.requests
-    t_first = min(r.arrival_s for r in reqs)
-    span = max(r.done_s for r in reqs) - t_first
-    out_tokens = sum(r.gen_len for r in reqs)
-    slo = cfg.slo
-    good = [r for r in reqs if (slo.ttft_s is None or r.ttft_s <= slo.ttft_s)
-            and (slo.tpot_s is None or r.gen_len < 2 or r.tpot_s <= slo.tpot_s)]
+    m = serving_metrics(reqs, cfg.slo)
+    span = m["wall_s"]
     dev, host, _, fp16 = o.kv_peak
     return {
-        "throughput_tok_s": out_tokens / span if span > 0 else math.nan,
-        **stats("ttft_s", [r.ttft_s for r in reqs]),
-        **stats("tpot_s", [r.tpot_s for r in reqs]),
-        "wall_s": span, "output_tokens": out_tokens, "requests": len(reqs),
+        **m,
         "kv_bytes_device": dev, "kv_bytes_host": host,
         "kv_ratio_vs_fp16": dev / fp16 if fp16 else math.nan,
         "max_batch_reached": o.max_batch_reached,
         "util_compute": o.busy_s / span if span > 0 else math.nan,
         "util_h2d": math.nan, "util_d2h": math.nan,
-        "goodput_req_s": len(good) / span if span > 0 else math.nan,
-        "goodput_fraction": len(good) / len(reqs),
         # measured only
         "decode_tok_s": o.decode_tokens / o.decode_s if o.decode_tokens else math.nan,
         "prefill_s": o.prefill_s,

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from runtime.config import register
 from runtime.errors import ConfigError, cli_errors
 from runtime.provenance import git_revision
-from runtime.results import key_value_table, stats, write_json_atomic
+from runtime.results import key_value_table, serving_metrics, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -122,26 +122,16 @@ def sha256(path: Path) -> str:
 
 
 def summarize(sim: Sim, reqs, cfg) -> dict:
-    t_first = min(r.arrival_s for r in reqs)
-    t_end = max(r.done_s for r in reqs)
-    span = t_end - t_first
-    out_tokens = sum(r.gen_len for r in reqs)
-    slo = cfg.slo
-    good = [r for r in reqs if (slo.ttft_s is None or r.ttft_s <= slo.ttft_s)
-            and (slo.tpot_s is None or r.gen_len < 2 or r.tpot_s <= slo.tpot_s)]
+    m = serving_metrics(reqs, cfg.slo)
+    span = m["wall_s"]
     dev, host, tokens = sim.kv_peak
     fp16 = tokens * sim.shape.n_layers * 2 * sim.shape.n_kv_heads * sim.shape.head_dim * 2
     return {
-        "throughput_tok_s": out_tokens / span if span > 0 else math.nan,
-        **stats("ttft_s", [r.ttft_s for r in reqs]),
-        **stats("tpot_s", [r.tpot_s for r in reqs]),
-        "wall_s": span, "output_tokens": out_tokens, "requests": len(reqs),
+        **m,
         "kv_bytes_device": dev, "kv_bytes_host": host,
         "kv_ratio_vs_fp16": dev / fp16 if fp16 else math.nan,
         "max_batch_reached": sim.max_batch_reached,
         **{f"util_{k}": (v / span if span > 0 else math.nan) for k, v in sim.hw.busy.items()},
-        "goodput_req_s": len(good) / span if span > 0 else math.nan,
-        "goodput_fraction": len(good) / len(reqs),
     }
 
 
