@@ -60,6 +60,10 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
+    if cfg.model.source == "hf":   # a local transformers folder, checked before loading; never a download
+        from .hf import check_hf_folder
+
+        check_hf_folder(cfg.model.path)
     model = model_lib.from_config(cfg.model, device)
     args = model.args
     check_workload(cfg.workload, args.max_seq_len)

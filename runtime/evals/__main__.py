@@ -26,21 +26,38 @@ TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab
                  rope_base=10000.0)
 
 
-def load_model(name: str, device: torch.device):
+def load_model(name: str, device: torch.device, path: Path | None = None):
     """(model, tokenizer): `smollm2` = the shipped GGUF and its tokenizer; `tiny` = random
-    weights with a byte tokenizer (the shipped tokenizer's ids would not fit its vocab)."""
+    weights with a byte tokenizer (the shipped tokenizer's ids would not fit its vocab); `hf` =
+    a local transformers folder at `path` (config.json, *.safetensors, tokenizer.json)."""
+    if path is not None and name != "hf":
+        raise ConfigError(f"--model-path is for --model hf (got --model {name})")
     if name == "tiny":
         return random_init(ModelArgs(**TINY_ARGS), seed=0, device=device), data.ByteTokenizer()
+    if name == "hf":
+        from ..hf import check_hf_folder
+        from ..model import load_hf
+        from ..tokenizer import from_hf
+
+        folder = check_hf_folder(path, tokenizer=True)
+        return load_hf(folder, torch.float32, device), from_hf(folder)
     from ..tokenizer import from_gguf
 
     return load_gguf(None, torch.float32, device), from_gguf(None)
+
+
+def _model_name(a: argparse.Namespace) -> str:
+    """The name results are recorded (and resumed) under; `hf:<folder>` for a local folder."""
+    return f"hf:{Path(a.model_path).expanduser().resolve()}" if a.model == "hf" and a.model_path else a.model
 
 
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--policies", nargs="+", default=["default"], metavar="SPEC",
                    help=f"policy specs: {GRAMMAR}; or presets {', '.join(PRESETS)} (default: the issue's "
                         "37-policy grid). `full` is always added: statistics are paired against it")
-    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--model", choices=["smollm2", "tiny", "hf"], default="smollm2")
+    p.add_argument("--model-path", type=Path, default=None,
+                   help="--model hf: a local transformers folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--seed", type=int, default=0, help="data seed (samples are pure functions of it)")
     p.add_argument("--kv-dtype", default="auto", help="dtype of the shared prefill and of every policy's cache")
     p.add_argument("--device", default="auto")
@@ -106,7 +123,7 @@ def run(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device)
+    model, tok = load_model(a.model, device, a.model_path)
     if a.cmd == "passkey":
         too_long = [L for L in a.lengths if L + a.max_new_tokens > model.args.max_seq_len]
         if too_long:
@@ -123,7 +140,7 @@ def run(a: argparse.Namespace) -> None:
         task = ppl_task(a.last)
         meta = {"context": a.context, "last": a.last, "n": a.n, "seed": a.seed,
                 "corpus": "pydoc_data.topics (CPython documentation)"}
-    path = run_grid(model, task, samples, specs, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
+    path = run_grid(model, task, samples, specs, a.out, model_name=_model_name(a), kv_dtype=a.kv_dtype,
                     progress=not a.no_progress, meta=meta)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")
 
@@ -138,7 +155,7 @@ def run_rag_cmd(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device)
+    model, tok = load_model(a.model, device, a.model_path)
     if "draft" in a.selectors and a.draft_model:
         from ..rag import load_draft
 
@@ -151,7 +168,7 @@ def run_rag_cmd(a: argparse.Namespace) -> None:
     samples = rag.rag_samples(tok, a.n, a.seed, a.chunk_len, a.chunks, tuple(a.hops))
     meta = {"n": a.n, "chunks": a.chunks, "chunk_len": a.chunk_len, "hops": a.hops, "seed": a.seed,
             "max_new_tokens": a.max_new_tokens, **({"draft_model": a.draft_model} if a.draft_model else {})}
-    path = rag.run_rag(model, tok, samples, pts, a.out, model_name=a.model, kv_dtype=a.kv_dtype,
+    path = rag.run_rag(model, tok, samples, pts, a.out, model_name=_model_name(a), kv_dtype=a.kv_dtype,
                        max_new_tokens=a.max_new_tokens, progress=not a.no_progress, meta=meta, seed=a.seed)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")
 
