@@ -4,11 +4,12 @@ Three links, one interface (`copy(dst, src) -> Transfer`, `Transfer.wait()`):
 
 - `DirectLink`  CPU without emulation: host and "device" are the same memory, a copy is a memcpy
                 done at once.
-- `EmulatedLink` CPU with `hardware.link.gbps` set: a worker thread does the real copy, and the
-                copy counts as complete at a deadline set by the link: start = max(now, link
-                free), deadline = start + latency + bytes / bandwidth. Waiting sleeps until that
-                absolute deadline, never for accumulated durations: on a 2-core box thread and
-                sleep jitter exceed a real per-layer transfer, and summing sleeps adds it up.
+- `EmulatedLink` CPU with `hardware.link.gbps` set: the bytes move at once (a memcpy on the
+                caller's thread), and the copy counts as complete at a deadline set by the
+                link: start = max(now, link free), deadline = start + latency + bytes / bandwidth.
+                Waiting sleeps until that absolute deadline, never for accumulated durations: on
+                a 2-core box sleep jitter exceeds a real per-layer transfer, and summing sleeps
+                adds it up.
                 So offload and prefetch overlap behave as over a link of that speed.
 - `CudaLink`    a side CUDA stream: the copy waits (on the GPU) for the producer's event,
                 runs `non_blocking` from pinned memory, and records an event the consumer's
@@ -20,7 +21,6 @@ to the device in one non-blocking copy.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -98,7 +98,15 @@ class _Timed(Transfer):
 
 
 class EmulatedLink:
-    """A copy engine of `gbps` GB/s (1e9 bytes/s) and `latency_us` per copy, on CPU."""
+    """A copy engine of `gbps` GB/s (1e9 bytes/s) and `latency_us` per copy, on CPU.
+
+    The bytes move at once, on the caller's thread (a memcpy: host and "device" are the same
+    memory); what is emulated is *when the copy counts as done*: start = max(now, link free),
+    deadline = start + latency + bytes / bandwidth, and `wait()` sleeps until that absolute
+    deadline. An earlier design did the memcpy on a worker thread; on the 2-core box that third
+    runnable thread preempted torch's two compute threads at every small copy and doubled a
+    SpeCache decode step even at 100 GB/s (analysis/README.md, validation): a real copy engine
+    steals no CPU core. The memcpy's own cost (bytes / memcpy bandwidth) stays on the caller."""
 
     name = "emulated"
 
@@ -111,10 +119,7 @@ class EmulatedLink:
         self.latency = latency_us * 1e-6
         self.free_at = 0.0
         self.stats = LinkStats()
-        self._q: queue.Queue = queue.Queue()
         self._last: _Timed | None = None
-        self._worker = threading.Thread(target=self._run, name="emulated-link", daemon=True)
-        self._worker.start()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
         n = _nbytes(src)
@@ -124,31 +129,20 @@ class EmulatedLink:
         t = _Timed(deadline, self.stats)
         self.stats.bytes += n
         self.stats.copies += 1
-        self._q.put((dst, src, t))
+        try:
+            dst.copy_(src)
+        except BaseException as e:      # handed to the waiter, as a failed DMA would surface there
+            t.error = e
+        t.done.set()
         self._last = t
         return t
 
     def drain(self) -> None:
-        if self._last is not None:      # one FIFO worker: the last copy done means all are
-            self._last.done.wait()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            dst, src, t = item
-            try:
-                # inference mode is per thread: without it, writing a tensor made under the
-                # caller's inference mode raises here
-                with torch.inference_mode():
-                    dst.copy_(src)
-            except BaseException as e:  # handed to the waiter
-                t.error = e
-            t.done.set()
+        """Every copy so far has landed (the bytes moved at issue); nothing to wait for before a
+        buffer is replaced."""
 
     def close(self) -> None:
-        self._q.put(None)
+        pass
 
 
 class _CudaTransfer(Transfer):

@@ -164,10 +164,18 @@ class Costs:
         kind = self.link_kind
         if kind == "direct":
             return 1.0                      # the copy is not beside compute but in series with it
-        if kind == "emulated":              # a memcpy on a worker thread, then a wait to the deadline
-            em = self.profile["transfers"].get("emulated_link") or {}
-            return float(em.get("gemm_slowdown_while_worker_copies", 1.0))
+        if kind == "emulated":              # the bytes move on the caller's thread: see issue_cost
+            return 1.0
         return float(self.overlap["gemm_slowdown_with_copy"])
+
+    def issue_cost(self, nbytes: float) -> float:
+        """Compute-thread seconds to issue copies of `nbytes`: the emulated link moves the bytes
+        at once with a memcpy on the caller's thread (runtime/transfer.py EmulatedLink), and only
+        their completion waits for the link. Zero elsewhere (a copy engine or DirectLink's copy,
+        which is already an op of its own on the compute engine)."""
+        if self.link_kind != "emulated" or nbytes <= 0:
+            return 0.0
+        return self.table("h2d_pinned")(nbytes)
 
     @property
     def memory(self) -> dict:
@@ -186,14 +194,24 @@ class Costs:
     def decode_layer(self, batch: float, ctx: float, attn: str) -> float:
         """One decode layer of `batch` query rows over `ctx` tokens with attention table `attn`.
 
-        The profile's `decode_layer` is a whole layer (kernels + Python glue) at a small context
-        (its table's "context" key); the attention table adds its growth from there:
-        decode_layer(B) + attn(B, ctx) - attn(B, context clamped to the attention grid).
-        A `decode_layer` without a "context" key holds no attention at all (roofline profiles
-        derive it from the weight GEMMs and the glue only), so attn(B, ctx) is added whole."""
-        base = self.table("decode_layer")(batch)
+        The profile's `decode_layer` is a whole layer (kernels + Python glue) timed inside the
+        whole model. Three forms:
+        - (batch, context), measured with the `full` policy: read at (batch, ctx); another
+          policy's attention adds its difference from `full` in the lone-layer kernel tables,
+          attn(B, ctx) - full(B, ctx);
+        - (batch) at a small context (its "context" key; older measured profiles): the
+          attention table adds its growth from there, attn(B, ctx) - attn(B, context);
+        - (batch) without a "context" key: no attention at all (roofline profiles derive it
+          from the weight GEMMs and the glue), so attn(B, ctx) is added whole."""
+        dl = self.table("decode_layer")
         a = self.table(attn)
-        ctx0 = self.table("decode_layer").extra.get("context")
+        if len(dl.axes) == 2:
+            base = dl(batch, ctx)
+            if attn != "decode_attention_full":
+                base += a(batch, ctx) - self.table("decode_attention_full")(batch, ctx)
+            return max(base, 0.0)
+        base = dl(batch)
+        ctx0 = dl.extra.get("context")
         if ctx0 is None:
             return base + a(batch, ctx)
         ctx0 = max(float(ctx0), float(a.axes[1][0]))

@@ -21,7 +21,7 @@ The runtime's storing-nothing first pass after prefill is not modelled (one pass
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runtime.errors import ConfigError
 
@@ -93,6 +93,7 @@ class Policy:
         prev = "overhead"
         for i in range(s.n_layers):
             d = beside(per_layer, store, c.gemm_slowdown) if (i > 0 and store) else per_layer
+            d += c.issue_cost(self.prefill_store_bytes(s, prompts)) if store else 0.0
             ops.append(Op(f"layer{i}", "compute", d, (prev,)))
             prev = f"layer{i}"
             if store:
@@ -105,7 +106,12 @@ class Policy:
 
     def prefill_store(self, c: Costs, s: ModelShape, prompts: list[int]) -> float:
         """D2H seconds per layer to put the prompt's K/V in host memory (0: none)."""
-        return 0.0
+        b = self.prefill_store_bytes(s, prompts)
+        return c.d2h(b) if b else 0.0
+
+    def prefill_store_bytes(self, s: ModelShape, prompts: list[int]) -> int:
+        """Bytes per layer the prefill writes to the host (0: the policy keeps none there)."""
+        return 0
 
     def layer_compute(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> float:
         return c.decode_layer(self.query_rows(batch), ctx, self.attn_table)
@@ -140,8 +146,8 @@ class Offload(Policy):
         d, h = self.layer_bytes(tokens, s)
         return s.n_layers * d, s.n_layers * h
 
-    def prefill_store(self, c, s, prompts):
-        return c.d2h(2 * sum(prompts) * s.kv_row)
+    def prefill_store_bytes(self, s, prompts):
+        return 2 * sum(prompts) * s.kv_row
 
     def decode_graph(self, c, s, batch, ctx):
         layer = self.layer_compute(c, s, batch, ctx)
@@ -154,7 +160,8 @@ class Offload(Policy):
             nxt = (i + 1) % s.n_layers
             # the slot of layer i+1 frees when layer i-1 is done: the fetch waits for it
             ops.append(Op(f"fetch{nxt}" if nxt else "fetch0_next", c.engine("h2d"), fetch, (prev,)))
-            ops.append(Op(f"layer{i}", "compute", beside(layer, fetch, c.gemm_slowdown), deps))
+            d = beside(layer, fetch, c.gemm_slowdown) + c.issue_cost(2 * batch * (ctx + 1) * s.kv_row)
+            ops.append(Op(f"layer{i}", "compute", d, deps))
             prev = f"layer{i}"
             ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(batch), (prev,)))
@@ -231,8 +238,8 @@ class Specache(Kivi):
     def query_rows(self, batch):
         return 2 * batch if (self.prefetch and self.k > 0) else batch
 
-    def prefill_store(self, c, s, prompts):
-        return c.d2h(2 * sum(prompts) * s.kv_row)
+    def prefill_store_bytes(self, s, prompts):
+        return 2 * sum(prompts) * s.kv_row
 
     def decode_graph(self, c, s, batch, ctx):
         if self.k == 0:                                   # the runtime runs plain kivi
@@ -249,7 +256,7 @@ class Specache(Kivi):
             if self.prefetch:
                 # rows for this step were fetched during the previous one; this layer's guess
                 # picks the next step's rows, fetched beside the next layer's compute
-                d = attend + replace
+                d = attend + replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row)
                 ops.append(Op(f"layer{i}", "compute", beside(d, fetch, c.gemm_slowdown) if i else d, (prev,)))
                 prev = f"layer{i}"
                 ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
@@ -257,7 +264,8 @@ class Specache(Kivi):
                 # score -> fetch -> attend with the rows: the fetch is on the critical path
                 ops.append(Op(f"score{i}", "compute", attend, (prev,)))
                 ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (f"score{i}",)))
-                ops.append(Op(f"layer{i}", "compute", replace, (f"fetch{i}",)))
+                ops.append(Op(f"layer{i}", "compute", replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row),
+                              (f"fetch{i}",)))
                 prev = f"layer{i}"
             ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))

@@ -25,7 +25,7 @@ import simpy
 from runtime.errors import ConfigError
 
 from .costs import Costs, ModelShape
-from .hardware import Hardware, StepTime, solve
+from .hardware import Hardware, solve
 from .policies import Policy
 from .workload import Lengths, Request, open_arrivals
 

@@ -237,7 +237,7 @@ def test_emulated_link_under_inference_mode_and_failures_surface():
             src, dst = torch.randn(1000), torch.empty(1000)   # inference tensors
             link.copy(dst, src).wait()
         assert torch.equal(dst, src)
-        bad = link.copy(torch.empty(3), torch.randn(4))      # shape mismatch in the worker
+        bad = link.copy(torch.empty(3), torch.randn(4))      # shape mismatch: surfaces at wait()
         with pytest.raises(RuntimeError, match="emulated link copy failed"):
             bad.wait()
     finally:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..engine import sample, sync
-from ..kv import CacheShape, Step, make_cache
+from ..kv import Step, make_cache
 from ..kv.kivi import fold, pack, quant_params, quantize
 from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
 from ..errors import ConfigError
@@ -225,8 +225,8 @@ def measure_overlap(timer: Timer, device: torch.device, quick: bool) -> dict:
 
 
 def measure_emulated_link(quick: bool) -> dict:
-    """Achieved rate of the emulated link at several set rates, and how much its worker thread
-    slows a GEMM running meanwhile (its copies are real memcpys)."""
+    """Achieved rate of the emulated link at several set rates (its bytes move at issue, on the
+    caller's thread: their memcpy cost is the h2d curve; only completion follows the link)."""
     rates = [0.5, 1.0, 2.0, 4.0]
     n = (8 if quick else 32) << 20
     src, dst = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
@@ -241,18 +241,7 @@ def measure_emulated_link(quick: bool) -> dict:
             achieved.append(4 * n / (time.perf_counter() - t) / 1e9)
         finally:
             link.close()
-    gemm = _gemm(torch.device("cpu"), 512)
-    timer = Timer(torch.device("cpu"), repeats=5, warmup=1)
-    alone = timer(gemm)[1]
-    link = EmulatedLink(4.0)
-    try:
-        for _ in range(8):
-            link.copy(dst, src)
-        busy = timer(gemm)[1]
-    finally:
-        link.close()
-    return {"set_gbps": rates, "achieved_gbps": achieved, "copy_bytes": n, "latency_us": 10,
-            "gemm_slowdown_while_worker_copies": busy / alone}
+    return {"set_gbps": rates, "achieved_gbps": achieved, "copy_bytes": n, "latency_us": 10}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -414,9 +403,8 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     # norms, RoPE, reshapes, residual adds); with the attention tables' growth over context it
     # gives a layer's decode step without summing kernels that miss the glue
     out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, timer, device, dtype, kv_dtype,
-                                                                      out["lm_head_sample"])
-    out["decode_layer"]["context"] = 40
-    out["prefill_layer"] = whole_model_prefill(args, timer, device, dtype, out["prefill_layer"],
+                                                                      out["lm_head_sample"], quick)
+    out["prefill_layer"] = whole_model_prefill(args, timer, device, dtype, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick)
     out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
@@ -474,18 +462,33 @@ def measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progres
     return out
 
 
-def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int) -> float:
-    """Median decode step (token read back included) of a random model of shape `a` at ~40
-    tokens of context."""
+def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int, ctx: int = 40,
+                      m: Transformer | None = None) -> float:
+    """Median decode step (token read back included) of a random model of shape `a` (or `m`)
+    with `ctx` tokens of context (40: a 32-token prefill; longer: K/V loaded straight into every
+    layer, values irrelevant to the time)."""
     from ..engine import decode_step, left_pad, prefill
 
-    m = random_init(a, 0, dtype, device)
+    m = m if m is not None else random_init(a, 0, dtype, device)
     tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
+    kv = None
+    if ctx > 40:
+        kv_t = NS(name="full", kv_dtype=kv_dtype)
+        probe = make_cache(kv_t, n_layers=1, batch=1, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=1,
+                           device=device)
+        kv = torch.zeros(B, a.n_kv_heads, ctx, a.head_dim, dtype=probe[0].dtype, device=device)
+        zero = torch.zeros(B, dtype=torch.long, device=device)
+        load_step = Step(0, ctx, zero, torch.arange(ctx, device=device)[None].expand(B, ctx))
 
     def run():
         cache = make_cache(NS(name="full", kv_dtype=kv_dtype), n_layers=a.n_layers, batch=B,
-                           n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=48, device=device)
-        prefill(m, cache, tokens, pad)
+                           n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=max(ctx, 32) + 16, device=device)
+        if kv is None:
+            prefill(m, cache, tokens, pad)
+        else:
+            for layer in cache.layers:
+                layer.load(kv, kv, load_step)
+            cache.advance(load_step)
         tok = tokens[:, -1]
         times = []
         for _ in range(8):
@@ -494,9 +497,7 @@ def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: in
             tok.tolist()           # the engine reads every token back: part of a step
             times.append(time.perf_counter() - s)
         return float(np.median(times))
-    out = float(np.median([run() for _ in range(max(repeats, 3))]))
-    del m
-    return out
+    return float(np.median([run() for _ in range(max(repeats, 3))]))
 
 
 def _whole_depth(args: ModelArgs, device, dtype) -> int:
@@ -509,8 +510,8 @@ def _whole_depth(args: ModelArgs, device, dtype) -> int:
     return max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
 
 
-def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dict, head: dict, overhead: dict,
-                        quick: bool) -> dict:
+def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dict, alone_run, head: dict,
+                        overhead: dict, quick: bool) -> dict:
     """`prefill_layer` as a layer runs inside the whole model.
 
     The kernel grid times one Block alone. Inside the whole model each layer's weights and
@@ -519,10 +520,12 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
     the 30-layer model (the decode_layer story again). Timing whole-model prefills at every
     grid point would take minutes at 8K, so the whole model is timed at a few lengths,
     per layer = (whole - lm_head(1) - overhead(1)) / depth, and the grid is scaled by the
-    ratio whole/alone, interpolated over log(tokens) and held flat past the ends."""
+    ratio whole/alone, interpolated over log(tokens) and held flat past the ends. The lone
+    layer is timed again beside the whole model, in alternation (`alone_run(T)` builds its
+    run): a ratio of two timings taken minutes apart carries the machine's drift."""
     from ..engine import left_pad, prefill
 
-    lengths = [t for t in ([256] if quick else [64, 256, 1024]) if t in alone["axes"]["tokens"]]
+    lengths = [t for t in ([256] if quick else [64, 256, 1024, 2048]) if t in alone["axes"]["tokens"]]
     if not lengths:
         return alone
     depth = _whole_depth(args, device, dtype)
@@ -537,8 +540,16 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
             cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=depth, batch=1, n_kv_heads=args.n_kv_heads,
                                head_dim=args.head_dim, capacity=T, device=device)
             prefill(m, cache, tokens, pad)
-        p50 = timer(run)[1]
-        ratios.append(max((p50 - fixed) / depth, 1e-9) / alone["p50"][toks.index(T)])
+        lone = alone_run(T)
+        run(), lone()                                        # warm both
+        w, a1 = [], []
+        for _ in range(max(timer.repeats, 5)):
+            for fn, acc in ((run, w), (lone, a1)):
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                acc.append(time.perf_counter() - t0)
+        ratios.append(max((float(np.median(w)) - fixed) / depth, 1e-9) / float(np.median(a1)))
     del m
     r = np.interp(np.log(toks), np.log(lengths), ratios)       # flat past the ends
     out = dict(alone)
@@ -550,10 +561,11 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
     return out
 
 
-def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype, head: dict) -> tuple[dict, dict]:
+def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype, head: dict,
+                          quick: bool = False) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
-    and the Python glue between them, at ~40 tokens of context).
+    and the Python glue between them, by batch x context).
 
     overhead: steps of 1 and 3 layers with a 256-token vocabulary, overhead = t1 - (t3 - t1)/2.
     decode_layer: from a step of the *whole* model (all layers, real vocabulary):
@@ -561,9 +573,18 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
     (480 MiB of L3 here) and run up to ~40% faster per layer than the whole model, whose
     weights stream from DRAM; so the per-layer cost must come from the whole model. When the
     whole model would not fit in memory, the deepest model that takes <= 1/4 of it stands in
-    (and the table says so)."""
+    (and the table says so).
+
+    The context axis is there for the same reason: a lone layer's K/V sit in the cache too, so
+    the attention tables (one layer, measured alone) grow far less with context than a layer
+    of the whole model does, whose K/V come from DRAM behind everyone else's weights. Measured
+    with the `full` policy; the simulator adds other policies' attention as their difference
+    from `full` in the kernel tables."""
     small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
     depth = _whole_depth(args, device, dtype)
+    contexts = [c for c in ([40, 2048] if quick else [40, 512, 2048, 4096, 8128]) if c + 16 <= args.max_seq_len]
+    whole = ModelArgs(**{**vars(args), "n_layers": depth})
+    m = random_init(whole, 0, dtype, device)
     res, layer = {}, {}
     head_b = head["axes"]["batch"]
     for i, B in enumerate(head_b):
@@ -572,11 +593,12 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
         t1 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 1, **small}), B, device, dtype, kv_dtype, timer.repeats)
         t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
         res[B] = max(t1 - (t3 - t1) / 2, 0.0)
-        whole = ModelArgs(**{**vars(args), "n_layers": depth, "max_seq_len": min(args.max_seq_len, 512)})
-        tw = _decode_step_time(whole, B, device, dtype, kv_dtype, timer.repeats)
-        layer[B] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
+        for ctx in contexts:
+            tw = _decode_step_time(whole, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
+            layer[B, ctx] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
+    del m
     batches = sorted(res)
-    lay = table({"batch": batches}, [layer[b] for b in batches])
+    lay = table({"batch": batches, "context": contexts}, [[layer[b, c] for c in contexts] for b in batches])
     lay["whole_model_layers"] = depth
     return table({"batch": batches}, [res[b] for b in batches]), lay
 
