@@ -191,31 +191,36 @@ class Costs:
 
     # -- costs the policies use (seconds)
 
-    def decode_layer(self, batch: float, ctx: float, attn: str) -> float:
-        """One decode layer of `batch` query rows over `ctx` tokens with attention table `attn`.
+    def decode_layer(self, batch: float, ctx: float, attn: str, rows: float | None = None) -> float:
+        """One decode layer of `batch` sequences over `ctx` tokens with attention table `attn`,
+        carrying `rows` query rows in all (default `batch`; SpeCache's speculative token makes
+        it 2 x batch: two query rows of one sequence, which read that sequence's K/V once).
 
         The profile's `decode_layer` is a whole layer (kernels + Python glue) timed inside the
         whole model. Three forms:
-        - (batch, context), measured with the `full` policy: read at (batch, ctx); another
-          policy's attention adds its difference from `full` in the lone-layer kernel tables,
-          attn(B, ctx) - full(B, ctx);
+        - (batch, context), measured with the `full` policy: read at (batch, ctx); extra query
+          rows add what they add at the table's smallest context (GEMM rows, no K/V),
+          dl(rows, c0) - dl(batch, c0); another policy's attention adds its difference from
+          `full` in the lone-layer kernel tables, attn(B, ctx) - full(B, ctx);
         - (batch) at a small context (its "context" key; older measured profiles): the
           attention table adds its growth from there, attn(B, ctx) - attn(B, context);
         - (batch) without a "context" key: no attention at all (roofline profiles derive it
           from the weight GEMMs and the glue), so attn(B, ctx) is added whole."""
         dl = self.table("decode_layer")
         a = self.table(attn)
+        rows = batch if rows is None else rows
         if len(dl.axes) == 2:
-            base = dl(batch, ctx)
+            c0 = float(dl.axes[1][0])
+            base = dl(batch, ctx) + (dl(rows, c0) - dl(batch, c0) if rows != batch else 0.0)
             if attn != "decode_attention_full":
                 base += a(batch, ctx) - self.table("decode_attention_full")(batch, ctx)
             return max(base, 0.0)
-        base = dl(batch)
+        base = dl(rows)
         ctx0 = dl.extra.get("context")
         if ctx0 is None:
-            return base + a(batch, ctx)
+            return base + a(rows, ctx)
         ctx0 = max(float(ctx0), float(a.axes[1][0]))
-        return max(base + a(batch, ctx) - a(batch, ctx0), 0.0)
+        return max(base + a(rows, ctx) - a(rows, ctx0), 0.0)
 
     def h2d(self, nbytes: float) -> float:
         if nbytes <= 0:

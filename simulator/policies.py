@@ -114,7 +114,7 @@ class Policy:
         return 0
 
     def layer_compute(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> float:
-        return c.decode_layer(self.query_rows(batch), ctx, self.attn_table)
+        return c.decode_layer(batch, ctx, self.attn_table, rows=self.query_rows(batch))
 
     def decode_graph(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> list[Op]:
         """One decode step of `batch` requests whose contexts average `ctx` tokens."""
@@ -246,7 +246,7 @@ class Specache(Kivi):
             return Kivi.decode_graph(self, c, s, batch, ctx)
         rows = self.query_rows(batch)
         k = self.k_eff(ctx)
-        attend = c.decode_layer(rows, ctx, self.attn_table) + c.table("score_topk")(rows, ctx)
+        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows) + c.table("score_topk")(rows, ctx)
         replace = c.replace(rows, k, s)
         fetch = c.gather(2 * batch * k * s.kv_row)
         back = c.d2h(2 * batch * s.kv_row)
