@@ -321,6 +321,9 @@ def format_points(df: pd.DataFrame) -> str:
 def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
     """Predicted vs measured (log-log, y = x and +-10 % bands), one panel per headline metric."""
     plt, sns = _plt()
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+    import matplotlib
+
     ok = df[df.status == "ok"]
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4.6))
     units = {"throughput_tok_s": ("tok/s", 1), "ttft_s": ("ms", 1e3), "tpot_s": ("ms", 1e3)}
@@ -336,6 +339,9 @@ def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
             ax.fill_between(xs, xs * 0.9, xs * 1.1, color="grey", alpha=0.15, lw=0)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):            # plain numbers, no crowded minor labels
+                axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(m)
         ax.set_xlabel(f"measured ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
