@@ -25,7 +25,7 @@ from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
 from .provenance import provenance
 from .rag import bench_rag
-from .results import key_value_table, summarize, write_json_atomic
+from .results import key_value_table, latency_kv_rows, summarize, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -106,10 +106,7 @@ def format_table(r: dict) -> str:
         ("model / policy", f"{r['model']} / {r['policy']}  ({r['provenance']['device']})"),
         ("batch x prompt + gen", f"{r['batch']} x {r['prompt_len']} + {r['gen_len']}"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s)"),
-        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.1f} / {r['ttft_s_p50'] * 1e3:.1f} / {r['ttft_s_p99'] * 1e3:.1f} ms"),
-        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.2f} / {r['tpot_s_p50'] * 1e3:.2f} / {r['tpot_s_p99'] * 1e3:.2f} ms"),
-        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
-                             f"({r['kv_ratio_vs_fp16']:.2f}x of fp16)"),
+        *latency_kv_rows(r),
         ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
         *([("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items()))]
           if r.get("policy_stats") else []),

@@ -72,6 +72,17 @@ def summarize(runs) -> dict:
     }
 
 
+def latency_kv_rows(r: dict) -> list[tuple[str, str]]:
+    """The TTFT / TPOT / KV rows every command's closing table shows, from a result record."""
+    mib = 2 ** 20
+    return [
+        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.1f} / {r['ttft_s_p50'] * 1e3:.1f} / {r['ttft_s_p99'] * 1e3:.1f} ms"),
+        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.2f} / {r['tpot_s_p50'] * 1e3:.2f} / {r['tpot_s_p99'] * 1e3:.2f} ms"),
+        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
+                             f"({r['kv_ratio_vs_fp16']:.3f}x of fp16)"),
+    ]
+
+
 def key_value_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns: the short tables `runtime.bench` and `simulator.run` print last."""
     width = max(len(k) for k, _ in rows)

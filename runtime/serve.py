@@ -93,7 +93,7 @@ from .errors import ConfigError, cli_errors
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from .provenance import provenance
-from .results import key_value_table, serving_metrics, write_json_atomic
+from .results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -540,10 +540,7 @@ def format_table(r: dict) -> str:
         ("KV budget", "unlimited" if budget is None else f"{budget / mib:.1f} MiB"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s), "
                        f"goodput {r['goodput_req_s']:.3g} req/s"),
-        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.1f} / {r['ttft_s_p50'] * 1e3:.1f} / {r['ttft_s_p99'] * 1e3:.1f} ms"),
-        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.2f} / {r['tpot_s_p50'] * 1e3:.2f} / {r['tpot_s_p99'] * 1e3:.2f} ms"),
-        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
-                             f"({r['kv_ratio_vs_fp16']:.2f}x of fp16)"),
+        *latency_kv_rows(r),
         ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
         ("span, busy", f"{r['wall_s']:.2f} s, {r['util_compute']:.0%} in {r['iterations']} iterations"),
         *([("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items()))]

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from runtime.config import register
 from runtime.errors import ConfigError, cli_errors
 from runtime.provenance import git_revision
-from runtime.results import key_value_table, serving_metrics, write_json_atomic
+from runtime.results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -136,15 +136,11 @@ def summarize(sim: Sim, reqs, cfg) -> dict:
 
 
 def format_table(r: dict) -> str:
-    mib = 2 ** 20
     rows = [
         ("model / policy / hardware", f"{r['model']} / {r['policy']} / {r['hardware']} ({r['provenance']['profile_kind']})"),
         ("requests, max batch", f"{r['requests']} ({r['config']['workload']['arrival']}), {r['max_batch_reached']}"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, goodput {r['goodput_req_s']:.3g} req/s"),
-        ("TTFT mean / p50 / p99", f"{r['ttft_s'] * 1e3:.2f} / {r['ttft_s_p50'] * 1e3:.2f} / {r['ttft_s_p99'] * 1e3:.2f} ms"),
-        ("TPOT mean / p50 / p99", f"{r['tpot_s'] * 1e3:.3f} / {r['tpot_s_p50'] * 1e3:.3f} / {r['tpot_s_p99'] * 1e3:.3f} ms"),
-        ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
-                             f"({r['kv_ratio_vs_fp16']:.3f}x of fp16)"),
+        *latency_kv_rows(r),
         ("utilisation compute / h2d / d2h", f"{r['util_compute']:.2f} / {r['util_h2d']:.2f} / {r['util_d2h']:.2f}"),
         ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
         ("result", r["path"]),
