@@ -83,7 +83,8 @@ def run_point(grid: str, overrides: list[str], results_dir: str) -> dict:
         row.update({"hardware": cfg.hardware.name,
                     "k": p.get("k", math.nan) if p.name == "specache" else (0 if p.name == "kivi" else math.nan),
                     "bits": p.get("bits", math.nan), "prefetch": p.get("prefetch", math.nan),
-                    "selector": p.get("selector", ""), "recompute_ratio": p.get("recompute_ratio", math.nan)})
+                    "selector": p.get("selector", ""), "recompute_ratio": p.get("recompute_ratio", math.nan),
+                    "draft_layers": p.get("draft_layers", math.nan) if p.get("selector") == "draft" else math.nan})
         rec = simulate(cfg)
         row.update({m: rec.get(m, math.nan) for m in METRICS})
     except Exception as e:          # recorded; the sweep goes on
@@ -121,17 +122,17 @@ def passkey_quality(evals_dir: str | Path) -> pd.DataFrame:
 
 
 def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
-    """RAG exact match per (selector, r) from the RAG eval's CSV, if one has been run."""
-    for path in (Path(evals_dir) / "rag.csv", *sorted(Path(evals_dir).glob("rag/*.csv"))):
-        if path.exists():
-            df = pd.read_csv(path)
-            sel = next((c for c in ("selector", "policy") if c in df), None)
-            r = next((c for c in ("r", "recompute_ratio") if c in df), None)
-            em = next((c for c in ("em", "exact_match", "accuracy") if c in df), None)
-            if sel and r and em:
-                q = df.groupby([sel, r], as_index=False)[em].mean()
-                return q.rename(columns={sel: "selector", r: "recompute_ratio", em: "rag_em"})
-    return None
+    """RAG exact match per (selector, r, draft_layers) over all hop counts, from the RAG eval's
+    table (`python -m runtime.evals rag --out analysis/evals/rag`), if one has been run. EPIC's
+    fixed prefixes are left out: their r is not on the sweep's axis."""
+    path = Path(evals_dir) / "rag" / "rag.csv"
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    df = df[(df.hops.astype(str) == "all") & df.error.isna() & df.epic_prefix.isna()]
+    q = df[["selector", "r", "draft_layers", "em", "n"]].rename(
+        columns={"r": "recompute_ratio", "em": "rag_em", "n": "rag_n"})
+    return q
 
 
 def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
@@ -141,28 +142,34 @@ def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
     for i, r in out.iterrows():
         if r.status != "ok":
             continue
-        m = pk[pk.policy == r.policy]
+        # specache with k = 0 runs exactly kivi (runtime/kv/specache.py): kivi's accuracy is its own
+        m = pk[pk.policy == ("kivi" if r.policy == "specache" and r.k == 0 else r.policy)]
         if r.policy in ("kivi", "specache"):
             m = m[(m.bits == r.bits) & (m.k == r.k)]
-            if r.policy == "specache" and r.k > 0:
+            if r.policy == "specache" and r.k > 0 and len(m):
                 m = m[m.prefetch == r.prefetch]
         if len(m):
             out.at[i, "passkey_accuracy"] = float(m.passkey_accuracy.iloc[0])
     rq = rag_quality(evals_dir)
     if rq is not None:
-        out = out.merge(rq, on=["selector", "recompute_ratio"], how="left")
+        full = rq[rq.selector == "full"]
+        rq = rq[rq.selector != "full"]
+        out = out.merge(rq, on=["selector", "recompute_ratio", "draft_layers"], how="left")
+        if len(full):                        # full recompute is full at any r
+            is_full = out.selector == "full"
+            out.loc[is_full, "rag_em"] = float(full.rag_em.iloc[0])
+            out.loc[is_full, "rag_n"] = float(full.rag_n.iloc[0])
     return out
 
 
-def pareto(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Points no other point beats on both x and y (higher is better on both)."""
-    d = df.dropna(subset=[x, y]).sort_values([x, y], ascending=[False, False])
-    best, keep = -np.inf, []
-    for i, r in d.iterrows():
-        if r[y] > best:
-            keep.append(i)
-            best = r[y]
-    return d.loc[keep]
+def pareto(df: pd.DataFrame, *maximize: str) -> pd.DataFrame:
+    """The rows no other row beats on every column of `maximize` (higher is better on each;
+    pass a negated column for lower-is-better)."""
+    d = df.dropna(subset=list(maximize))
+    v = d[list(maximize)].to_numpy(float)
+    keep = [i for i in range(len(v))
+            if not any((v[j] >= v[i]).all() and (v[j] > v[i]).any() for j in range(len(v)) if j != i)]
+    return d.iloc[keep]
 
 
 def plot_heatmaps(df: pd.DataFrame, out: str | Path | None = None, prefetch: bool = True):
@@ -178,6 +185,7 @@ def plot_heatmaps(df: pd.DataFrame, out: str | Path | None = None, prefetch: boo
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, (col, title, cmap) in zip(axes, panels):
         t = d.pivot_table(index="bits", columns="k", values=col, aggfunc="first")
+        t.index, t.columns = t.index.astype(int), t.columns.astype(int)
         sns.heatmap(t, annot=True, fmt=".3g", cmap=cmap, ax=ax, cbar=False,
                     mask=t.isna(), **({"vmin": 0, "vmax": 1} if col == "passkey_accuracy" else {}))
         ax.set_title(title)
@@ -195,15 +203,23 @@ def plot_rag(df: pd.DataFrame, out: str | Path | None = None):
     from .validate import _plt
 
     plt, sns = _plt()
-    d = df[(df.status == "ok") & (df.policy == "rag")]
+    d = df[(df.status == "ok") & (df.policy == "rag") & df.selector.isin(["draft", "cacheblend", "epic", "random"])]
+    d = d.assign(selector=[s + (f" D={int(D)}" if s == "draft" else "") for s, D in zip(d.selector, d.draft_layers)])
     has_em = "rag_em" in d and d.rag_em.notna().any()
     fig, axes = plt.subplots(1, 2 if has_em else 1, figsize=(11 if has_em else 6, 3.8), squeeze=False)
     sns.lineplot(data=d.assign(ttft_ms=d.ttft_s * 1e3), x="recompute_ratio", y="ttft_ms", hue="selector",
                  marker="o", ax=axes[0][0])
     axes[0][0].set_ylabel("predicted TTFT (ms)")
+    ends = df[(df.status == "ok") & df.selector.isin(["full", "reuse"])]
+    for r in ends.itertuples():                  # the two ends as reference lines
+        axes[0][0].axhline(r.ttft_s * 1e3, ls=":", color="grey")
+        axes[0][0].annotate(r.selector, (0.3, r.ttft_s * 1e3), fontsize=8, color="grey")
     if has_em:
-        sns.lineplot(data=d, x="recompute_ratio", y="rag_em", hue="selector", marker="o", ax=axes[0][1])
-        axes[0][1].set_ylabel("exact match (measured)")
+        sns.lineplot(data=d, x="recompute_ratio", y="rag_em", hue="selector", marker="o", ax=axes[0][1], legend=False)
+        for r in ends.dropna(subset=["rag_em"]).itertuples():
+            axes[0][1].axhline(r.rag_em, ls=":", color="grey")
+            axes[0][1].annotate(r.selector, (0.3, r.rag_em), fontsize=8, color="grey")
+        axes[0][1].set_ylabel("exact match (measured, 135M, 4 x 256)")
     fig.tight_layout()
     if out:
         fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -211,21 +227,30 @@ def plot_rag(df: pd.DataFrame, out: str | Path | None = None):
 
 
 def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = "passkey_accuracy"):
-    """Throughput vs measured quality; the Pareto front joined, every point labelled."""
+    """Device KV (x fp16, lower is better) vs measured quality, point size the predicted
+    throughput; the points on the Pareto front of all three are joined and labelled. (Throughput alone would crown the fewest
+    bits: the profile's KIVI tables are 2-bit only, so the simulator's KIVI cost ignores bits.)"""
+    import matplotlib.ticker as ticker
+
     from .validate import _plt
 
     plt, sns = _plt()
-    d = df[(df.status == "ok")].dropna(subset=[quality, "throughput_tok_s"])
-    front = pareto(d, "throughput_tok_s", quality)
+    d = df[(df.status == "ok")].dropna(subset=[quality, "kv_ratio_vs_fp16"])
+    front = pareto(d.assign(kv_saving=-d.kv_ratio_vs_fp16), "kv_saving", quality, "throughput_tok_s")
+    front = front.sort_values("kv_ratio_vs_fp16")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    sns.scatterplot(data=d, x="throughput_tok_s", y=quality, hue="policy", size="kv_ratio_vs_fp16",
-                    sizes=(30, 200), ax=ax)
-    ax.plot(front.throughput_tok_s, front[quality], color="black", lw=1, ls="--", label="Pareto front")
+    sns.scatterplot(data=d, x="kv_ratio_vs_fp16", y=quality, hue="policy", size="throughput_tok_s",
+                    sizes=(30, 220), ax=ax)
+    ax.plot(front.kv_ratio_vs_fp16, front[quality], color="black", lw=1, ls="--",
+            label="Pareto front (KV, accuracy, throughput)")
     for r in front.itertuples():
-        ax.annotate(r.label, (r.throughput_tok_s, getattr(r, quality)), fontsize=7, xytext=(3, 3),
+        ax.annotate(r.label, (r.kv_ratio_vs_fp16, getattr(r, quality)), fontsize=7, xytext=(3, -10),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("predicted throughput (tok/s, log)")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("device KV / fp16 (log; lower is better)")
+    ax.set_ylabel(quality.replace("_", " ") + " (measured, 135M)")
     ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
     fig.tight_layout()
     if out:

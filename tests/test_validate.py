@@ -102,3 +102,13 @@ def test_extra_overrides_reach_both_halves_and_the_profile_path_is_not_the_confi
     assert V.config_hash(run_cfg, sim_cfg) == h
     sim_cfg.workload.gen_len = 6
     assert V.config_hash(run_cfg, sim_cfg) != h
+
+
+def test_pareto_front_by_hand():
+    from analysis.sweep import pareto
+
+    df = pd.DataFrame({"id": list("abcde"), "x": [1, 2, 3, 2, 0], "y": [3, 2, 1, 1, 3], "z": [0, 0, 0, 0, 1]})
+    # on (x, y): a, b, c are the front, d is beaten by b, e by a
+    assert sorted(pareto(df, "x", "y").id) == ["a", "b", "c"]
+    # with z, e (the only z = 1) joins the front
+    assert sorted(pareto(df, "x", "y", "z").id) == ["a", "b", "c", "e"]
