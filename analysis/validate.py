@@ -113,9 +113,20 @@ def points_of(cfg: DictConfig) -> list[Point]:
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """conf/<name>.yaml with Hydra overrides; a bad override is one ConfigError line (the
+    halves of a point are composed in-process, so Hydra's own CLI error handling is not there)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0]
+        experiments = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+        hint = (f"; experiments: {', '.join(experiments)}" if "experiment" in first else "")
+        raise ConfigError(f"{name} config: {first}{hint}") from None
 
 
 def runtime_entry(cfg: DictConfig) -> str:

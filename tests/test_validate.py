@@ -112,3 +112,9 @@ def test_pareto_front_by_hand():
     assert sorted(pareto(df, "x", "y").id) == ["a", "b", "c"]
     # with z, e (the only z = 1) joins the front
     assert sorted(pareto(df, "x", "y", "z").id) == ["a", "b", "c", "e"]
+
+
+def test_unknown_experiment_is_one_line_naming_the_options():
+    with pytest.raises(V.ConfigError, match="validate_cpu") as e:
+        V.compose_config("validate", ["experiment=nope"])
+    assert "\n" not in str(e.value) and "experiment/nope" in str(e.value)
