@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -68,7 +69,7 @@ class ValidateConfig:
     overrides: list[str] = field(default_factory=list)   # appended to every point, both halves
                                         # (e.g. [hardware.profile=PATH] for a GPU measured elsewhere)
     halves: str = "both"                # both | runtime | simulator (the other half from the CSV)
-    resume: bool = True                 # skip points the CSV already holds with the same config
+    resume: bool = True                 # skip points this machine already measured with the same config
     results_dir: str = "results"
     progress: bool = True
     figure: bool = True
@@ -229,13 +230,14 @@ def run_point(p: Point, cfg: DictConfig, previous: dict | None) -> dict:
             raise ConfigError("the halves' configs differ in " + ", ".join(diff) +
                               "; give these keys in the point's `overrides`, not in `runtime`/`simulator`")
         if cfg.resume and previous and previous.get("status") == "ok" and previous.get("config_hash") == h \
-                and cfg.halves == "both":
+                and previous.get("host") == platform.node() and cfg.halves == "both":
             return {**previous, "resumed": True}
         if cfg.halves in ("both", "runtime"):
             t = time.perf_counter()
             meas = measure(entry, run_cfg)
             row["runtime_wall_s"] = time.perf_counter() - t
             row["measured_path"] = meas["path"]
+            row["host"] = platform.node()           # a resumed row must have been measured here
             for m in METRICS:
                 row[f"measured_{m}"] = decode_tok_s(meas) if m == "decode_tok_s" else meas.get(m, math.nan)
         else:
@@ -243,7 +245,7 @@ def run_point(p: Point, cfg: DictConfig, previous: dict | None) -> dict:
                 raise ConfigError(f"halves=simulator needs a measured row for {p.id} with the same config; "
                                   "run halves=both first")
             for k, v in previous.items():
-                if k.startswith("measured_") or k == "runtime_wall_s":
+                if k.startswith("measured_") or k in ("runtime_wall_s", "host"):
                     row[k] = v
         if cfg.halves in ("both", "simulator"):
             t = time.perf_counter()
