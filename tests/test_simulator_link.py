@@ -89,3 +89,19 @@ def test_link_gbps_refused_on_a_gpu_profile_and_used_on_cpu(tmp_path):
         build_sim(gpu)
     sim, _ = build_sim(cpu)
     assert sim.costs.link == pytest.approx((2e9, 5e-6))
+
+
+def test_whole_model_decode_layer_by_batch_and_context_by_hand():
+    """decode_layer(batch, ctx) read from the whole-model table; extra query rows (SpeCache's
+    guess) add only their cost at the smallest context; kivi adds its kernel difference."""
+    c = costs()
+    dl, full, kivi = c.table("decode_layer"), c.table("decode_attention_full"), c.table("decode_attention_kivi")
+    assert len(dl.axes) == 2 and dl.names == ["batch", "context"]
+    c0 = float(dl.axes[1][0])
+    assert c.decode_layer(1, 3000, "decode_attention_full") == pytest.approx(dl(1, 3000), rel=1e-12)
+    assert c.decode_layer(1, 3000, "decode_attention_full", rows=2) == pytest.approx(
+        dl(1, 3000) + dl(2, c0) - dl(1, c0), rel=1e-12)
+    assert c.decode_layer(2, 3000, "decode_attention_kivi") == pytest.approx(
+        dl(2, 3000) + kivi(2, 3000) - full(2, 3000), rel=1e-12)
+    # two query rows of one sequence cost less than two sequences (one sequence's K/V read once)
+    assert c.decode_layer(1, 8000, "decode_attention_full", rows=2) < c.decode_layer(2, 8000, "decode_attention_full")
