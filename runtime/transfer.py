@@ -21,7 +21,6 @@ to the device in one non-blocking copy.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
@@ -81,16 +80,16 @@ class DirectLink:
 
 
 class _Timed(Transfer):
-    def __init__(self, deadline: float, stats: LinkStats):
+    """An emulated copy: its bytes have moved; it counts as done at `deadline`."""
+
+    def __init__(self, deadline: float, stats: LinkStats, error: BaseException | None = None):
         self.deadline = deadline
-        self.done = threading.Event()
-        self.error: BaseException | None = None
+        self.error = error
         self.stats = stats
 
     def wait(self) -> None:
         t0 = time.perf_counter()
-        self.done.wait()
-        if self.error is not None:      # the worker's copy failed: fail here, never hang
+        if self.error is not None:      # the copy failed: it surfaces where a failed DMA would
             raise RuntimeError("emulated link copy failed") from self.error
         while (left := self.deadline - time.perf_counter()) > 0:
             time.sleep(left if left > 2e-4 else 0)   # the last fraction of a ms: yield, don't oversleep
@@ -119,23 +118,19 @@ class EmulatedLink:
         self.latency = latency_us * 1e-6
         self.free_at = 0.0
         self.stats = LinkStats()
-        self._last: _Timed | None = None
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
         n = _nbytes(src)
         start = max(time.perf_counter(), self.free_at)
         deadline = start + self.latency + n / self.bw
         self.free_at = deadline
-        t = _Timed(deadline, self.stats)
         self.stats.bytes += n
         self.stats.copies += 1
         try:
             dst.copy_(src)
-        except BaseException as e:      # handed to the waiter, as a failed DMA would surface there
-            t.error = e
-        t.done.set()
-        self._last = t
-        return t
+        except Exception as e:          # handed to the waiter, as a failed DMA would surface there
+            return _Timed(deadline, self.stats, error=e)
+        return _Timed(deadline, self.stats)
 
     def drain(self) -> None:
         """Every copy so far has landed (the bytes moved at issue); nothing to wait for before a
