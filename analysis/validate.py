@@ -231,7 +231,7 @@ def run_point(p: Point, cfg: DictConfig, previous: dict | None) -> dict:
                               "; give these keys in the point's `overrides`, not in `runtime`/`simulator`")
         if cfg.resume and previous and previous.get("status") == "ok" and previous.get("config_hash") == h \
                 and previous.get("host") == platform.node() and cfg.halves == "both":
-            return {**previous, "resumed": True}
+            return previous
         if cfg.halves in ("both", "runtime"):
             t = time.perf_counter()
             meas = measure(entry, run_cfg)
@@ -422,13 +422,12 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     path = csv_path(cfg)
     old = {r["id"]: r for r in load(path).to_dict("records")} if path.exists() else {}
     rows = dict(old)
+    order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]   # the CSV keeps the file's order
     bar = tqdm(points, desc=f"validate {cfg.experiment}", unit="point", disable=not cfg.progress)
     for p in bar:
         bar.set_postfix_str(p.id)
         row = run_point(p, cfg, old.get(p.id))
-        row.pop("resumed", None)
         rows[p.id] = {k: v for k, v in row.items() if not k.endswith("_abs_err")}
-        order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]
         df = pd.DataFrame([rows[i] for i in order if i in rows])
         write_csv_atomic(df, path)             # after every point: a crash loses one point at most
     df = load(path)
