@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..engine import sample, sync
-from ..kv import Step, make_cache
+from ..kv import Step, make_cache, resolve_kv_dtype
 from ..kv.kivi import fold, pack, quant_params, quantize
 from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
 from ..errors import ConfigError
@@ -402,10 +402,13 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     # a whole decode layer at ~40 tokens of context (kernels + the Python glue between them:
     # norms, RoPE, reshapes, residual adds); with the attention tables' growth over context it
     # gives a layer's decode step without summing kernels that miss the glue
-    out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, timer, device, dtype, kv_dtype,
+    # one whole model (or the deepest that fits) serves both whole-model measurements
+    whole = random_init(ModelArgs(**{**vars(args), "n_layers": _whole_depth(args, device, dtype)}), 0, dtype, device)
+    out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, whole, timer, device, dtype, kv_dtype,
                                                                       out["lm_head_sample"], quick)
-    out["prefill_layer"] = whole_model_prefill(args, timer, device, dtype, out["prefill_layer"], prefill,
+    out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick)
+    del whole
     out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
     return out
@@ -473,10 +476,7 @@ def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: in
     tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
     kv = None
     if ctx > 40:
-        kv_t = NS(name="full", kv_dtype=kv_dtype)
-        probe = make_cache(kv_t, n_layers=1, batch=1, n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, capacity=1,
-                           device=device)
-        kv = torch.zeros(B, a.n_kv_heads, ctx, a.head_dim, dtype=probe[0].dtype, device=device)
+        kv = torch.zeros(B, a.n_kv_heads, ctx, a.head_dim, dtype=resolve_kv_dtype(kv_dtype, device), device=device)
         zero = torch.zeros(B, dtype=torch.long, device=device)
         load_step = Step(0, ctx, zero, torch.arange(ctx, device=device)[None].expand(B, ctx))
 
@@ -510,7 +510,7 @@ def _whole_depth(args: ModelArgs, device, dtype) -> int:
     return max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
 
 
-def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dict, alone_run, head: dict,
+def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone_run, head: dict,
                         overhead: dict, quick: bool) -> dict:
     """`prefill_layer` as a layer runs inside the whole model.
 
@@ -528,8 +528,7 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
     lengths = [t for t in ([256] if quick else [64, 256, 1024, 2048]) if t in alone["axes"]["tokens"]]
     if not lengths:
         return alone
-    depth = _whole_depth(args, device, dtype)
-    m = random_init(ModelArgs(**{**vars(args), "n_layers": depth}), 0, dtype, device)
+    args, depth = m.args, m.args.n_layers
     fixed = head["p50"][0] + overhead["p50"][0]
     toks = alone["axes"]["tokens"]
     ratios = []
@@ -550,7 +549,6 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
                 sync(device)
                 acc.append(time.perf_counter() - t0)
         ratios.append(max((float(np.median(w)) - fixed) / depth, 1e-9) / float(np.median(a1)))
-    del m
     r = np.interp(np.log(toks), np.log(lengths), ratios)       # flat past the ends
     out = dict(alone)
     for q in ("p10", "p50", "p90"):
@@ -561,7 +559,7 @@ def whole_model_prefill(args: ModelArgs, timer: Timer, device, dtype, alone: dic
     return out
 
 
-def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype, head: dict,
+def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device, dtype, kv_dtype, head: dict,
                           quick: bool = False) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
@@ -573,7 +571,7 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
     (480 MiB of L3 here) and run up to ~40% faster per layer than the whole model, whose
     weights stream from DRAM; so the per-layer cost must come from the whole model. When the
     whole model would not fit in memory, the deepest model that takes <= 1/4 of it stands in
-    (and the table says so).
+    (and the table says so). `m` is that model, random weights of `args`' shape.
 
     The context axis is there for the same reason: a lone layer's K/V sit in the cache too, so
     the attention tables (one layer, measured alone) grow far less with context than a layer
@@ -581,10 +579,8 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
     with the `full` policy; the simulator adds other policies' attention as their difference
     from `full` in the kernel tables."""
     small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
-    depth = _whole_depth(args, device, dtype)
+    depth = m.args.n_layers
     contexts = [c for c in ([40, 2048] if quick else [40, 512, 2048, 4096, 8128]) if c + 16 <= args.max_seq_len]
-    whole = ModelArgs(**{**vars(args), "n_layers": depth})
-    m = random_init(whole, 0, dtype, device)
     res, layer = {}, {}
     head_b = head["axes"]["batch"]
     for i, B in enumerate(head_b):
@@ -594,9 +590,8 @@ def measure_step_overhead(args: ModelArgs, timer: Timer, device, dtype, kv_dtype
         t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
         res[B] = max(t1 - (t3 - t1) / 2, 0.0)
         for ctx in contexts:
-            tw = _decode_step_time(whole, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
+            tw = _decode_step_time(m.args, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
             layer[B, ctx] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
-    del m
     batches = sorted(res)
     lay = table({"batch": batches, "context": contexts}, [[layer[b, c] for c in contexts] for b in batches])
     lay["whole_model_layers"] = depth
