@@ -88,12 +88,13 @@ class Policy:
         n = len(prompts)
         # the runtime prefills a batch left-padded to its longest prompt: every row costs that
         per_layer = n * c.table("prefill_layer")(max(prompts)) + self.prefill_extra(c, prompts)
-        store = self.prefill_store(c, s, prompts)
+        stored = self.prefill_store_bytes(s, prompts)
+        store = c.d2h(stored)                  # per layer, to put the prompt's K/V in host memory
         ops = [Op("overhead", "compute", c.table("step_overhead")(n))]
         prev = "overhead"
         for i in range(s.n_layers):
             d = beside(per_layer, store, c.gemm_slowdown) if (i > 0 and store) else per_layer
-            d += c.issue_cost(self.prefill_store_bytes(s, prompts)) if store else 0.0
+            d += c.issue_cost(stored)
             ops.append(Op(f"layer{i}", "compute", d, (prev,)))
             prev = f"layer{i}"
             if store:
@@ -103,11 +104,6 @@ class Policy:
 
     def prefill_extra(self, c: Costs, prompts: list[int]) -> float:
         return 0.0
-
-    def prefill_store(self, c: Costs, s: ModelShape, prompts: list[int]) -> float:
-        """D2H seconds per layer to put the prompt's K/V in host memory (0: none)."""
-        b = self.prefill_store_bytes(s, prompts)
-        return c.d2h(b) if b else 0.0
 
     def prefill_store_bytes(self, s: ModelShape, prompts: list[int]) -> int:
         """Bytes per layer the prefill writes to the host (0: the policy keeps none there)."""
