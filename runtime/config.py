@@ -120,43 +120,37 @@ class SloConfig:
 
 
 @dataclass
-class BenchConfig:
+class RunConfig:
+    """What every command that runs a configuration shares (the groups analysis.validate
+    compares between the halves, the experiment's name, where results go)."""
     model: Any = MISSING
     policy: Any = MISSING
     workload: Any = MISSING
     hardware: Any = MISSING
     experiment: Optional[str] = None   # name recorded in results; set by conf/experiment/*.yaml
+    results_dir: str = "results"
+
+
+@dataclass
+class BenchConfig(RunConfig):
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
     repeats: int = 1                   # timed runs of the whole batch; percentiles pool their requests
-    results_dir: str = "results"
     progress: bool = True
 
 
 @dataclass
-class SimulateConfig:
-    model: Any = MISSING
-    policy: Any = MISSING
-    workload: Any = MISSING
-    hardware: Any = MISSING
+class SimulateConfig(RunConfig):
     scheduler: Any = MISSING
-    experiment: Optional[str] = None
     fidelity: str = "fast"             # fast (cached recurrence) | detailed (a SimPy process per op)
     slo: SloConfig = field(default_factory=SloConfig)
-    results_dir: str = "results"
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(RunConfig):
     """python -m runtime.serve: the runtime's continuous batching over a workload's arrivals."""
-    model: Any = MISSING
-    policy: Any = MISSING
-    workload: Any = MISSING
-    hardware: Any = MISSING
     scheduler: Any = MISSING
-    experiment: Optional[str] = None
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
     slo: SloConfig = field(default_factory=SloConfig)
-    results_dir: str = "results"
     progress: bool = True
 
 
