@@ -25,7 +25,7 @@ from .engine import SamplingParams, generate, resolve_device
 from .errors import ConfigError, cli_errors
 from .provenance import provenance
 from .rag import bench_rag
-from .results import key_value_table, latency_kv_rows, summarize, write_json_atomic
+from .results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -101,15 +101,12 @@ def run(cfg: DictConfig) -> dict:
 
 
 def format_table(r: dict) -> str:
-    mib = 2 ** 20
     rows = [
         ("model / policy", f"{r['model']} / {r['policy']}  ({r['provenance']['device']})"),
         ("batch x prompt + gen", f"{r['batch']} x {r['prompt_len']} + {r['gen_len']}"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s)"),
         *latency_kv_rows(r),
-        ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
-        *([("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items()))]
-          if r.get("policy_stats") else []),
+        *memory_stats_rows(r),
         ("result", r["path"]),
     ]
     return key_value_table(rows)

@@ -83,6 +83,14 @@ def latency_kv_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+def memory_stats_rows(r: dict) -> list[tuple[str, str]]:
+    """The peak-memory and policy-stats rows of a measured record (runtime.bench, runtime.serve)."""
+    rows = [("peak memory", f"{r['peak_mem_bytes'] / 2 ** 20:.0f} MiB")]
+    if r.get("policy_stats"):
+        rows.append(("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items())))
+    return rows
+
+
 def key_value_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns: the short tables `runtime.bench` and `simulator.run` print last."""
     width = max(len(k) for k, _ in rows)

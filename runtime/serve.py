@@ -93,7 +93,7 @@ from .errors import ConfigError, cli_errors
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from .provenance import provenance
-from .results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
+from .results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -541,10 +541,8 @@ def format_table(r: dict) -> str:
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s), "
                        f"goodput {r['goodput_req_s']:.3g} req/s"),
         *latency_kv_rows(r),
-        ("peak memory", f"{r['peak_mem_bytes'] / mib:.0f} MiB"),
+        *memory_stats_rows(r),
         ("span, busy", f"{r['wall_s']:.2f} s, {r['util_compute']:.0%} in {r['iterations']} iterations"),
-        *([("policy stats", ", ".join(f"{k} {v:.3g}" for k, v in r["policy_stats"].items()))]
-          if r.get("policy_stats") else []),
         ("result", r["path"]),
     ]
     return key_value_table(rows)
