@@ -6,7 +6,9 @@
 For each profile (the committed CPU profile with smollm2 at 2048 context; the roofline H100 SXM
 and A6000 profiles with llama7b_shape, all 32 layers, at 4096 context), batch 1 and 16, and k on
 a log grid 0, 1, 2, 4 ... 4096 (clamped by the twin to the quantized keys), one decode step of
-the `specache` twin (bits 2, group 64, residual 64) is solved with the fast fidelity
+the `specache` twin (roofline profiles: the analytic costs of runtime/profile/analytic.py for the
+shape; the CPU profile's tables stop at batch 4, so its batch-16 rows are read past the grid and
+say so) (bits 2, group 64, residual 64) is solved with the fast fidelity
 (simulator.hardware.solve over simulator.policies' op graph), three ways:
 
 - prefetch: the speculative token's rows fetched beside the next layer's compute (the default);
@@ -57,7 +59,7 @@ class NoFetch:
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def gather(self, nbytes: float) -> float:
+    def gather(self, nbytes: float, mode: str = "host") -> float:
         return 0.0
 
 
@@ -126,12 +128,10 @@ def rho(bits: int, group_size: int, kv_elem: int) -> float:
 def link_bandwidth(costs: Costs) -> tuple[float, float]:
     """(pinned H2D bandwidth over the table's last segment, the gather table's over its last)."""
     t = costs.table("h2d_pinned")
-    (b,), v = t.axes, t.values
-    h2d = (b[-1] - b[-2]) / (v[-1] - v[-2])
-    g = costs.table("gather")
-    (rows,), gv = g.axes, g.values
-    row_bytes = float(g.extra.get("row_bytes", 256))
-    gather = (rows[-1] - rows[-2]) * row_bytes / (gv[-1] - gv[-2])
+    b = (2 ** 29, 2 ** 30)          # the tables' last segment (roofline: the formula at the same sizes)
+    h2d = (b[1] - b[0]) / (t(b[1]) - t(b[0]))
+    n = (16384 * 256, 65536 * 256)  # gathered bytes: the gather table's last segment
+    gather = (n[1] - n[0]) / (costs.gather(n[1]) - costs.gather(n[0]))
     return float(h2d), float(gather)
 
 
@@ -139,7 +139,7 @@ def memory_bandwidth(costs: Costs, shape: ModelShape, batch: int = 1) -> float:
     """Bytes of K/V read per extra context token over the seconds decode_attention_full adds,
     between the table's two largest contexts, at `batch`."""
     t = costs.table("decode_attention_full")
-    ctx = t.axes[1]
+    ctx = t.axes[1] if hasattr(t, "axes") else (4096, 8192)     # roofline: any two contexts
     dt = t(batch, ctx[-1]) - t(batch, ctx[-2])
     return batch * 2 * shape.kv_row * (ctx[-1] - ctx[-2]) / dt
 
@@ -156,7 +156,8 @@ def k_layer(costs: Costs, shape: ModelShape, batch: int, ctx: int, points: list[
 def run(tol: float = 0.05, ks=K_GRID, batches=BATCHES, cases=CASES, bits: int = 2, group_size: int = 64):
     rows, summary = [], []
     for label, path, model, ctx in cases:
-        costs = Costs.load(ROOT / path, model)
+        # the CPU profile's decode tables stop at batch 4: batch 16 there is read beyond them
+        costs = Costs.load(ROOT / path, model, allow_extrapolation=True)
         shape = shape_of(costs)
         r = rho(bits, group_size, shape.kv_elem)
         h2d, gather = link_bandwidth(costs)
@@ -176,6 +177,7 @@ def run(tol: float = 0.05, ks=K_GRID, batches=BATCHES, cases=CASES, bits: int = 
                 "rho": r, "h2d_GBs": h2d / 1e9, "gather_GBs": gather / 1e9, "mem_GBs": mem / 1e9,
                 "bound_k_h2d": r * h2d / mem * ctx, "bound_k_gather": r * gather / mem * ctx,
                 "quantized": n_q, "bound_k_layer": k_layer(costs, shape, b, ctx, pts, gather),
+                "extrapolated": sorted(costs.extrapolated),
             })
     return rows, summary
 
@@ -193,7 +195,8 @@ def report(summary, tol) -> str:
             f"{s['case']:30s} {s['batch']:3d} {s['context']:5d} {s['k0_ms']:8.3f}ms {fmt_k(s['exceeds_k0']):>6s} "
             f"{fmt_k(s['exceeds_nofetch']):>8s} {fmt_k(s['no_prefetch_exceeds_k0']):>7s} {s['rho']:6.3f} "
             f"{s['h2d_GBs']:5.1f}GB {s['gather_GBs']:5.1f}GB {s['mem_GBs']:5.0f}GB "
-            f"{s['bound_k_h2d']:8.0f} {s['bound_k_gather']:9.0f} {s['bound_k_layer']:8.0f}")
+            f"{s['bound_k_h2d']:8.0f} {s['bound_k_gather']:9.0f} {s['bound_k_layer']:8.0f}"
+            + (f"  (extrapolated: {', '.join(s['extrapolated'])})" if s["extrapolated"] else ""))
     lines.append("  >k0: first k whose prefetch step exceeds the k=0 (kivi) step by > tol; >nofetch: first k "
                  "whose prefetch step exceeds the same step with the fetch removed (fetch no longer hidden); "
                  "noPF>k0: the same as >k0 without prefetch; k* = rho * bandwidth / mem * N, the design's bound "

@@ -48,6 +48,7 @@ class SpecachePolicyConfig(KiviPolicyConfig):
     name: str = "specache"
     k: int = 64                     # 16-bit rows fetched per KV head per step; 0 = kivi; > context: clamped
     prefetch: bool = True           # speculative pre-decoding: fetch the next step's top-k during this one
+    gather: str = "host"            # host: index_select into pinned staging + one copy | device: a device kernel reads the pinned host rows (UVA, zero-copy)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class RagPolicyConfig(PolicyConfig):
     span_max: int = 16              # longest span
     seed: int = 0                   # selector=random
     epic_prefix: Optional[int] = None   # selector=epic: the first n tokens of every chunk (the paper's 8/16/32, r ignored); null = n = ceil(r * chunk)
-    draft_model: Optional[str] = None   # selector=draft: a separate draft (GGUF file or transformers folder; tokens aligned by character offsets); null = the target
+    draft_model: Optional[str] = None   # selector=draft: a separate draft; runtime: GGUF file or transformers folder (tokens aligned by character offsets); simulator: a shape preset of conf/model/ (e.g. llama32_1b_shape); null = the target
     store: str = "warm"             # warm: chunk K/V already in device memory | disk: read from the store's files
     question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
 
@@ -102,6 +103,7 @@ class HardwareConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's committed profile
     kv_budget_bytes: Optional[int] = None   # device bytes for KV: runtime.serve admission and the simulator; null = the profile's kv_available_bytes (simulator) / unlimited (runtime)
+    host_memory_bytes: Optional[int] = None  # simulator: host bytes for KV (SpeCache / offload keep 16-bit K/V there), admission respects it; null = unlimited
 
 
 @dataclass
@@ -129,6 +131,7 @@ class RunConfig:
     hardware: Any = MISSING
     experiment: Optional[str] = None   # name recorded in results; set by conf/experiment/*.yaml
     results_dir: str = "results"
+    allow_extrapolation: bool = False  # simulator: read measured tables beyond their shape / grid margin (recorded in `extrapolated`)
 
 
 @dataclass

@@ -9,7 +9,18 @@ is turned into one interpolator, built once, with one rule for every table:
 - measured noise: every table is first made non-decreasing along each axis (a running max);
 - above the grid: linear extrapolation in the raw axis value, with the slope of the last grid
   segment (transfers and kernels grow linearly in bytes / tokens / rows once past their fixed
-  costs; extrapolating in log space would flatten them), clamped at zero.
+  costs; extrapolating in log space would flatten them), clamped at zero; only up to
+  EXTRAPOLATION_MARGIN x the grid's last point. Beyond that a measured table is refused in one
+  line naming the table, the axis and the command that measures it; with the top-level
+  `allow_extrapolation=true` it is read anyway and the axis is recorded (`Costs.extrapolated`,
+  the result's `extrapolated` field).
+
+Measured tables are keyed by the shape they were measured for (`models.<model>.shape`): a run
+whose per-layer shape (SHAPE_KEYS) differs is refused the same way (`shape:<key>` when allowed).
+
+Roofline profiles are not read as grids at all: their costs are the formulas of
+runtime/profile/analytic.py, computed for the shape and point asked (any batch, context, k,
+bits, heads, head_dim, dim, ffn), so nothing is extrapolated and no shape is refused.
 
 Missing tables raise one ConfigError line naming the table and the file.
 """
@@ -24,16 +35,23 @@ from scipy.interpolate import RegularGridInterpolator
 
 from runtime.errors import ConfigError
 from runtime.profile import load as load_profile
+from runtime.profile.analytic import SHAPE_KEYS, Roofline
+from runtime.profile.analytic import Shape as AnalyticShape
 from runtime.profile.schema import TRANSFERS
 
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# a measured grid is read (linearly extrapolated) up to this factor above its last point; beyond
+# it a run is refused unless allow_extrapolation=true (then the axis is recorded)
+EXTRAPOLATION_MARGIN = 2.0
+GATHERS = ("host", "device")
 
 
 class Table:
     """One profile table as a function of its axes (in axis order), p50 values."""
 
-    def __init__(self, t: dict, where: str):
+    def __init__(self, t: dict, where: str, beyond=None):
         self.where = where
+        self.beyond = beyond           # called (where, axis, value, last grid point) above the grid
         self.names = list(t["axes"])
         self.axes = [np.asarray(v, dtype=float) for v in t["axes"].values()]
         self.values = np.asarray(t["p50"], dtype=float)
@@ -68,6 +86,8 @@ class Table:
         f = float(self._interp([np.log(clip)])[0])
         for j, (v, hi, prev) in enumerate(zip(x, self._hi, self._prev)):
             if v > hi:                                   # last segment's slope, raw axis
+                if self.beyond is not None:
+                    self.beyond(self.where, self.names[self._live[j]], v, hi)
                 at_prev = list(clip)
                 at_prev[j] = prev
                 slope = (f - float(self._interp([np.log(at_prev)])[0])) / (hi - prev)
@@ -92,9 +112,20 @@ class ModelShape:
         return self.n_kv_heads * self.head_dim * self.kv_elem
 
 
+class Formula:
+    """A roofline cost as a table-like callable: the analytic formula, for any point."""
+
+    def __init__(self, f, where: str):
+        self.f, self.where = f, where
+
+    def __call__(self, *x: float, **kw) -> float:
+        return float(self.f(*x, **kw))
+
+
 @dataclass
 class Costs:
-    """Interpolated cost functions of one profile and one model in it."""
+    """Cost functions of one profile and one model: interpolated measured tables, or (roofline
+    profiles) the analytic formulas for the bound shape (`bind`)."""
 
     path: Path
     profile: dict
@@ -103,26 +134,80 @@ class Costs:
     # hardware.link: (bytes/s, latency s) of an emulated link (runtime/transfer.py EmulatedLink)
     # on a CPU profile; None = the profile's own copies
     link: tuple[float, float] | None = None
+    allow_extrapolation: bool = False
+    extrapolated: set = field(default_factory=set)   # "<table>:<axis>" / "shape:<key>" read beyond what was measured
+    roofline: Roofline | None = None                  # set by bind() on a roofline profile
+    extra_weights_bytes: int = 0                      # another model in device memory (a RAG draft)
 
     @classmethod
-    def load(cls, path: str | Path, model: str) -> "Costs":
+    def load(cls, path: str | Path, model: str, allow_extrapolation: bool = False) -> "Costs":
         path = Path(path)
         prof = load_profile(path)
-        if model not in prof["models"]:
+        analytic = prof["provenance"].get("kind") == "roofline"
+        if model not in prof["models"] and not analytic:
             raise ConfigError(f"{path}: no tables for model={model!r}; profiled models: "
                               f"{', '.join(prof['models'])} (python -m runtime.profile --model {model})")
-        return cls(path, prof, model)
+        c = cls(path, prof, model, allow_extrapolation=bool(allow_extrapolation))
+        if analytic and model in prof["models"]:          # until bind(): the shape the profile names
+            s = prof["models"][model]["shape"]
+            c.bind(s, s["n_layers"], KV_ELEMENT_BYTES.get(prof["models"][model].get("kv_dtype", "float16"), 2))
+        return c
+
+    @property
+    def analytic(self) -> bool:
+        """Roofline profile: costs are formulas of the shape (runtime/profile/analytic.py)."""
+        return self.profile["provenance"].get("kind") == "roofline"
+
+    def measure_command(self, model: str | None = None) -> str:
+        return f"python -m runtime.profile --model {model or self.model} (on {self.profile['device'].get('name', 'its device')})"
+
+    def bind(self, shape: dict, n_layers: int, kv_elem: int) -> "Costs":
+        """The shape this run asks for (the model's per-layer shape, layers, K/V element bytes).
+        Roofline: the formulas are built for it. Measured: it must be the shape the tables were
+        measured for (SHAPE_KEYS), else refused (or recorded, with allow_extrapolation)."""
+        if self.analytic:
+            self.roofline = Roofline.of_profile(self.profile, AnalyticShape.of(shape, n_layers, kv_elem))
+            self.tables.clear()
+            return self
+        have = self.shape
+        hd = lambda d: d.get("head_dim") or d["dim"] // d["n_heads"]   # noqa: E731
+        for key in SHAPE_KEYS:
+            want, got = (hd(shape), hd(have)) if key == "head_dim" else (shape.get(key), have.get(key))
+            if want is not None and got is not None and int(want) != int(got):
+                self._beyond_measured(f"models.{self.model}.shape", key, want, got, shape=True)
+        return self
+
+    def _beyond_measured(self, where: str, axis: str, value, hi, shape: bool = False) -> None:
+        if not shape and value <= hi * EXTRAPOLATION_MARGIN:
+            return
+        tag = f"shape:{axis}" if shape else f"{where}:{axis}"
+        if self.allow_extrapolation:
+            self.extrapolated.add(tag)
+            return
+        what = (f"model.args.{axis}={value} differs from the shape {self.path.name} measured ({axis}={hi})" if shape else
+                f"{axis}={value:g} is beyond {where}'s measured grid (last point {hi:g}, read up to "
+                f"{EXTRAPOLATION_MARGIN:g}x)")
+        raise ConfigError(f"{self.path}: {what}; measure it with {self.measure_command()}, "
+                          "or run anyway with allow_extrapolation=true (recorded in the result's `extrapolated`)")
 
     # -- table access (built once, on first use)
 
     def table(self, name: str) -> Table:
         if name not in self.tables:
-            transfer = name in TRANSFERS or name in self.profile["transfers"]
+            if self.analytic:
+                if self.roofline is None:
+                    raise RuntimeError("Costs.bind(shape) first: roofline costs are computed for a shape")
+                f = getattr(self.roofline, "gather_host" if name == "gather" else name, None)
+                if f is None or name.startswith("_"):
+                    raise ConfigError(f"{self.path}: roofline has no cost '{name}'")
+                self.tables[name] = Formula(f, f"roofline.{name}")
+                return self.tables[name]
+            transfer = name in TRANSFERS or name in self.profile["transfers"] or name == "gather_device"
             src, where = (self.profile["transfers"], f"transfers.{name}") if transfer else \
                 (self.profile["models"][self.model]["kernels"], f"models.{self.model}.kernels.{name}")
             if name not in src or not isinstance(src[name], dict) or "axes" not in src[name]:
                 raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
-            self.tables[name] = Table(src[name], where)
+            self.tables[name] = Table(src[name], where, beyond=self._beyond_measured)
         return self.tables[name]
 
     def need(self, *names: str) -> None:
@@ -179,19 +264,32 @@ class Costs:
 
     @property
     def memory(self) -> dict:
-        return self.profile["models"][self.model]["memory"]
+        if self.analytic and self.roofline is not None:
+            r = self.roofline
+            return {"total_bytes": int(r.memory_total), "weights_bytes": r.s.weights_bytes(),
+                    "activation_peak_bytes": r.activation_bytes(),
+                    "runtime_overhead_bytes": int(r.a["runtime_overhead_bytes"]),
+                    "kv_available_bytes": r.kv_available_bytes(self.extra_weights_bytes)}
+        m = dict(self.profile["models"][self.model]["memory"])
+        if self.extra_weights_bytes:
+            m["kv_available_bytes"] = max(int(m["kv_available_bytes"]) - self.extra_weights_bytes, 0)
+        return m
 
     @property
     def kv_dtype_auto(self) -> str:
-        return self.profile["models"][self.model].get("kv_dtype", "float16")
+        m = self.profile["models"].get(self.model)
+        return (m or {}).get("kv_dtype", "float16")
 
     @property
     def shape(self) -> dict:
-        return self.profile["models"][self.model]["shape"]
+        """The profile's shape of this model ({} for a model a roofline profile never tabulated)."""
+        m = self.profile["models"].get(self.model)
+        return dict(m["shape"]) if m else {}
 
     # -- costs the policies use (seconds)
 
-    def decode_layer(self, batch: float, ctx: float, attn: str, rows: float | None = None) -> float:
+    def decode_layer(self, batch: float, ctx: float, attn: str, rows: float | None = None,
+                     bits: float | None = None, group_size: int | None = None) -> float:
         """One decode layer of `batch` sequences over `ctx` tokens with attention table `attn`,
         carrying `rows` query rows in all (default `batch`; SpeCache's speculative token makes
         it 2 x batch: two query rows of one sequence, which read that sequence's K/V once).
@@ -205,10 +303,20 @@ class Costs:
         - (batch) at a small context (its "context" key; older measured profiles): the
           attention table adds its growth from there, attn(B, ctx) - attn(B, context);
         - (batch) without a "context" key: no attention at all (roofline profiles derive it
-          from the weight GEMMs and the glue), so attn(B, ctx) is added whole."""
+          from the weight GEMMs and the glue), so attn(B, ctx) is added whole.
+        Roofline profiles: the formulas, the weight GEMMs at `rows` and the attention reading
+        `batch` sequences' K/V (at `bits` / `group_size` for the low-bit table) once.
+        (`bits` is used by the formulas only: a measured table is the bits it was measured at.)"""
+        rows = batch if rows is None else rows
+        if self.analytic:
+            r = self.roofline
+            if attn == "decode_attention_full":
+                a = r.decode_attention_full(batch, ctx, rows)
+            else:
+                a = r.decode_attention_kivi(batch, ctx, rows, **_lowbit(bits, group_size))
+            return r.decode_layer(rows) + a
         dl = self.table("decode_layer")
         a = self.table(attn)
-        rows = batch if rows is None else rows
         if len(dl.axes) == 2:
             c0 = float(dl.axes[1][0])
             base = dl(batch, ctx) + (dl(rows, c0) - dl(batch, c0) if rows != batch else 0.0)
@@ -237,10 +345,35 @@ class Costs:
         bw, latency = self.link
         return latency + nbytes / bw
 
-    def gather(self, nbytes: float) -> float:
-        """Gathered rows (index_select into staging + one copy), by the table's own row size."""
+    def score_topk(self, rows: float, ctx: float, bits: float | None = None, group_size: int | None = None,
+                   batch: float | None = None) -> float:
+        """Low-bit scores of `rows` query rows over `ctx` tokens and the top-k (SpeCache)."""
+        if self.analytic:
+            return self.roofline.score_topk(rows, ctx, batch=batch, **_lowbit(bits, group_size))
+        return self.table("score_topk")(rows, ctx)
+
+    def quantize(self, tokens: float, bits: float | None = None, group_size: int | None = None) -> float:
+        if self.analytic:
+            return self.roofline.quantize(tokens, **_lowbit(bits, group_size))
+        return self.table("quantize")(tokens)
+
+    def gather(self, nbytes: float, mode: str = "host") -> float:
+        """Fetch scattered 16-bit rows from host memory (`policy.gather`):
+        - host: index_select into a staging buffer + one copy, by the gather table's own row size
+          (roofline: host gather rate + the link);
+        - device: a device kernel reads the rows from pinned host memory (UVA), no host pass:
+          roofline at the link's rate; a measured GPU profile's `transfers.gather_device`; a CPU
+          profile emulates it with the same index_select (there host and device are one memory),
+          so it costs as `host`."""
         if nbytes <= 0:
             return 0.0
+        if mode not in GATHERS:
+            raise ConfigError(f"policy.gather={mode!r} is not known; choose one of: {', '.join(GATHERS)}")
+        if self.analytic:
+            return self.roofline.gather_device(nbytes) if mode == "device" else self.roofline.gather_host(nbytes)
+        if mode == "device" and self.link_kind == "device":
+            t = self.table("gather_device")
+            return t(nbytes / float(t.extra.get("row_bytes", 256)))
         t = self.table("gather")
         rows = t(nbytes / float(t.extra.get("row_bytes", 256)))
         if self.link:             # the gathered K and V then cross the emulated link: two copies
@@ -257,6 +390,8 @@ class Costs:
         k (a running max) and anchored at k = 0 -> 0 (k = 0 is plain kivi)."""
         if k <= 0:
             return 0.0
+        if self.analytic:
+            return self.roofline.replace(batch, k)
         if "replace" not in self.tables:
             self.tables["replace"] = self._replace_table(shape)
         return self.tables["replace"](batch, k)
@@ -280,4 +415,9 @@ class Costs:
         t = {"axes": {"batch": list(B), "k": [k0, *K]}, "unit": "s",
              "p50": np.concatenate([np.zeros((len(B), 1)), vals], axis=1).tolist()}
         t["p10"] = t["p90"] = t["p50"]
-        return Table(t, f"models.{self.model}.kernels.gather_replace (replace part)")
+        return Table(t, f"models.{self.model}.kernels.gather_replace (replace part)", beyond=self._beyond_measured)
+
+
+def _lowbit(bits: float | None, group_size: int | None) -> dict:
+    """The formulas' low-bit knobs: the policy's, else the profile's defaults (2 bits, group 64)."""
+    return {"bits": 2 if bits is None else bits, "group_size": 64 if group_size is None else group_size}

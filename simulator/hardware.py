@@ -42,11 +42,14 @@ def solve(ops: list[Op]) -> StepTime:
 class Hardware:
     """The contended hardware of one simulated device."""
 
-    def __init__(self, env: simpy.Environment, kv_capacity_bytes: int):
+    def __init__(self, env: simpy.Environment, kv_capacity_bytes: int, host_capacity_bytes: int | None = None):
         self.env = env
         self.engines = {name: simpy.Resource(env, capacity=1) for name in ENGINES}
         # KV admission: a request's whole KV is taken at admission and given back at completion
         self.kv = simpy.Container(env, capacity=kv_capacity_bytes, init=kv_capacity_bytes)
+        # host memory for KV (hardware.host_memory_bytes), taken and given back the same way; None: unlimited
+        self.host = None if host_capacity_bytes is None else \
+            simpy.Container(env, capacity=host_capacity_bytes, init=host_capacity_bytes)
         self.busy = dict.fromkeys(ENGINES, 0.0)
 
     def run_step(self, ops: list[Op]):

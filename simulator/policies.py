@@ -79,6 +79,10 @@ class Policy:
     def peak_lengths(self, n: int) -> list[int]:
         return [n]
 
+    def reserve_host_bytes(self, n: int, s: ModelShape) -> int:
+        """Host bytes to reserve for a request that will reach n tokens (its host KV only grows)."""
+        return self.kv_bytes([n], s)[1]
+
     # -- step graphs
 
     def query_rows(self, batch: int) -> int:
@@ -205,7 +209,11 @@ class Kivi(Policy):
         return [n, self.residual + kq - self.group_size]
 
     def prefill_extra(self, c, prompts):
-        return sum(c.table("quantize")(t) for t in prompts)
+        return sum(c.quantize(t, self.bits, self.group_size) for t in prompts)
+
+    def layer_compute(self, c, s, batch, ctx):
+        return c.decode_layer(batch, ctx, self.attn_table, rows=self.query_rows(batch),
+                              bits=self.bits, group_size=self.group_size)
 
 
 @dataclass
@@ -216,8 +224,10 @@ class Specache(Kivi):
     name: str = "specache"
     k: int = 64
     prefetch: bool = True
+    gather: str = "host"        # host: CPU index_select + copy | device: a device kernel reads pinned host rows (UVA)
 
     def tables(self):
+        # gather=device on a measured GPU profile also reads transfers.gather_device (Costs.gather)
         return super().tables() + ("score_topk", "gather_replace", "gather", "d2h_pinned")
 
     def k_eff(self, ctx: float) -> int:
@@ -242,9 +252,10 @@ class Specache(Kivi):
             return Kivi.decode_graph(self, c, s, batch, ctx)
         rows = self.query_rows(batch)
         k = self.k_eff(ctx)
-        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows) + c.table("score_topk")(rows, ctx)
+        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size) \
+            + c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
         replace = c.replace(rows, k, s)
-        fetch = c.gather(2 * batch * k * s.kv_row)
+        fetch = c.gather(2 * batch * k * s.kv_row, self.gather)
         back = c.d2h(2 * batch * s.kv_row)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
         prev = "overhead"
@@ -299,3 +310,5 @@ def check(p: Policy) -> None:
         check_knobs(p)
     if isinstance(p, Specache) and p.k < 0:
         raise ConfigError(f"policy.k={p.k} must be >= 0 (0 = plain KIVI; k beyond the context is clamped)")
+    if isinstance(p, Specache) and p.gather not in ("host", "device"):
+        raise ConfigError(f"policy.gather={p.gather!r} is not known; choose one of: host, device")

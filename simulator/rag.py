@@ -14,7 +14,10 @@ The prefill graph mirrors the runtime's order (placed_kv -> select -> selective_
   `rope_rerotate`(N) after that layer's loads; per layer `selective_prefill`(m, N + Q) with
   m = ceil(r N) + Q (reuse: m = Q; epic with a fixed `epic_prefix`: min(prefix, chunk) per
   chunk + Q, r ignored); `lm_head_sample`.
-- a separate draft (`draft_model`) is not costed: the profile holds the target's tables only.
+- a separate draft (`draft_model`, naming a shape preset in conf/model/, e.g. llama32_1b_shape):
+  D x the *draft's* `prefill_layer`(N + Q), from the same profile for the draft's shape
+  (roofline: the formulas for that shape; measured: the draft's own tables, else refused);
+  its weights are taken out of the device memory left for KV.
 - selector=full (or a prompt with no context tokens): the `full` twin's prefill exactly.
 
 Copies are not stretched against compute (a chunk load is a file read, not a pinned DMA beside
@@ -51,7 +54,7 @@ class Rag(Policy):
     span_max: int = 16
     seed: int = 0
     epic_prefix: int | None = None  # epic: fixed first tokens per chunk (null = ceil(r * chunk))
-    draft_model: str | None = None  # a separate draft: not costed (check() refuses it)
+    draft_model: str | None = None  # a separate draft: a shape preset (conf/model/<name>.yaml), costed from its own shape
     question_len: int = 32          # Q: the prompt's last tokens (policy.question_len)
     store: str = "warm"             # warm: chunks already in device memory, no load | disk: chunk_load per chunk
 
@@ -85,6 +88,9 @@ class Rag(Policy):
 
     def selector_cost(self, c: Costs, s: ModelShape, total: int) -> float:
         if self.selector == "draft":
+            draft = getattr(self, "draft_costs", None)     # set by simulator.run for policy.draft_model
+            if draft is not None:
+                return self.draft_layers * draft.table("prefill_layer")(total)
             if not 1 <= self.draft_layers <= s.n_layers:
                 raise ConfigError(f"policy.draft_layers={self.draft_layers} must be in [1, {s.n_layers}] "
                                   "(the model's layers)")
@@ -150,7 +156,4 @@ def check(p: Rag) -> None:
         raise ConfigError(f"policy.question_len={p.question_len} must be >= 1 (a rag prompt ends with a question)")
     if p.epic_prefix is not None and p.epic_prefix < 1:
         raise ConfigError(f"policy.epic_prefix={p.epic_prefix} must be >= 1 (tokens per chunk) or null (= ceil(r * chunk))")
-    if p.selector == "draft" and p.draft_model is not None:
-        raise ConfigError(f"policy.draft_model={p.draft_model}: the simulator has no cost tables for a separate draft "
-                          "(a profile measures the target only); simulate with policy.draft_model=null "
-                          "(the target's first draft_layers layers)")
+

@@ -51,27 +51,77 @@ def profile_path(hw) -> Path:
     return path if path.is_absolute() or path.exists() else ROOT / path
 
 
+SHAPE_FIELDS = ("dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
+
+
+def requested_shape(model_cfg, costs: Costs, where: str = "model") -> dict:
+    """The shape a model config asks for: model.args over the profile's shape of that model
+    (a roofline profile need not have tabulated it: then model.args must give the whole shape)."""
+    shape = {**costs.shape, **(model_cfg.get("args") or {})}
+    if "args" in model_cfg and model_cfg.args and "dim" in model_cfg.args:
+        shape["head_dim"] = shape["dim"] // shape["n_heads"]
+    missing = [k for k in SHAPE_FIELDS if k not in shape]
+    if missing:
+        raise ConfigError(f"{where}={model_cfg.get('name')}: no shape for {', '.join(missing)} (the profile "
+                          f"{costs.path.name} has no model of that name); set {where}.args.{missing[0]} or pick a "
+                          "shape preset (conf/model/*_shape.yaml)")
+    shape.setdefault("head_dim", shape["dim"] // shape["n_heads"])
+    return shape
+
+
 def model_shape(cfg, costs: Costs) -> tuple[ModelShape, int]:
     """Layers: model.full_n_layers, else model.args.n_layers, else the profile's; heads and
-    head_dim from model.args over the profile's shape; kv_dtype auto = the profile's."""
-    shape = {**costs.shape, **(cfg.model.get("args") or {})}
-    head_dim = shape.get("head_dim") or shape["dim"] // shape["n_heads"]
-    if "args" in cfg.model and cfg.model.args and "dim" in cfg.model.args:
-        head_dim = shape["dim"] // shape["n_heads"]
+    head_dim from model.args over the profile's shape; kv_dtype auto = the profile's.
+    Binds the costs to this shape (roofline: formulas for it; measured: refused if it is not
+    the shape measured)."""
+    shape = requested_shape(cfg.model, costs)
     n_layers = cfg.model.get("full_n_layers") or shape["n_layers"]
     kv = cfg.policy.kv_dtype
     kv = costs.kv_dtype_auto if kv == "auto" else kv
     from .costs import KV_ELEMENT_BYTES
     if kv not in KV_ELEMENT_BYTES:
         raise ConfigError(f"policy.kv_dtype={kv!r} is not known; use one of auto, {', '.join(KV_ELEMENT_BYTES)}")
-    return ModelShape(int(n_layers), int(shape["n_kv_heads"]), int(head_dim), kv), int(shape["max_seq_len"])
+    costs.bind(shape, int(n_layers), KV_ELEMENT_BYTES[kv])
+    return ModelShape(int(n_layers), int(shape["n_kv_heads"]), int(shape["head_dim"]), kv), int(shape["max_seq_len"])
+
+
+def model_preset(name: str, key: str) -> DictConfig:
+    """conf/model/<name>.yaml, for a model named by another config key (policy.draft_model)."""
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+        raise ConfigError(f"{key}={name}: the simulator costs a separate model by its preset shape; name one of "
+                          f"conf/model/*.yaml ({', '.join(presets)})")
+    return OmegaConf.load(path)
+
+
+def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
+    """policy.draft_model (RAG, selector=draft): the draft's own costs, from the same profile,
+    for its preset shape; its weights share the device with the target's."""
+    pol = cfg.policy
+    if pol.get("name") != "rag" or pol.get("selector") != "draft" or not pol.get("draft_model"):
+        return None
+    m = model_preset(str(pol.draft_model), "policy.draft_model")
+    d = Costs.load(path, str(m.name), allow_extrapolation=costs.allow_extrapolation)
+    d.extrapolated = costs.extrapolated
+    shape = requested_shape(m, d, "policy.draft_model")
+    n_layers = int(m.get("full_n_layers") or shape["n_layers"])
+    if not 1 <= pol.draft_layers <= n_layers:
+        raise ConfigError(f"policy.draft_layers={pol.draft_layers} must be in [1, {n_layers}] "
+                          f"(the layers of policy.draft_model={pol.draft_model})")
+    d.bind(shape, n_layers, kv_elem)
+    if d.analytic:
+        costs.extra_weights_bytes = d.roofline.s.weights_bytes()
+    else:
+        costs.extra_weights_bytes = int(d.memory.get("weights_bytes", 0))
+    return d
 
 
 def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
     """The simulator a config describes, and the profile it reads."""
     check_workload(cfg.workload)
     path = profile_path(cfg.hardware)
-    costs = Costs.load(path, cfg.model.name)
+    costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)))
     link = cfg.hardware.get("link") or {}
     if link.get("gbps"):
         if costs.profile["device"].get("type") != "cpu":
@@ -82,12 +132,18 @@ def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
         costs.link = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
     shape, max_seq = model_shape(cfg, costs)
     policy = make_policy(cfg.policy)
+    draft = draft_costs(cfg, costs, path, shape.kv_elem)
+    if draft is not None:
+        policy.draft_costs = draft
     cap = cfg.hardware.get("kv_budget_bytes") or int(costs.memory["kv_available_bytes"])
     if cap < 1:
         raise ConfigError(f"hardware.kv_budget_bytes={cap} must be >= 1")
+    host = cfg.hardware.get("host_memory_bytes")
+    if host is not None and host < 1:
+        raise ConfigError(f"hardware.host_memory_bytes={host} must be >= 1 (or null: unlimited)")
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
-              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq)
+              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host))
     return sim, path
 
 
@@ -104,6 +160,8 @@ def simulate(cfg: DictConfig) -> dict:
         "model": cfg.model.name, "policy": policy.name, "hardware": cfg.hardware.name, "experiment": cfg.experiment,
         "batch": cfg.workload.batch, "prompt_len": cfg.workload.prompt_len, "gen_len": cfg.workload.gen_len,
         "sim_wall_s": wall, "sim_iterations": sim.iterations,
+        # axes (and shape keys) read beyond what the profile measured (allow_extrapolation=true)
+        "extrapolated": sorted(costs.extrapolated),
         "config": resolved,
         "provenance": {"kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
                        "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],

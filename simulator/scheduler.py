@@ -7,7 +7,8 @@ running request. `scheduler.order`:
 - decode_first: running requests decode to completion; new requests are admitted only when the
   batch has drained (no prefill ever interrupts decoding).
 
-Admission reserves a request's whole device KV (prompt + gen_len tokens, the policy's peak
+Admission reserves a request's whole device KV, and (with `hardware.host_memory_bytes`) its whole
+host KV (SpeCache and offload keep every token's 16-bit K/V on the host), (prompt + gen_len tokens, the policy's peak
 bytes up to that length) from `Hardware.kv` and gives it back at completion: a SimPy Container
 serves gets in FIFO order, and KV that grows during decode could otherwise deadlock. Admission
 is FIFO with head-of-line blocking, up to `scheduler.max_batch` requests. A request larger than
@@ -44,6 +45,7 @@ class Sim:
     fidelity: str = "fast"
     ctx_bucket: int = 16
     max_seq_len: int | None = None
+    host_capacity: int | None = None    # hardware.host_memory_bytes: host KV admission (None: unlimited)
     # results
     done: list[Request] = field(default_factory=list)
     max_batch_reached: int = 0
@@ -62,7 +64,7 @@ class Sim:
             raise ConfigError(f"scheduler.ctx_bucket={self.ctx_bucket} must be >= 1")
         self.costs.need(*self.policy.tables())
         self.env = simpy.Environment()
-        self.hw = Hardware(self.env, self.kv_capacity)
+        self.hw = Hardware(self.env, self.kv_capacity, self.host_capacity)
         self.waiting: deque[Request] = deque()
         self.wake = self.env.event()
         self.open = 0                 # arrival processes still sending
@@ -78,6 +80,11 @@ class Sim:
             raise ConfigError(f"request {r.id} needs {r.reserved} bytes of KV ({r.prompt_len} + {r.gen_len} tokens, "
                               f"policy={self.policy.name}) but the device holds {self.kv_capacity} for KV; "
                               "shorten it or pick a smaller policy / larger hardware")
+        r.reserved_host = self.policy.reserve_host_bytes(r.prompt_len + r.gen_len, self.shape)
+        if self.host_capacity is not None and r.reserved_host > self.host_capacity:
+            raise ConfigError(f"request {r.id} needs {r.reserved_host} bytes of host KV ({r.prompt_len} + {r.gen_len} "
+                              f"tokens, policy={self.policy.name}) but hardware.host_memory_bytes={self.host_capacity}; "
+                              "raise it or shorten the request")
         self.waiting.append(r)
         if not self.wake.triggered:
             self.wake.succeed()
@@ -137,6 +144,8 @@ class Sim:
                 r.done_s = self.env.now
                 self.done.append(r)
                 yield self.hw.kv.put(r.reserved)
+                if self.hw.host is not None and r.reserved_host:
+                    yield self.hw.host.put(r.reserved_host)
                 if hasattr(r, "finished"):
                     r.finished.succeed()
 
@@ -148,7 +157,11 @@ class Sim:
             r = self.waiting[0]
             if self.hw.kv.level < r.reserved:
                 break                                  # FIFO: the head waits for memory
+            if self.hw.host is not None and self.hw.host.level < r.reserved_host:
+                break                                  # ... or for host memory (SpeCache / offload KV)
             self.hw.kv.get(r.reserved)                 # available now: granted at once
+            if self.hw.host is not None and r.reserved_host:
+                self.hw.host.get(r.reserved_host)
             r.admitted_s = self.env.now
             new.append(self.waiting.popleft())
         return new

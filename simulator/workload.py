@@ -33,6 +33,7 @@ class Request:
     done_s: float | None = None
     generated: int = 0
     reserved: int = 0
+    reserved_host: int = 0
 
     @property
     def ttft_s(self) -> float:

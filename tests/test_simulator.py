@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from runtime.config import SchedulerConfig, WorkloadConfig, register
 from runtime.errors import ConfigError
 from runtime.kv import Step, make_cache
-from simulator.costs import Costs, ModelShape
+from simulator.costs import KV_ELEMENT_BYTES, Costs, ModelShape
 from simulator.hardware import detailed, solve
 from simulator.policies import Kivi, Offload, Op, Policy, Specache, make_policy
 from simulator.scheduler import Sim
@@ -26,8 +26,13 @@ H100 = ROOT / "profiles/roofline-h100-sxm.json"
 A6000 = ROOT / "profiles/roofline-a6000.json"
 
 
-def costs(path=CPU, model="tiny"):
-    return Costs.load(path, model)
+def costs(path=CPU, model="tiny", allow_extrapolation=True):
+    """A profile's costs bound to the shape it holds for `model` (roofline: the formulas for it).
+    The logic tests read the CPU tables past their batch-4 grid (allow_extrapolation); the refusal
+    itself is tested in tests/test_shape_true.py."""
+    c = Costs.load(path, model, allow_extrapolation=allow_extrapolation)
+    s = c.shape
+    return c.bind(s, s["n_layers"], KV_ELEMENT_BYTES[c.kv_dtype_auto])
 
 
 def shape_of(c: Costs, kv_dtype=None, n_layers=None):
@@ -78,7 +83,7 @@ def test_missing_table_is_one_line_naming_table_and_file(tmp_path):
 
 @pytest.mark.parametrize("path,model", [(CPU, "smollm2"), (H100, "llama7b_shape"), (A6000, "llama7b_shape")])
 def test_specache_k0_is_kivi_and_more_k_never_cheaper(path, model):
-    c = costs(path, model)
+    c = costs(path, model)      # k up to 4096: beyond the CPU's measured k grid (allowed, as everywhere here)
     s = shape_of(c)
     for B in (1, 4, 16):
         for ctx in (300, 2048, 6000):

@@ -26,7 +26,7 @@ register()
 
 @pytest.fixture(scope="module")
 def cpu():
-    c = Costs.load(CPU, "smollm2")
+    c = Costs.load(CPU, "smollm2", allow_extrapolation=True)     # 8 x 512 chunks: m past the measured 1024
     s = c.shape
     return c, ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto)
 
@@ -123,7 +123,7 @@ def test_missing_table_one_line_error(tmp_path, cpu):
     del prof["models"]["smollm2"]["kernels"]["selective_prefill"]
     path = tmp_path / "p.json"
     path.write_text(json.dumps(prof))
-    c = Costs.load(path, "smollm2")
+    c = Costs.load(path, "smollm2", allow_extrapolation=True)
     pol = make_policy({"name": "rag", "selector": "draft", "store": "disk"})
     with pytest.raises(ConfigError) as e:
         c.need(*pol.tables())
@@ -157,7 +157,7 @@ def test_cli_accepts_policy_rag(tmp_path):
         assert isinstance(pol, Rag) and pol.draft_layers == 3 and pol.selector == "draft"
         r = simulate(cfg)
     assert r["policy"] == "rag" and r["requests"] == 1
-    c = Costs.load(CPU, "smollm2")
+    c = Costs.load(CPU, "smollm2", allow_extrapolation=True)     # 8 x 512 chunks: m past the measured 1024
     s = c.shape
     sh = ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto)
     assert r["ttft_s"] == pytest.approx(ttft(c, sh, selector="draft", draft_layers=3), rel=1e-9)
@@ -208,8 +208,13 @@ def test_epic_fixed_prefix_recomputes_the_prefixes(cpu):
         make_policy({"name": "rag", "selector": "epic", "epic_prefix": 0})
 
 
-def test_separate_draft_is_not_costed():
-    with pytest.raises(ConfigError, match="policy.draft_model") as e:
-        make_policy({"name": "rag", "selector": "draft", "draft_model": "/some/draft.gguf"})
+def test_separate_draft_must_name_a_shape_preset():
+    """The simulator costs a separate draft by its preset shape; a file path is refused in one line."""
+    from analysis.validate import compose_config
+    from simulator.run import build_sim
+    cfg = compose_config("simulate", ["model=llama3_8b_shape", "hardware=a100", "policy=rag", "workload=rag",
+                                      "policy.draft_model=/some/draft.gguf"])
+    with pytest.raises(ConfigError, match="policy.draft_model=/some/draft.gguf.*llama32_1b_shape") as e:
+        build_sim(cfg)
     assert "\n" not in str(e.value)
     make_policy({"name": "rag", "selector": "epic", "draft_model": "/some/draft.gguf"})   # only draft uses it
