@@ -43,6 +43,10 @@ METRICS = ("throughput_tok_s", "ttft_s", "tpot_s", "kv_bytes_device", "kv_bytes_
 class SweepSpec:
     base: list[str] = field(default_factory=list)
     grids: list[Any] = field(default_factory=list)     # {name, overrides, axes: {key: [values]}}
+    # a paper reproduction (conf/experiment/paper_*.yaml): `specache` or `rag` adds the decode-step
+    # columns (decode_tok_s at the batch reached, the engine and op bounding it, what bounded the
+    # batch) and the ratios against the `full` rows at the same prompt length; null: a plain sweep
+    paper: Optional[str] = None
 
 
 @dataclass
@@ -72,7 +76,60 @@ def points(cfg: DictConfig) -> list[tuple[str, list[str]]]:
     return out
 
 
-def run_point(grid: str, overrides: list[str], results_dir: str) -> dict:
+def step_detail(cfg: DictConfig, rec: dict) -> dict:
+    """The decode step at the batch the run reached and its mid-generation context: seconds,
+    tokens/s, each engine's busy time, the engine that bounds it and the op that dominates
+    that engine; and what bounded the batch (device memory, host memory, scheduler.max_batch, or
+    the requests there were)."""
+    import re as _re
+
+    from simulator.hardware import solve
+    from simulator.run import build_sim
+
+    sim, _ = build_sim(cfg)
+    w = cfg.workload
+    B = max(int(rec["max_batch_reached"]), 1)
+    ctx = w.prompt_len + w.gen_len / 2
+    ops = sim.policy.decode_graph(sim.costs, sim.shape, B, ctx)
+    st = solve(ops)
+    engine = max(st.busy, key=st.busy.get)
+    kinds: dict[str, float] = {}
+    for op in ops:
+        if op.engine == engine:
+            kind = _re.sub(r"\d+(_next)?$", "", op.name)
+            kinds[kind] = kinds.get(kind, 0.0) + op.seconds
+    n = w.prompt_len + w.gen_len
+    dev = sim.policy.reserve_bytes(n, sim.shape)
+    host = sim.policy.reserve_host_bytes(n, sim.shape)
+    limits = {"device_memory": sim.kv_capacity // max(dev, 1),
+              "host_memory": (sim.host_capacity // host) if (sim.host_capacity is not None and host) else math.inf,
+              "max_batch": sim.max_batch, "requests": w.batch if w.arrival == "static" else w.n_requests}
+    return {"decode_step_s": st.seconds, "decode_tok_s": B / st.seconds, "bound_engine": engine,
+            "bound_op": max(kinds, key=kinds.get), **{f"busy_{k}_s": v for k, v in st.busy.items()},
+            "batch_limit": min(limits, key=lambda k: limits[k]), "kv_available_bytes": sim.kv_capacity,
+            "host_kv_per_request_bytes": host, "device_kv_per_request_bytes": dev}
+
+
+def prefill_detail(cfg: DictConfig) -> dict:
+    """One request's prefill (what TTFT is): seconds and the op kind that takes most of it."""
+    import re as _re
+
+    from simulator.hardware import solve
+    from simulator.run import build_sim
+
+    sim, _ = build_sim(cfg)
+    ops = sim.policy.prefill_graph(sim.costs, sim.shape, [cfg.workload.prompt_len])
+    kinds: dict[str, float] = {}
+    for op in ops:
+        kind = _re.sub(r"\d+$", "", op.name)
+        kinds[kind] = kinds.get(kind, 0.0) + op.seconds
+    kinds = {("recompute" if k == "layer" else k): v for k, v in kinds.items()}
+    tot = sum(kinds.values())
+    return {"prefill_s": solve(ops).seconds, "prefill_bound_op": max(kinds, key=kinds.get),
+            "prefill_ops": " ".join(f"{k}={v / tot:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))}
+
+
+def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | None = None) -> dict:
     from simulator.run import simulate
 
     row: dict[str, Any] = {"grid": grid, "overrides": " ".join(overrides), "status": "ok"}
@@ -87,6 +144,14 @@ def run_point(grid: str, overrides: list[str], results_dir: str) -> dict:
                     "draft_layers": p.get("draft_layers", math.nan) if p.get("selector") == "draft" else math.nan})
         rec = simulate(cfg)
         row.update({m: rec.get(m, math.nan) for m in METRICS})
+        row["extrapolated"] = " ".join(rec.get("extrapolated", []))
+        if paper:
+            row.update({"gather": p.get("gather", ""), "draft_model": p.get("draft_model") or "",
+                        "max_batch_reached": rec["max_batch_reached"], "requests": rec["requests"],
+                        "wall_s": rec["wall_s"]})
+            row.update(step_detail(cfg, rec))
+            if paper == "rag":
+                row.update(prefill_detail(cfg))
     except Exception as e:          # recorded; the sweep goes on
         row["status"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
     return row
@@ -260,11 +325,113 @@ def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = 
 
 def sweep(cfg: DictConfig) -> pd.DataFrame:
     pts = points(cfg)
-    rows = [run_point(g, ov, cfg.results_dir)
+    paper = cfg.sweep.get("paper")
+    if paper not in (None, "specache", "rag"):
+        raise ConfigError(f"sweep.paper={paper!r} is not known; use specache, rag or null")
+    rows = [run_point(g, ov, cfg.results_dir, paper)
             for g, ov in tqdm(pts, desc=f"sweep {cfg.experiment}", unit="point", disable=not cfg.progress)]
-    df = join_quality(pd.DataFrame(rows), cfg.evals_dir)
+    df = pd.DataFrame(rows)
+    if paper:
+        df = paper_table(df, paper)
+        write_csv_atomic(df, csv_path(cfg))
+        plot_paper(df, paper, csv_path(cfg).with_suffix(".png"))
+        return df
+    df = join_quality(df, cfg.evals_dir)
     write_csv_atomic(df, csv_path(cfg))
     return df
+
+
+# ----------------------------------------------------------------------------- paper reproductions
+
+# the papers' headline numbers, shown beside the simulator's (never fitted to)
+PAPER = {"specache": {"batch_vs_full": 12.0, "throughput_vs_full": 4.6,
+                      "source": "SpeCache (ICML 2025): RTX A6000, Mistral-7B-Instruct-v0.2, batch maximised"},
+         "rag": {"ttft_vs_full": (2.17, 3.95), "throughput_vs_full": (2.7, 5.2),
+                 "source": "SpecCache (ACL 2026): draft-guided recompute vs full recompute"}}
+
+
+def paper_label(r) -> str:
+    if r.policy_name == "specache":
+        return (f"specache-k{int(r.k)}-{int(r.bits)}b" + ("" if str(r.prefetch).lower() == "true" else "-noprefetch")
+                + f"-{r.gather}")
+    if r.policy_name == "kivi":
+        return f"kivi-{int(r.bits)}b"
+    if r.policy_name == "rag":
+        if r.selector == "full":
+            return "full-recompute"
+        return f"{r.selector}-r{r.recompute_ratio:g}" + (f"-{r.draft_model}" if r.draft_model else "")
+    return r.policy_name
+
+
+def paper_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
+    """`policy` becomes the configuration's label; ratios are against the `full` row (full
+    16-bit cache; RAG: full recompute) at the same prompt length."""
+    df = df.rename(columns={"policy": "policy_name"})
+    df["policy"] = [paper_label(r) if r.status == "ok" else "" for r in df.itertuples()]
+    ok = df.status == "ok"
+    base = "full" if paper == "specache" else "full-recompute"
+    df["throughput_vs_full"] = np.nan
+    df["batch_vs_full"] = np.nan
+    if paper == "rag":
+        df["ttft_vs_full"] = np.nan
+    for _, g in df[ok].groupby(["prompt_len"] + (["batch"] if paper == "rag" else [])):
+        f = g[g.policy == base]
+        if not len(f):
+            continue
+        f = f.iloc[0]
+        idx = g.index
+        if paper == "specache":
+            df.loc[idx, "throughput_vs_full"] = g.decode_tok_s / f.decode_tok_s
+        else:
+            df.loc[idx, "throughput_vs_full"] = g.throughput_tok_s / f.throughput_tok_s
+            df.loc[idx, "ttft_vs_full"] = f.ttft_s / g.ttft_s
+        df.loc[idx, "batch_vs_full"] = g.max_batch_reached / f.max_batch_reached
+    first = ["prompt_len", "policy", "max_batch_reached", "decode_tok_s", "throughput_vs_full", "batch_vs_full",
+             *(["batch", "ttft_s", "ttft_vs_full", "throughput_tok_s", "prefill_ops"] if paper == "rag" else []),
+             "bound_engine", "bound_op", "batch_limit"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def plot_paper(df: pd.DataFrame, paper: str, out: str | Path):
+    from .validate import _plt
+
+    plt, sns = _plt()
+    d = df[df.status == "ok"]
+    ref = PAPER[paper]
+    if paper == "specache":
+        d = d[d.policy != "full"]
+        fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+        for ax, col, paper_v, title in ((axes[0], "batch_vs_full", ref["batch_vs_full"], "batch reached / full's"),
+                                        (axes[1], "throughput_vs_full", ref["throughput_vs_full"],
+                                         "decode tok/s at that batch / full's")):
+            sns.lineplot(data=d, x="prompt_len", y=col, hue="policy", marker="o", ax=ax, legend=ax is axes[1])
+            ax.axhline(paper_v, color="black", ls="--", lw=1)
+            ax.annotate(f"paper: {paper_v:g}x", (d.prompt_len.min(), paper_v), fontsize=8, xytext=(2, 3),
+                        textcoords="offset points")
+            ax.axhline(1, color="grey", ls=":", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(title)
+        axes[1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=7)
+    else:
+        d = d[d.policy != "full-recompute"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        d = d.assign(selector_label=[p.split("-r")[0] + ("" if dm else " (target's first layers)")
+                                     for p, dm in zip(d.policy, d.draft_model)])
+        for ax, col, rng, title, rows in ((axes[0], "ttft_vs_full", ref["ttft_vs_full"], "TTFT: full recompute / this (1 request)",
+                                           d[d.batch == d.batch.min()]),
+                                          (axes[1], "throughput_vs_full", ref["throughput_vs_full"],
+                                           f"throughput / full recompute's ({d.batch.max()} requests)", d[d.batch == d.batch.max()])):
+            sns.barplot(data=rows, x="recompute_ratio", y=col, hue="selector_label", ax=ax)
+            ax.axhspan(*rng, color="green", alpha=0.12, label=f"paper {rng[0]:g}-{rng[1]:g}x")
+            ax.axhline(1, color="grey", ls=":", lw=0.8)
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{ref['source']} -- simulator (analytic roofline), {d.model.iloc[0] if len(d) else ''} on "
+                 f"{d.hardware.iloc[0] if len(d) else ''}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def csv_path(cfg: DictConfig) -> Path:
@@ -281,6 +448,12 @@ def main(argv: list[str] | None = None) -> None:
         df = sweep(cfg)
     ok = df[df.status == "ok"]
     cols = ["label", "throughput_tok_s", "tpot_s", "ttft_s", "kv_ratio_vs_fp16", "passkey_accuracy"]
+    if cfg.sweep.get("paper") == "specache":
+        cols = ["prompt_len", "policy", "max_batch_reached", "decode_tok_s", "throughput_vs_full", "batch_vs_full",
+                "bound_engine", "bound_op", "batch_limit"]
+    elif cfg.sweep.get("paper") == "rag":
+        cols = ["prompt_len", "policy", "batch", "ttft_s", "ttft_vs_full", "throughput_tok_s", "throughput_vs_full",
+                "max_batch_reached", "bound_engine", "prefill_ops"]
     with pd.option_context("display.width", 160, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
         print(ok[cols].to_string(index=False))
     for r in df[df.status != "ok"].itertuples():
