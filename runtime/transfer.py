@@ -17,7 +17,17 @@ Three links, one interface (`copy(dst, src) -> Transfer`, `Transfer.wait()`):
 
 Gathers never copy one row at a time: `gather_rows` is one `index_select` over a flattened
 (B * H * T, D) view into a reused staging buffer; on CUDA the staging buffer is pinned and goes
-to the device in one non-blocking copy.
+to the device in one non-blocking copy (`policy.gather=host`).
+
+`policy.gather=device` skips the host pass: `link.gather(dst, store, idx)` reads the rows
+straight from the (pinned) host store into device memory:
+- `CudaLink`: a CUDA view of the pinned store (`host_mapped`: the same pointer under unified
+  virtual addressing, no copy) and one `index_select` kernel on the copy stream, so the GPU
+  reads the k rows over PCIe itself (zero-copy); the indices never visit the host (no
+  `.cpu()` synchronisation);
+- `EmulatedLink`: the index_select straight into the destination on the caller's thread, and
+  the bytes' completion at the link's deadline (one transfer);
+- `DirectLink`: the index_select straight into the destination.
 """
 from __future__ import annotations
 
@@ -69,6 +79,13 @@ class DirectLink:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
         dst.copy_(src)
         self.stats.bytes += _nbytes(src)
+        self.stats.copies += 1
+        return DONE
+
+    def gather(self, dst: torch.Tensor, store: torch.Tensor, idx: torch.Tensor) -> Transfer:
+        """policy.gather=device: dst = the rows of `store` at `idx`, no staging (one memory here)."""
+        gather_rows(store, idx, dst)
+        self.stats.bytes += _nbytes(dst)
         self.stats.copies += 1
         return DONE
 
@@ -132,6 +149,22 @@ class EmulatedLink:
             return _Timed(deadline, self.stats, error=e)
         return _Timed(deadline, self.stats)
 
+    def gather(self, dst: torch.Tensor, store: torch.Tensor, idx: torch.Tensor) -> Transfer:
+        """policy.gather=device, emulated: the index_select moves the rows at once, straight into
+        `dst` (no staging, no second copy), and they count as landed when a link of this speed
+        would have carried their bytes (one transfer: one latency)."""
+        n = _nbytes(dst)
+        start = max(time.perf_counter(), self.free_at)
+        deadline = start + self.latency + n / self.bw
+        self.free_at = deadline
+        self.stats.bytes += n
+        self.stats.copies += 1
+        try:
+            gather_rows(store, idx, dst)
+        except Exception as e:
+            return _Timed(deadline, self.stats, error=e)
+        return _Timed(deadline, self.stats)
+
     def drain(self) -> None:
         """Every copy so far has landed (the bytes moved at issue); nothing to wait for before a
         buffer is replaced."""
@@ -158,6 +191,7 @@ class CudaLink:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.stats = LinkStats()
+        self._mapped: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # host store -> its CUDA view
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
         ready = torch.cuda.current_stream(self.device).record_event()
@@ -172,11 +206,71 @@ class CudaLink:
         self.stats.copies += 1
         return _CudaTransfer(done)
 
+    def gather(self, dst: torch.Tensor, store: torch.Tensor, idx: torch.Tensor) -> Transfer:
+        """policy.gather=device: one index_select kernel on the copy stream reads the rows at
+        `idx` (on the device) from the pinned host `store` through its UVA view into `dst`
+        (device memory). The kernel waits for the producer of `idx` (the compute stream's
+        top-k) with an event, as `copy` does; the consumer waits on the returned event."""
+        src = self.mapped(store)
+        ready = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            gather_rows(src, idx, dst)
+            done = self.stream.record_event()
+        for t in (dst, idx):
+            if t.is_cuda:
+                t.record_stream(self.stream)
+        self.stats.bytes += _nbytes(dst)
+        self.stats.copies += 1
+        return _CudaTransfer(done)
+
+    def mapped(self, store: torch.Tensor) -> torch.Tensor:
+        """The CUDA view of a pinned host tensor, made once per buffer (a grown store is a new
+        buffer; the old view is dropped with it)."""
+        key = (store.data_ptr(), tuple(store.shape), tuple(store.stride()), store.dtype)
+        hit = self._mapped.get(key)
+        if hit is None:
+            if len(self._mapped) > 8:
+                self._mapped.clear()
+            hit = self._mapped[key] = (host_mapped(store, self.device), store)   # the store kept alive with its view
+        return hit[0]
+
     def drain(self) -> None:
         self.stream.synchronize()
 
     def close(self) -> None:
         pass
+
+
+class _CudaArrayInterface:
+    """The `__cuda_array_interface__` of a raw device-accessible pointer (for `host_mapped`)."""
+
+    def __init__(self, ptr: int, shape: tuple, strides: tuple, typestr: str):
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape, "strides": strides,
+                                         "typestr": typestr, "version": 2}
+
+
+_INT_OF_SIZE = {1: (torch.uint8, "|u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
+
+
+def host_mapped(t: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
+    """A CUDA tensor over the pinned host tensor `t`'s own memory (zero-copy, no allocation).
+
+    CUDA allocates pinned memory (cudaHostAlloc, what `pin_memory()` uses) mapped into the
+    device's address space, and under unified virtual addressing (every 64-bit CUDA platform)
+    the device pointer equals the host pointer. `torch.as_tensor` over a
+    `__cuda_array_interface__` of that pointer gives a CUDA tensor whose reads by any kernel
+    (here `index_select`) go over PCIe to host memory. torch looks the pointer up with
+    cudaPointerGetAttributes and refuses memory CUDA does not know (pageable), hence the check.
+    The interface has no bfloat16 type string: the bytes are viewed as the same-width integer
+    and viewed back. The view does not own the memory: keep `t` alive while it is used."""
+    if not t.is_pinned():
+        raise ConfigError("policy.gather=device needs the host store in pinned memory (a CUDA run pins it)")
+    it, typestr = _INT_OF_SIZE[t.element_size()]
+    raw = t.view(it)
+    cai = _CudaArrayInterface(raw.data_ptr(), tuple(raw.shape), tuple(s * raw.element_size() for s in raw.stride()), typestr)
+    view = torch.as_tensor(cai, device=device)
+    return view.view(t.dtype)
 
 
 def make_link(link_cfg, device: torch.device):

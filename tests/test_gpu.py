@@ -88,3 +88,38 @@ def test_cuda_link_non_blocking_copy_and_gather():
     want = torch.gather(store, 2, idx[..., None].expand(-1, -1, -1, 64))
     assert torch.equal(dev.cpu(), want)
     t.wait_host()
+
+
+def test_cuda_host_mapped_view_is_zero_copy_and_gathers():
+    """policy.gather=device: a CUDA view of the pinned store shares its memory (a host write is
+    seen by the next kernel) and index_select through it gives the rows."""
+    from runtime.transfer import CudaLink, host_mapped
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        store = torch.randn(2, 3, 100, 64).to(dtype).pin_memory()
+        view = host_mapped(store)
+        assert view.is_cuda and view.data_ptr() == store.data_ptr() and view.dtype == dtype
+        store[0, 0, 0, 0] = 7.0
+        assert view[0, 0, 0, 0].item() == 7.0
+        idx = torch.randint(0, 100, (2, 3, 16), device="cuda")
+        dst = torch.empty(2, 3, 16, 64, dtype=dtype, device="cuda")
+        link = CudaLink(torch.device("cuda"))
+        link.gather(dst, store, idx).wait()
+        want = torch.gather(store, 2, idx.cpu()[..., None].expand(-1, -1, -1, 64))
+        assert torch.equal(dst.cpu(), want)
+    import pytest as _pytest
+    from runtime.errors import ConfigError
+    with _pytest.raises(ConfigError, match="pinned"):
+        host_mapped(torch.randn(4))
+
+
+def test_cuda_device_gather_same_tokens_as_host_gather(tiny_model):
+    from .test_specache import PROMPTS, spec
+
+    m = _on_cuda(tiny_model)
+    p = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for prefetch in (False, True):
+        a = generate(m, PROMPTS, p, spec(k=4, prefetch=prefetch, gather="host"))
+        b = generate(m, PROMPTS, p, spec(k=4, prefetch=prefetch, gather="device"))
+        assert [r.tokens for r in a.requests] == [r.tokens for r in b.requests]
+        assert a.policy_stats["fetched_rows"] == b.policy_stats["fetched_rows"]

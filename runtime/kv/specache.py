@@ -56,6 +56,9 @@ class SpeCacheKV(KiviKV):
             raise ConfigError(f"policy.k={policy.k} must be >= 0 (0 = plain KIVI; k beyond the context is clamped)")
         self.k_top = int(policy.k)
         self.prefetch = bool(policy.prefetch)
+        self.gather = str(getattr(policy, "gather", "host") or "host")
+        if self.gather not in ("host", "device"):
+            raise ConfigError(f"policy.gather={self.gather!r} is not known; choose one of: host, device")
         self.link = link if link is not None else DirectLink()
         self.on_cuda = shape.device.type == "cuda"
         # the 16-bit store of every token, in host memory (on a CPU run the "device" is the host).
@@ -64,14 +67,17 @@ class SpeCacheKV(KiviKV):
         # tokens old, so a row is never gathered while its own write may still be in flight.
         self.k_host, self.v_host = shape.buffer(pin=self.on_cuda), shape.buffer(pin=self.on_cuda)
         B, H, D = shape.batch, shape.n_kv_heads, shape.head_dim
-        # staging for k fetched rows: host side (pinned on CUDA) and device side, reused every step
-        self.k_stage = torch.empty(B, H, self.k_top, D, dtype=self.dtype, pin_memory=self.on_cuda)
+        # staging for k fetched rows: host side (pinned on CUDA; gather=host only) and device
+        # side, reused every step
+        stage_k = self.k_top if self.gather == "host" else 0
+        self.k_stage = torch.empty(B, H, stage_k, D, dtype=self.dtype, pin_memory=self.on_cuda)
         self.v_stage = torch.empty_like(self.k_stage)
         self.k_rows = torch.empty(B, H, self.k_top, D, dtype=self.dtype, device=shape.device)
         self.v_rows = torch.empty_like(self.k_rows)
         self.pending: _Fetch | None = None     # prefetched for the next step
         self._staged: tuple = ()               # the copies that last read the staging buffers
         self.counters = {"topk_recall_hits": 0, "topk_recall_total": 0, "fetched_rows": 0}
+        self._fetched_dev = None               # gather=device on CUDA: fetched rows, summed on the device
 
     @classmethod
     def build(cls, policy, shape: CacheShape, link=None) -> KVCache:
@@ -112,7 +118,11 @@ class SpeCacheKV(KiviKV):
         return idx, top >= 0
 
     def fetch(self, idx: torch.Tensor, valid: torch.Tensor) -> _Fetch:
-        """Start fetching the 16-bit rows at idx from the host store."""
+        """Start fetching the 16-bit rows at idx from the host store (policy.gather: `host` =
+        index_select on the host into staging, then one copy each for K and V; `device` = the
+        link gathers straight into the device buffers, the indices staying on the device)."""
+        if self.gather == "device":
+            return self._fetch_device(idx, valid)
         k = idx.shape[-1]
         host_idx = idx.cpu() if self.on_cuda else idx          # the gather runs where the store is
         ks, vs = self.k_stage[:, :, :k], self.v_stage[:, :, :k]
@@ -128,6 +138,20 @@ class SpeCacheKV(KiviKV):
         t = (self.link.copy(kr, ks), self.link.copy(vr, vs))
         self._staged = t
         self.counters["fetched_rows"] += int(valid.sum())
+        return _Fetch(idx, valid, kr, vr, t)
+
+    def _fetch_device(self, idx: torch.Tensor, valid: torch.Tensor) -> _Fetch:
+        k = idx.shape[-1]
+        kr, vr = self.k_rows[:, :, :k], self.v_rows[:, :, :k]
+        if not kr.is_contiguous():
+            kr, vr = torch.empty_like(kr), torch.empty_like(vr)
+        # the rows of the previous fetch may still be read by the step that uses them: the
+        # compute stream orders that before this gather's event wait (CudaLink.gather)
+        t = (self.link.gather(kr, self.k_host, idx), self.link.gather(vr, self.v_host, idx))
+        if self.on_cuda:    # summed on the device: int() here would synchronise the host every layer
+            self._fetched_dev = valid.sum() + (self._fetched_dev if self._fetched_dev is not None else 0)
+        else:
+            self.counters["fetched_rows"] += int(valid.sum())
         return _Fetch(idx, valid, kr, vr, t)
 
     # -- decode
@@ -187,7 +211,10 @@ class SpeCacheKV(KiviKV):
         return unfold(o, q.shape[1]).to(q.dtype)
 
     def stats(self) -> dict[str, float]:
-        return dict(self.counters)
+        out = dict(self.counters)
+        if self._fetched_dev is not None:
+            out["fetched_rows"] += int(self._fetched_dev)
+        return out
 
     def nbytes(self):
         dev, _ = super().nbytes()
