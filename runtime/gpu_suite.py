@@ -16,10 +16,15 @@ Steps (each recorded, a failing step does not stop the rest):
      --no-deps -e .`;
   2. the GPU tests (`pytest -m gpu`);
   3. the full profile of this GPU on the shipped model's shapes and 7B-class shapes
-     (`runtime.profile --model smollm2 llama7b_shape`), compared with its roofline twin;
+     (`runtime.profile --model smollm2 llama7b_shape`), compared with its roofline twin; the
+     profile holds both gathers (`transfers.gather`: host index_select + copy;
+     `transfers.gather_device`: the UVA zero-copy kernel, policy.gather=device);
+  3b. `gather_modes`: the two gathers' ms and effective GB/s by rows, next to the pinned H2D
+     peak ($OUT/gather_modes.txt);
   4. the runtime half of the GPU validation (conf/experiment/validate_gpu.yaml, analysis.validate
      halves=runtime): results/validation/validate_gpu.csv and its measured records;
-  5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context.
+  5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context (SpeCache
+     with both gathers).
 Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
 Later issues add their GPU step to STEPS.
 """
@@ -96,8 +101,10 @@ def bench_commands() -> list[tuple[str, list[str]]]:
     out = []
     for batch in (1, 16):
         for pol in ("policy=full", "policy=kivi", "policy=specache", "policy=specache policy.prefetch=false",
+                    "policy=specache policy.gather=device", "policy=specache policy.prefetch=false policy.gather=device",
                     "policy=offload"):
-            name = f"bench-b{batch}-{pol.replace('policy=', '').replace(' policy.prefetch=false', '-noprefetch')}"
+            name = (f"bench-b{batch}-" + pol.replace("policy=", "").replace(" policy.prefetch=false", "-noprefetch")
+                    .replace(" policy.gather=device", "-devgather"))
             out.append((name, [*common, f"workload.batch={batch}", *pol.split()]))
     return out
 
@@ -114,7 +121,36 @@ def validate(rows) -> None:
                         f"results_dir={OUT / 'results'}", "progress=false", "figure=false"], 900, rows)
 
 
-STEPS = [install, gpu_tests, profile, validate, bench]
+def gather_modes(rows) -> None:
+    """policy.gather=host vs device, from the profile just measured: seconds and effective GB/s
+    of k gathered rows each way, next to the contiguous pinned H2D peak (DESIGN: report the
+    gather's GB/s against it). Written to $OUT/gather_modes.txt and printed with the steps."""
+    import numpy as np
+
+    prof = next(iter(sorted((OUT / "profiles").glob("[!r]*.json"))), None)   # the measured one, not roofline-*
+    if prof is None:
+        rows.append(("gather-modes", "skipped", 0.0, "no measured profile"))
+        return
+    t = json.loads(prof.read_text())["transfers"]
+    peak = max(b / s for b, s in zip(t["h2d_pinned"]["axes"]["bytes"], t["h2d_pinned"]["p50"]))
+    lines = [f"contiguous pinned H2D peak {peak / 1e9:.1f} GB/s",
+             "rows   host gather ms  GB/s   device gather ms  GB/s   device/host speed-up"]
+    for name in ("gather", "gather_device"):
+        if name not in t:
+            rows.append(("gather-modes", "error", 0.0, f"profile has no transfers.{name}"))
+            return
+    rb = t["gather"]["row_bytes"]
+    for r, h, d in zip(t["gather"]["axes"]["rows"], t["gather"]["p50"], t["gather_device"]["p50"]):
+        lines.append(f"{r:>6} {h * 1e3:14.3f} {r * rb / h / 1e9:6.2f} {d * 1e3:17.3f} {r * rb / d / 1e9:6.2f} "
+                     f"{h / d:10.2f}x")
+    (OUT / "gather_modes.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    big = np.argmax(t["gather"]["axes"]["rows"])
+    rows.append(("gather-modes", "ok", 0.0, f"largest: host {t['gather']['p50'][big] * 1e3:.2f} ms, "
+                 f"device {t['gather_device']['p50'][big] * 1e3:.2f} ms"))
+
+
+STEPS = [install, gpu_tests, profile, gather_modes, validate, bench]
 
 
 def main() -> None:

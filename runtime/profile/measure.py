@@ -159,6 +159,18 @@ def measure_transfers(timer: Timer, device: torch.device, quick: bool, progress=
         return lambda: dst.copy_(gather_rows(store, idx, stage), non_blocking=cuda)
     out["gather"] = grid(timer, {"rows": rows}, gpoint, progress)
     out["gather"]["row_bytes"] = head_dim * torch.finfo(dtype).bits // 8
+    if cuda:
+        # policy.gather=device: one index_select kernel through the pinned store's zero-copy UVA
+        # view, on the copy stream, straight into device memory (runtime/transfer.py CudaLink.gather)
+        from ..transfer import CudaLink
+        link = CudaLink(device)
+
+        def gdpoint(k):
+            idx = torch.randint(0, n_rows, (1, 1, k), device=device)
+            dst = torch.empty(1, 1, k, head_dim, dtype=dtype, device=device)
+            return lambda: link.gather(dst, store, idx)
+        out["gather_device"] = grid(timer, {"rows": rows}, gdpoint, progress)
+        out["gather_device"]["row_bytes"] = out["gather"]["row_bytes"]
     out["overlap"] = measure_overlap(timer, device, quick)
     if not cuda:
         out["emulated_link"] = measure_emulated_link(quick)
