@@ -294,7 +294,7 @@ def plot_rag(df: pd.DataFrame, out: str | Path | None = None):
 def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = "passkey_accuracy"):
     """Device KV (x fp16, lower is better) vs measured quality, point size the predicted
     throughput; the points on the Pareto front of all three are joined and labelled. (Throughput alone would crown the fewest
-    bits: the profile's KIVI tables are 2-bit only, so the simulator's KIVI cost ignores bits.)"""
+    bits: fewer bits read fewer bytes, and on a measured profile the KIVI tables are 2-bit only.)"""
     import matplotlib.ticker as ticker
 
     from .validate import _plt
@@ -416,8 +416,9 @@ def plot_paper(df: pd.DataFrame, paper: str, out: str | Path):
     else:
         d = d[d.policy != "full-recompute"]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        d = d.assign(selector_label=[p.split("-r")[0] + ("" if dm else " (target's first layers)")
-                                     for p, dm in zip(d.policy, d.draft_model)])
+        d = d.assign(selector_label=[f"{sel} ({dm})" if dm else (f"{sel} (target's first {int(D)} layers)"
+                                                                  if sel == "draft" else sel)
+                                     for sel, dm, D in zip(d.selector, d.draft_model.fillna(""), d.draft_layers)])
         for ax, col, rng, title, rows in ((axes[0], "ttft_vs_full", ref["ttft_vs_full"], "TTFT: full recompute / this (1 request)",
                                            d[d.batch == d.batch.min()]),
                                           (axes[1], "throughput_vs_full", ref["throughput_vs_full"],
