@@ -172,7 +172,7 @@ def test_run_writes_the_simulators_schema(tiny, tmp_path, policy):
     files = list((tmp_path / "measured").iterdir())
     assert [f.name for f in files] == [Path(rec["path"]).name] and files[0].name.startswith("serve_tiny_")
     data = json.loads(files[0].read_text())
-    missing = set(sim) - set(rec) - {"sim_wall_s", "sim_iterations"}
+    missing = set(sim) - set(rec) - {"sim_wall_s", "sim_iterations", "extrapolated"}   # simulator-only fields
     assert not missing, missing
     assert set(data) == set(rec) - {"path"}                  # the path is added after writing, as in bench
     assert data["requests"] == 3 and data["output_tokens"] == 24 and data["max_batch_reached"] == 3
