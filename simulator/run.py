@@ -132,6 +132,8 @@ def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
         costs.link = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
     shape, max_seq = model_shape(cfg, costs)
     policy = make_policy(cfg.policy)
+    if getattr(policy, "gather", "host") == "device" and not costs.analytic and costs.link_kind == "device":
+        costs.need("gather_device")       # a measured GPU profile: refused up front if it lacks the table
     draft = draft_costs(cfg, costs, path, shape.kv_elem)
     if draft is not None:
         policy.draft_costs = draft
