@@ -11,7 +11,13 @@ is turned into one interpolator, built once, with one rule for every table:
   segment (transfers and kernels grow linearly in bytes / tokens / rows once past their fixed
   costs; extrapolating in log space would flatten them), clamped at zero.
 
-Missing tables raise one ConfigError line naming the table and the file.
+Missing tables raise one ConfigError line naming the table and the file. The low-bit kernels
+have one table per bit-width (runtime/profile/schema.py bits_table); a roofline profile without
+the 1-/4-bit tables reads its 2-bit ones (its low-bit costs are analytic and bit-agnostic so far),
+a measured one is refused, naming the re-profile command.
+
+`compute_scale` (analysis.validate's drift-corrected prediction): every kernel table (not the
+transfers) is multiplied by it, the profile's speed index over the one measured at the point.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from runtime.errors import ConfigError
 from runtime.profile import load as load_profile
-from runtime.profile.schema import TRANSFERS
+from runtime.profile.schema import BITS_KERNELS, TRANSFERS, bits_table
 
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -103,6 +109,7 @@ class Costs:
     # hardware.link: (bytes/s, latency s) of an emulated link (runtime/transfer.py EmulatedLink)
     # on a CPU profile; None = the profile's own copies
     link: tuple[float, float] | None = None
+    compute_scale: float = 1.0      # kernel tables x this (drift correction); 1 = as profiled
 
     @classmethod
     def load(cls, path: str | Path, model: str) -> "Costs":
@@ -120,9 +127,19 @@ class Costs:
             transfer = name in TRANSFERS or name in self.profile["transfers"]
             src, where = (self.profile["transfers"], f"transfers.{name}") if transfer else \
                 (self.profile["models"][self.model]["kernels"], f"models.{self.model}.kernels.{name}")
-            if name not in src or not isinstance(src[name], dict) or "axes" not in src[name]:
+            t = src.get(name)
+            base, _, bits = name.rpartition("_")
+            if t is None and base in BITS_KERNELS and self.profile["provenance"].get("kind") == "roofline":
+                t = src.get(base)             # roofline: the 2-bit table stands for every bit-width
+            if not isinstance(t, dict) or "axes" not in t:
+                if base in BITS_KERNELS:
+                    raise ConfigError(f"{self.path}: no {bits.removesuffix('bit')}-bit table '{where}' (policy.bits="
+                                      f"{bits.removesuffix('bit')}); re-profile: python -m runtime.profile --model {self.model}")
                 raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
-            self.tables[name] = Table(src[name], where)
+            if not transfer and self.compute_scale != 1.0:
+                t = {**t, **{q: (np.asarray(t[q], dtype=float) * self.compute_scale).tolist()
+                             for q in ("p10", "p50", "p90") if q in t}}
+            self.tables[name] = Table(t, where)
         return self.tables[name]
 
     def need(self, *names: str) -> None:
@@ -212,7 +229,7 @@ class Costs:
         if len(dl.axes) == 2:
             c0 = float(dl.axes[1][0])
             base = dl(batch, ctx) + (dl(rows, c0) - dl(batch, c0) if rows != batch else 0.0)
-            if attn != "decode_attention_full":
+            if attn != "decode_attention_full":          # kivi at its bits: decode_attention_kivi[_<b>bit]
                 base += a(batch, ctx) - self.table("decode_attention_full")(batch, ctx)
             return max(base, 0.0)
         base = dl(rows)
@@ -248,7 +265,7 @@ class Costs:
             rows += 2 * latency + nbytes / bw
         return rows
 
-    def replace(self, batch: float, k: float, shape: ModelShape) -> float:
+    def replace(self, batch: float, k: float, shape: ModelShape, bits: int = 2) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.
 
         The profile's `gather_replace` (batch x k) includes the fetch; a measured one also
@@ -257,13 +274,14 @@ class Costs:
         k (a running max) and anchored at k = 0 -> 0 (k = 0 is plain kivi)."""
         if k <= 0:
             return 0.0
-        if "replace" not in self.tables:
-            self.tables["replace"] = self._replace_table(shape)
-        return self.tables["replace"](batch, k)
+        key = f"replace_{bits}bit"
+        if key not in self.tables:
+            self.tables[key] = self._replace_table(shape, bits)
+        return self.tables[key](batch, k)
 
-    def _replace_table(self, shape: ModelShape) -> Table:
-        gr = self.table("gather_replace")
-        kivi = self.table("decode_attention_kivi")
+    def _replace_table(self, shape: ModelShape, bits: int = 2) -> Table:
+        gr = self.table(bits_table("gather_replace", bits))
+        kivi = self.table(bits_table("decode_attention_kivi", bits))
         ctx = gr.extra.get("context")
         B, K = gr.axes
         vals = np.empty((len(B), len(K)))
@@ -280,4 +298,4 @@ class Costs:
         t = {"axes": {"batch": list(B), "k": [k0, *K]}, "unit": "s",
              "p50": np.concatenate([np.zeros((len(B), 1)), vals], axis=1).tolist()}
         t["p10"] = t["p90"] = t["p50"]
-        return Table(t, f"models.{self.model}.kernels.gather_replace (replace part)")
+        return Table(t, f"models.{self.model}.kernels.{bits_table('gather_replace', bits)} (replace part)")

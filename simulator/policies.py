@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from runtime.errors import ConfigError
 
+from runtime.profile.schema import bits_table
+
 from .costs import Costs, ModelShape
 
 ENGINES = ("compute", "h2d", "d2h")
@@ -173,10 +175,14 @@ class Kivi(Policy):
     group_size: int = 64
     residual: int = 64
     one_bit_rule: str = "specache"
-    attn_table = "decode_attention_kivi"
+
+    @property
+    def attn_table(self) -> str:
+        """The profile's KIVI attention table for these bits (decode_attention_kivi[_<b>bit])."""
+        return bits_table("decode_attention_kivi", self.bits)
 
     def tables(self):
-        return super().tables() + ("quantize",)
+        return super().tables() + (bits_table("quantize", self.bits),)
 
     def quantized(self, n: int) -> tuple[int, int]:
         """(keys, values) quantized at n tokens: keys a whole group at a time once the residual
@@ -205,7 +211,7 @@ class Kivi(Policy):
         return [n, self.residual + kq - self.group_size]
 
     def prefill_extra(self, c, prompts):
-        return sum(c.table("quantize")(t) for t in prompts)
+        return sum(c.table(bits_table("quantize", self.bits))(t) for t in prompts)
 
 
 @dataclass
@@ -218,7 +224,8 @@ class Specache(Kivi):
     prefetch: bool = True
 
     def tables(self):
-        return super().tables() + ("score_topk", "gather_replace", "gather", "d2h_pinned")
+        return super().tables() + (bits_table("score_topk", self.bits), bits_table("gather_replace", self.bits),
+                                   "gather", "d2h_pinned")
 
     def k_eff(self, ctx: float) -> int:
         return min(self.k, self.quantized(int(ctx))[0])
@@ -242,8 +249,9 @@ class Specache(Kivi):
             return Kivi.decode_graph(self, c, s, batch, ctx)
         rows = self.query_rows(batch)
         k = self.k_eff(ctx)
-        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows) + c.table("score_topk")(rows, ctx)
-        replace = c.replace(rows, k, s)
+        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows) + \
+            c.table(bits_table("score_topk", self.bits))(rows, ctx)
+        replace = c.replace(rows, k, s, self.bits)
         fetch = c.gather(2 * batch * k * s.kv_row)
         back = c.d2h(2 * batch * s.kv_row)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
