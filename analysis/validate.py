@@ -642,7 +642,8 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]   # the CSV keeps the file's order
     jobs = [prepare(p, cfg) for p in points]
     live = [j for j in jobs if not j.failed]
-    device = resolve_device(live[0].run_cfg.hardware.device) if live else resolve_device("cpu")
+    # the machine the runtime half runs on (halves=simulator: this box, whatever the points ask)
+    device = resolve_device(live[0].run_cfg.hardware.device if live and cfg.halves != "simulator" else "cpu")
     fp = this_fingerprint(device)
 
     def save():
@@ -667,17 +668,16 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
         bar = tqdm(total=len(todo) * repeats, desc=f"validate {cfg.experiment}", unit="run", disable=not cfg.progress)
         for r, pid in interleaved(list(by_id), repeats):
             j = by_id[pid]
+            if not j.failed:
+                bar.set_postfix_str(f"{pid} ({r + 1}/{repeats})")
+                try:
+                    measure_job(j, speed, cfg.validation.drift_threshold)
+                    j.row.update(measured_columns(j, fp, repeats))
+                except Exception as e:          # recorded, and the sweep goes on
+                    fail(j, e)
+                rows[pid] = j.row
+                save()
             bar.update(1)
-            if j.failed:
-                continue
-            bar.set_postfix_str(f"{pid} ({r + 1}/{repeats})")
-            try:
-                measure_job(j, speed, cfg.validation.drift_threshold)
-                j.row.update(measured_columns(j, fp, repeats))
-            except Exception as e:          # recorded, and the sweep goes on
-                fail(j, e)
-            rows[pid] = j.row
-            save()
         bar.close()
     else:
         for j in todo:

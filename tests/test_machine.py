@@ -409,3 +409,19 @@ def test_repeats_below_one_is_one_line(tmp_path):
         V.validate(cfg)
     assert "\n" not in str(e.value)
     assert V.interleaved(["a", "b", "c"], 2) == [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (1, "c")]
+
+
+def test_gpu_suite_identity_records_fingerprint_and_speed_drift(tmp_path, monkeypatch):
+    from runtime import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "OUT", tmp_path)
+    idx = iter([10.0, 8.0])
+    monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": next(idx)})
+    rows = []
+    gpu_suite.identity(rows)
+    out = gpu_suite.identity_end(rows)
+    saved = json.loads((tmp_path / "machine.json").read_text())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert saved["fingerprint"] == M.this_fingerprint(torch.device(dev)) == out["fingerprint"]
+    assert saved["speed_drift"] == pytest.approx(0.8) and [r[0] for r in rows] == ["identity-start", "identity-end"]
+    assert gpu_suite.STEPS[1] is gpu_suite.identity and gpu_suite.STEPS[-1] is gpu_suite.identity_end
