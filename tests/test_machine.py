@@ -425,3 +425,20 @@ def test_gpu_suite_identity_records_fingerprint_and_speed_drift(tmp_path, monkey
     assert saved["fingerprint"] == M.this_fingerprint(torch.device(dev)) == out["fingerprint"]
     assert saved["speed_drift"] == pytest.approx(0.8) and [r[0] for r in rows] == ["identity-start", "identity-end"]
     assert gpu_suite.STEPS[1] is gpu_suite.identity and gpu_suite.STEPS[-1] is gpu_suite.identity_end
+
+
+def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
+    import runtime.profile.__main__ as P
+    from runtime.results import write_json_atomic
+
+    covers_seen = []
+
+    def fake_measure(models, quick, device, repeats, existing, cover=None, bits=(2,), rag=True, progress=True):
+        covers_seen.append((cover, tuple(bits), rag))
+        return this_machine_profile()
+    monkeypatch.setattr(P, "measured_profile", fake_measure)
+    write_json_atomic(lookup.cached_path(CPU), this_machine_profile())      # 2-bit tables only
+    had = lookup.coverage(this_machine_profile(), "smollm2")
+    lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64, bits={4}), progress=False)
+    cover, bits, rag = covers_seen[0]
+    assert cover == had.cover() and bits == (2, 4) and rag == had.rag

@@ -59,6 +59,19 @@ def need_of(cfg) -> Need:
     return Need(rows, int(w.prompt_len) + int(w.gen_len), int(w.prompt_len), bits, p.name == "rag")
 
 
+def coverage(prof: dict, model: str) -> Need | None:
+    """What a profile's tables for `model` cover (None: it has no such model)."""
+    m = prof["models"].get(model)
+    if m is None:
+        return None
+    k = m["kernels"]
+    last = lambda name, axis: int(k[name]["axes"][axis][-1]) if name in k and axis in k[name]["axes"] else 1  # noqa: E731
+    bits = {b for b in (1, 2, 4, 8) if bits_table("decode_attention_kivi", b) in k}
+    return Need(min(last("decode_layer", "batch"), last("decode_attention_full", "batch")),
+                last("decode_attention_full", "context"), last("prefill_layer", "tokens"), bits,
+                "selective_prefill" in k)
+
+
 def covers(prof: dict, model: str, need: Need | None) -> bool:
     m = prof["models"].get(model)
     if m is None:
@@ -145,6 +158,9 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
         if existing is not None and (existing.get("schema_version") != SCHEMA_VERSION
                                      or existing["device"].get("fingerprint") != this_fingerprint(device)):
             existing = None
+    had = coverage(existing, model) if existing is not None else None
+    if had is not None:                 # what the cached tables covered stays covered (no ping-pong)
+        need = need.merge(had)
     print(f"{prog}: no profile of this machine ({this_fingerprint(device)}) for model={model} covering "
           f"{need.describe()}; measuring one (quick grids)", file=sys.stderr)
     t = time.perf_counter()
