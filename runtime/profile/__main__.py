@@ -1,4 +1,4 @@
-"""python -m runtime.profile: measure this machine into profiles/<device-slug>.json.
+"""python -m runtime.profile: measure this machine into profiles/<device-slug>-<fingerprint>.json.
 
     python -m runtime.profile                       # shipped SmolLM2's layer shapes, full grids
     python -m runtime.profile --quick               # <= 2 minutes on the 2-core CPU box
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", nargs="+", default=["smollm2"], help="model shapes to profile (conf/model/)")
     ap.add_argument("--quick", action="store_true", help="coarse grids: <= 2 minutes on the 2-core box")
     ap.add_argument("--roofline", metavar="NAME", help=f"derive from published peaks: {', '.join(roofline.GPUS)}")
-    ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>.json)")
+    ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>-<fingerprint>.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per point (fewer where one exceeds the time budget)")
     ap.add_argument("--speed-index", action="store_true",
@@ -100,14 +100,20 @@ def main(argv=None) -> None:
             out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
         else:
             device = resolve_device(a.device)
-            slug = measure.device_facts(device)["slug"]
-            out = a.out or REPO / "profiles" / f"{slug}.json"
+            facts = measure.device_facts(device)
+            # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
+            out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
             existing = None
             if out.exists():
                 try:
                     existing = json.loads(out.read_text())
                 except json.JSONDecodeError:
                     raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
+                if existing.get("device", {}).get("fingerprint") != facts["fingerprint"]:
+                    print(f"runtime.profile: {out} profiles another machine "
+                          f"({existing.get('device', {}).get('fingerprint') or 'unfingerprinted'}); its tables are "
+                          f"not kept", file=sys.stderr)
+                    existing = None
             t = time.perf_counter()
             prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
             prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
