@@ -411,9 +411,10 @@ def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str) -> dict:
     return out
 
 
-def profiles_for(jobs: list[Job], cfg: DictConfig, device, fp: str, speed_here: float | None) -> None:
+def profiles_for(jobs: list[Job], cfg: DictConfig, device, fp: str) -> None:
     """Set each job's simulator profile: hardware.profile when given (a line when it is another
     machine's while the runtime half runs here), else this machine's, found or measured."""
+    from runtime.machine import speed_index
     from runtime.profile import load as load_profile
     from runtime.profile import lookup
 
@@ -429,6 +430,7 @@ def profiles_for(jobs: list[Job], cfg: DictConfig, device, fp: str, speed_here: 
             if cfg.halves != "simulator" and other != fp:
                 if hw.profile not in warned:
                     theirs = (prof.get("speed_index") or {}).get("index")
+                    speed_here = speed_index(device, (prof.get("speed_index") or {}).get("shape"))["index"] if theirs else None
                     ratio = f"{theirs / speed_here:.2f}" if theirs and speed_here else "unknown (no speed index)"
                     print(f"analysis.validate: hardware.profile={hw.profile} is machine {other or 'unfingerprinted'} "
                           f"({prof['device']['name']}); the runtime half runs on this machine {fp}; "
@@ -658,11 +660,11 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
                 and prev.get("repeats") == repeats:
             j.row, j.done = prev, True
     todo = [j for j in live if not j.done]
-    speed = None
-    if todo and cfg.halves in ("both", "runtime"):
-        speed = Speed(device, speed_shape(todo[0].sim_cfg))
     if todo and cfg.halves in ("both", "simulator"):
-        profiles_for(todo, cfg, device, fp, speed.last if speed else None)
+        profiles_for(todo, cfg, device, fp)
+    speed = None
+    if todo and cfg.halves in ("both", "runtime"):     # after a first-use profile: "before" is now
+        speed = Speed(device, speed_shape(todo[0].sim_cfg))
     if cfg.halves in ("both", "runtime"):
         by_id = {j.p.id: j for j in todo}
         bar = tqdm(total=len(todo) * repeats, desc=f"validate {cfg.experiment}", unit="run", disable=not cfg.progress)

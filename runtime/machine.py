@@ -6,7 +6,7 @@
   on CUDA the GPU, SMs, driver, CUDA, PCIe); `fingerprint(facts)`: a short digest of them, so
   two VMs called "Intel(R) Xeon(R) Processor" with different caches are different machines.
 - `speed_index(device, shape)`: three probes in well under 2 s (a GEMM of the model's projection
-  shape, a host memcpy, one decode attention at 1K context), medians of a few repetitions; its
+  shape, a host memcpy, one decode attention at 1K context), medians of 9 repetitions (a probe is a few ms: fewer let one preemption decide); its
   `index` (1 / geometric mean of the probe seconds: larger is faster) is what a profile stores
   and what a validation point is bracketed by.
 """
@@ -178,7 +178,7 @@ def _median_time(fn, device, reps: int) -> float:
     return float(np.median(times))
 
 
-def speed_index(device: torch.device | str = "cpu", shape: dict | None = None, reps: int = 5) -> dict:
+def speed_index(device: torch.device | str = "cpu", shape: dict | None = None, reps: int = 9) -> dict:
     """Three probes (medians of `reps` runs): `gemm_s` a (64 x dim) @ (dim x (n_heads + 2 n_kv_heads) head_dim)
     projection, `memcpy_s` 32 MiB host to device (CPU: a host memcpy), `attention_s` one decode
     attention (batch 1, 1K context, the model's heads). `index` = 1 / geometric mean of the three
