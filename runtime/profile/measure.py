@@ -410,7 +410,8 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     whole = random_init(ModelArgs(**{**vars(args), "n_layers": _whole_depth(args, device, dtype)}), 0, dtype, device)
     out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, whole, timer, device, dtype, kv_dtype,
                                                                       out["lm_head_sample"], quick,
-                                                                      axes["decode_attention_full"]["context"][-1])
+                                                                      axes["decode_attention_full"]["context"][-1],
+                                                                      progress)
     out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick)
     del whole
@@ -606,7 +607,7 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
 
 
 def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device, dtype, kv_dtype, head: dict,
-                          quick: bool = False, max_context: int | None = None) -> tuple[dict, dict]:
+                          quick: bool = False, max_context: int | None = None, progress=None) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
     and the Python glue between them, by batch x context).
@@ -631,17 +632,25 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
         contexts.append(min(max_context, args.max_seq_len - 64))
     res, layer = {}, {}
     head_b = head["axes"]["batch"]
+    # at least two points to interpolate, and the largest batch when the grid was extended to
+    # cover it (quick grids are [1, 4]; a covering grid ends at the points' largest)
+    use = [B for B in head_b if B in (1, 4) or B in head_b[:2] or (quick and B == head_b[-1])]
+    if progress is not None:          # these steps count on the bar too (whole-model steps are the slow ones)
+        progress.total += len(use) * (1 + len(contexts))
+        progress.set_description("profile whole-model steps")
     for i, B in enumerate(head_b):
-        # at least two points to interpolate, and the largest batch when the grid was extended
-        # to cover it (quick grids are [1, 4]; a covering grid ends at the points' largest)
-        if B not in (1, 4) and B not in head_b[:2] and not (quick and B == head_b[-1]):
+        if B not in use:
             continue
         t1 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 1, **small}), B, device, dtype, kv_dtype, timer.repeats)
         t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
         res[B] = max(t1 - (t3 - t1) / 2, 0.0)
+        if progress is not None:
+            progress.update(1)
         for ctx in contexts:
             tw = _decode_step_time(m.args, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
             layer[B, ctx] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
+            if progress is not None:
+                progress.update(1)
     batches = sorted(res)
     lay = table({"batch": batches, "context": contexts}, [[layer[b, c] for c in contexts] for b in batches])
     lay["whole_model_layers"] = depth
