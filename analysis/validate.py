@@ -14,10 +14,24 @@ simulator half predicts from the committed profile; the two records are joined i
 `results/validation/<experiment>.csv` (one row per point, `status` ok or the error) with the
 signed relative errors (predicted - measured) / measured, and a fidelity figure is saved beside it.
 
+Which profile: `hardware.profile=PATH` always wins; otherwise (hardware=cpu|auto) the profile of
+*this* machine, found by fingerprint in the user cache, then `profiles/`, or measured before the
+first point over grids covering every point and cached (runtime/profile/lookup.py).
+
+Noise: every point is measured `validation.repeats` times, interleaved across points (A B C A B
+C), and reported as the median with an interval (95% bootstrap with >= 5 repeats, else min-max;
+column `interval`). The speed index (runtime/machine.py) is taken between measurements; the
+ratio after/before is `speed_drift`, and a measurement whose drift is beyond
+`validation.drift_threshold` (1.2 = 20% either way) is re-measured once and flagged
+(`drift_flagged`) if it drifts again. Beside each raw prediction the drift-corrected one
+(`predicted_<m>_corrected`: kernel costs x profile speed index / the point's) and its error;
+`<m>_within_noise`: the prediction inside the measured interval widened each side by the median
+relative p10-p90 half-spread of the profile tables the point reads (`profile_spread`).
+
 Splits are by regime, not at random: the `heldout` points (batch 4, 4K context, a link speed
 never used for calibration, Poisson arrivals) are not looked at while the simulator is fixed.
 A failing point is recorded and the rest still run; a rerun skips points already measured with
-the same configuration (`resume=false` to redo them).
+the same configuration on the same machine (`machine_fingerprint`; `resume=false` to redo them).
 """
 from __future__ import annotations
 
@@ -35,6 +49,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -59,6 +74,8 @@ HEADLINE = ("throughput_tok_s", "ttft_s", "tpot_s")
 class ValidationSpec:
     base: list[str] = field(default_factory=list)     # overrides every point starts from
     points: list[Any] = field(default_factory=list)   # {id, split, overrides, [runtime], [simulator]}
+    repeats: int = 1                  # measurements per point, interleaved across points (>= 1)
+    drift_threshold: float = 1.2      # speed index after/before beyond [1/t, t]: re-measure once, then flag
 
 
 @dataclass
@@ -181,10 +198,10 @@ def measure(entry: str, cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-def predict(cfg: DictConfig) -> dict:
+def predict(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     from simulator.run import simulate
 
-    return simulate(cfg)
+    return simulate(cfg, compute_scale=compute_scale)
 
 
 def decode_tok_s(rec: dict) -> float:
@@ -217,49 +234,223 @@ def rel_err(pred: float, meas: float) -> float:
     return (pred - meas) / meas
 
 
-def run_point(p: Point, cfg: DictConfig, previous: dict | None) -> dict:
-    row: dict[str, Any] = {"id": p.id, "split": p.split, "status": "ok"}
-    t0 = time.perf_counter()
+# ----------------------------------------------------------------------------- noise
+
+def interval(samples) -> tuple[float, float, float, str]:
+    """(median, lo, hi, kind) of one metric's repeats: a 95% percentile bootstrap interval of the
+    median (scipy.stats.bootstrap, seeded) with >= 5 finite samples, else the min-max range."""
+    x = np.asarray([v for v in samples if v is not None and np.isfinite(v)], dtype=float)
+    if not len(x):
+        return math.nan, math.nan, math.nan, ""
+    med = float(np.median(x))
+    if len(x) >= 5 and np.ptp(x) > 0:
+        ci = stats.bootstrap((x,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                             rng=np.random.default_rng(0)).confidence_interval
+        return med, float(ci.low), float(ci.high), "bootstrap95"
+    return med, float(x.min()), float(x.max()), ("bootstrap95" if len(x) >= 5 else "minmax")
+
+
+def within_noise(pred: float, lo: float, hi: float, spread: float) -> bool:
+    """The prediction inside [lo (1 - spread), hi (1 + spread)]."""
+    if None in (pred, lo, hi) or not all(np.isfinite(v) for v in (pred, lo, hi)):
+        return False
+    s = spread if np.isfinite(spread) else 0.0
+    return bool(lo * (1 - s) <= pred <= hi * (1 + s))
+
+
+def table_spread(t: dict) -> float:
+    """Median over a table's points of the relative p10-p90 half-spread (p90 - p10) / (2 p50)."""
+    p50, p10, p90 = (np.asarray(t[q], dtype=float).ravel() for q in ("p50", "p10", "p90"))
+    keep = p50 > 0
+    return float(np.median((p90[keep] - p10[keep]) / (2 * p50[keep]))) if keep.any() else math.nan
+
+
+def profile_spread(sim_cfg: DictConfig, path: str | Path) -> float:
+    """Median of table_spread over the profile tables the point's policy twin reads."""
+    from runtime.profile import load as load_profile
+    from simulator.policies import make_policy
+
+    prof = load_profile(path)
+    kernels = prof["models"].get(sim_cfg.model.name, {}).get("kernels", {})
+    spreads = []
+    for name in make_policy(sim_cfg.policy).tables():
+        t = kernels.get(name) or prof["transfers"].get(name)
+        if isinstance(t, dict) and "p50" in t:
+            spreads.append(table_spread(t))
+    spreads = [v for v in spreads if np.isfinite(v)]
+    return float(np.median(spreads)) if spreads else math.nan
+
+
+def drift_of(before: float, after: float) -> float:
+    return after / before if before and after else math.nan
+
+
+def drifted(d: float, threshold: float) -> bool:
+    return bool(np.isfinite(d) and max(d, 1 / d) > threshold)
+
+
+def worst_drift(drifts: list[float]) -> float:
+    ok = [d for d in drifts if np.isfinite(d)]
+    return max(ok, key=lambda d: abs(math.log(d))) if ok else math.nan
+
+
+def interleaved(ids: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, id) in measuring order: every point once per round (A B C A B C)."""
+    return [(r, i) for r in range(repeats) for i in ids]
+
+
+# ----------------------------------------------------------------------------- one validation
+
+@dataclass
+class Job:
+    p: Point
+    row: dict
+    run_cfg: DictConfig | None = None
+    sim_cfg: DictConfig | None = None
+    entry: str = ""
+    samples: list[dict] = field(default_factory=list)
+    drifts: list[float] = field(default_factory=list)
+    indices: list[float] = field(default_factory=list)
+    flagged: bool = False
+    failed: bool = False
+    done: bool = False           # resumed from the CSV: nothing left to do
+
+
+def prepare(p: Point, cfg: DictConfig) -> Job:
+    job = Job(p, {"id": p.id, "split": p.split, "status": "ok"})
     try:
-        run_cfg, sim_cfg, entry = compose_halves(p, cfg.experiment, cfg.results_dir)
-        row.update(describe(sim_cfg))
-        row["runtime_entry"] = entry
-        row["config_hash"] = h = config_hash(run_cfg, sim_cfg)
-        diff = differing_keys(run_cfg, sim_cfg)
+        job.run_cfg, job.sim_cfg, job.entry = compose_halves(p, cfg.experiment, cfg.results_dir)
+        job.row.update(describe(job.sim_cfg))
+        job.row["runtime_entry"] = job.entry
+        job.row["config_hash"] = config_hash(job.run_cfg, job.sim_cfg)
+        diff = differing_keys(job.run_cfg, job.sim_cfg)
         if diff:
             raise ConfigError("the halves' configs differ in " + ", ".join(diff) +
                               "; give these keys in the point's `overrides`, not in `runtime`/`simulator`")
-        if cfg.resume and previous and previous.get("status") == "ok" and previous.get("config_hash") == h \
-                and previous.get("host") == platform.node() and cfg.halves == "both":
-            return previous
-        if cfg.halves in ("both", "runtime"):
-            t = time.perf_counter()
-            meas = measure(entry, run_cfg)
-            row["runtime_wall_s"] = time.perf_counter() - t
-            row["measured_path"] = meas["path"]
-            row["host"] = platform.node()           # a resumed row must have been measured here
-            for m in METRICS:
-                row[f"measured_{m}"] = decode_tok_s(meas) if m == "decode_tok_s" else meas.get(m, math.nan)
-        else:
-            if not previous or previous.get("config_hash") != h or previous.get("status") != "ok":
-                raise ConfigError(f"halves=simulator needs a measured row for {p.id} with the same config; "
-                                  "run halves=both first")
-            for k, v in previous.items():
-                if k.startswith("measured_") or k in ("runtime_wall_s", "host"):
-                    row[k] = v
-        if cfg.halves in ("both", "simulator"):
-            t = time.perf_counter()
-            pred = predict(sim_cfg)
-            row["sim_wall_s"] = time.perf_counter() - t
-            row["simulated_path"] = pred["path"]
-            for m in METRICS:
-                row[f"predicted_{m}"] = decode_tok_s(pred) if m == "decode_tok_s" else pred.get(m, math.nan)
-        for m in METRICS:
-            row[f"{m}_rel_err"] = rel_err(row.get(f"predicted_{m}"), row.get(f"measured_{m}"))
-    except Exception as e:          # recorded, and the sweep goes on
-        row["status"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
-    row["point_wall_s"] = time.perf_counter() - t0
+    except Exception as e:
+        fail(job, e)
+    return job
+
+
+def fail(job: Job, e: BaseException) -> None:
+    job.failed = True
+    job.row["status"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+
+
+class Speed:
+    """The speed index between measurements: the one after a measurement is the one before the next."""
+
+    def __init__(self, device, shape: dict | None):
+        from runtime.machine import speed_index
+
+        self.fn = lambda: speed_index(device, shape)["index"]
+        self.last = self.fn()
+
+    def next(self) -> tuple[float, float]:
+        before, self.last = self.last, self.fn()
+        return before, self.last
+
+
+def measure_job(job: Job, speed: Speed, threshold: float) -> None:
+    """One measurement of a point, bracketed by the speed index; re-measured once on drift."""
+    for attempt in range(2):
+        t = time.perf_counter()
+        meas = measure(job.entry, job.run_cfg)
+        wall = time.perf_counter() - t
+        before, after = speed.next()
+        d = drift_of(before, after)
+        if not drifted(d, threshold) or attempt == 1:
+            break
+    job.flagged |= drifted(d, threshold)
+    job.drifts.append(d)
+    job.indices += [before, after]
+    job.samples.append({"wall": wall, "path": meas["path"],
+                        **{m: decode_tok_s(meas) if m == "decode_tok_s" else meas.get(m, math.nan) for m in METRICS}})
+
+
+def measured_columns(job: Job, fp: str, repeats: int) -> dict:
+    row = {"machine_fingerprint": fp, "host": platform.node(), "repeats": len(job.samples),
+           "runtime_wall_s": sum(s["wall"] for s in job.samples), "measured_path": job.samples[-1]["path"],
+           "speed_drift": worst_drift(job.drifts), "drift_flagged": job.flagged,
+           "speed_index": float(np.median(job.indices)) if job.indices else math.nan}
+    for m in METRICS:
+        med, lo, hi, kind = interval([s[m] for s in job.samples])
+        row[f"measured_{m}"] = med
+        if m in HEADLINE:
+            row[f"measured_{m}_lo"], row[f"measured_{m}_hi"] = lo, hi
+            row[f"{m}_noise"] = (hi - lo) / 2 / med if med else math.nan
+            row["interval"] = kind
     return row
+
+
+def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str) -> dict:
+    """Raw and drift-corrected predictions, errors, within-noise flags."""
+    from runtime.profile import load as load_profile
+
+    out = {"profile_path": profile}
+    prof = load_profile(profile)
+    out["profile_fingerprint"] = prof["device"].get("fingerprint")
+    out["profile_speed_index"] = (prof.get("speed_index") or {}).get("index", math.nan)
+    t = time.perf_counter()
+    pred = predict(sim_cfg)
+    out["sim_wall_s"] = time.perf_counter() - t
+    out["simulated_path"] = pred["path"]
+    scale = out["profile_speed_index"] / row.get("speed_index", math.nan) if row.get("speed_index") else math.nan
+    out["compute_scale"] = scale
+    corr = predict(sim_cfg, compute_scale=scale) if np.isfinite(scale) else None
+    out["profile_spread"] = spread = profile_spread(sim_cfg, profile)
+    for m in METRICS:
+        get = lambda r: (decode_tok_s(r) if m == "decode_tok_s" else r.get(m, math.nan)) if r else math.nan  # noqa: E731
+        out[f"predicted_{m}"] = get(pred)
+        out[f"predicted_{m}_corrected"] = get(corr)
+        out[f"{m}_rel_err"] = rel_err(out[f"predicted_{m}"], row.get(f"measured_{m}"))
+        out[f"{m}_rel_err_corrected"] = rel_err(out[f"predicted_{m}_corrected"], row.get(f"measured_{m}"))
+        if m in HEADLINE:
+            out[f"{m}_within_noise"] = within_noise(out[f"predicted_{m}"], row.get(f"measured_{m}_lo"),
+                                                    row.get(f"measured_{m}_hi"), spread)
+    return out
+
+
+def profiles_for(jobs: list[Job], cfg: DictConfig, device, fp: str) -> None:
+    """Set each job's simulator profile: hardware.profile when given (a line when it is another
+    machine's while the runtime half runs here), else this machine's, found or measured."""
+    from runtime.machine import speed_index
+    from runtime.profile import load as load_profile
+    from runtime.profile import lookup
+
+    needs: dict[str, lookup.Need] = {}
+    warned: set[str] = set()
+    for j in jobs:
+        if j.failed:
+            continue
+        hw = j.sim_cfg.hardware
+        if hw.get("profile"):
+            prof = load_profile(simulator_profile(hw))
+            other = prof["device"].get("fingerprint")
+            if cfg.halves != "simulator" and other != fp:
+                if hw.profile not in warned:
+                    theirs = (prof.get("speed_index") or {}).get("index")
+                    speed_here = speed_index(device, (prof.get("speed_index") or {}).get("shape"))["index"] if theirs else None
+                    ratio = f"{theirs / speed_here:.2f}" if theirs and speed_here else "unknown (no speed index)"
+                    print(f"analysis.validate: hardware.profile={hw.profile} is machine {other or 'unfingerprinted'} "
+                          f"({prof['device']['name']}); the runtime half runs on this machine {fp}; "
+                          f"speed index theirs/here = {ratio}", file=sys.stderr)
+                    warned.add(hw.profile)
+            continue
+        if hw.get("device") not in ("cpu", "auto"):
+            continue
+        n = lookup.need_of(j.sim_cfg)
+        needs[j.sim_cfg.model.name] = needs[j.sim_cfg.model.name].merge(n) if j.sim_cfg.model.name in needs else n
+    paths = {m: lookup.ensure(device, m, n, progress=cfg.progress) for m, n in needs.items()}
+    for j in jobs:
+        if not j.failed and not j.sim_cfg.hardware.get("profile") and j.sim_cfg.model.name in paths:
+            j.sim_cfg.hardware.profile = str(paths[j.sim_cfg.model.name])
+
+
+def simulator_profile(hw) -> Path:
+    from simulator.run import profile_path
+
+    return profile_path(hw)
 
 
 # ----------------------------------------------------------------------------- results
@@ -294,27 +485,44 @@ def load(path: str | Path) -> pd.DataFrame:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Median, p90 and worst |relative error| per split and metric, over the ok points."""
+    """Per split and headline metric over the ok points: median, p90 and worst |relative error|,
+    the drift-corrected median, the median measured noise and how many predictions lie within
+    noise (NaN / 0 for CSVs written before these columns existed)."""
     ok = df[df.status == "ok"]
     rows = []
+    nan = pd.Series(dtype=float)
     for split in SPLITS:
         part = ok[ok.split == split]
         for m in HEADLINE:
-            e = part[f"{m}_rel_err"].abs().dropna() if f"{m}_rel_err" in part else pd.Series(dtype=float)
+            e = part[f"{m}_rel_err"].abs().dropna() if f"{m}_rel_err" in part else nan
+            c = part[f"{m}_rel_err_corrected"].abs().dropna() if f"{m}_rel_err_corrected" in part else nan
+            noise = part[f"{m}_noise"].dropna() if f"{m}_noise" in part else nan
+            within = part.loc[e.index, f"{m}_within_noise"].astype(bool) if f"{m}_within_noise" in part else nan
             worst = part.loc[e.idxmax(), "id"] if len(e) else ""
             rows.append({"split": split, "metric": m, "points": len(e),
                          "median": e.median() if len(e) else math.nan,
                          "p90": e.quantile(0.9) if len(e) else math.nan,
-                         "worst": e.max() if len(e) else math.nan, "worst_point": worst})
+                         "worst": e.max() if len(e) else math.nan, "worst_point": worst,
+                         "median_corrected": c.median() if len(c) else math.nan,
+                         "median_noise": noise.median() if len(noise) else math.nan,
+                         "within_noise": int(within.sum()) if len(within) else 0})
     return pd.DataFrame(rows)
 
 
 def format_summary(df: pd.DataFrame) -> str:
     s = summary(df)
-    lines = [f"{'split':<12} {'metric':<17} {'points':>6} {'median':>8} {'p90':>8} {'worst':>8}  worst point"]
+    lines = [f"{'split':<12} {'metric':<17} {'points':>6} {'median':>8} {'p90':>8} {'worst':>8} {'corr.':>8} "
+             f"{'noise':>7}  within noise  worst point"]
+    pct = lambda v: f"{100 * v:7.1f}%" if np.isfinite(v) else "      -"  # noqa: E731
     for r in s.itertuples():
-        pct = lambda v: f"{100 * v:7.1f}%" if np.isfinite(v) else "      -"
-        lines.append(f"{r.split:<12} {r.metric:<17} {r.points:>6} {pct(r.median)} {pct(r.p90)} {pct(r.worst)}  {r.worst_point}")
+        lines.append(f"{r.split:<12} {r.metric:<17} {r.points:>6} {pct(r.median)} {pct(r.p90)} {pct(r.worst)} "
+                     f"{pct(r.median_corrected)} {pct(r.median_noise)[1:]}  {r.within_noise:>3} of {r.points:<3}     "
+                     f"{r.worst_point}")
+    lines.append("median |error| raw and drift-corrected (corr.); noise: median relative half-width of the "
+                 "measured interval; within noise: predictions inside it (widened by the profile's spread)")
+    if "drift_flagged" in df and df.drift_flagged.fillna(False).astype(bool).any():
+        lines.append("drift flagged (the machine's speed changed during the point twice): "
+                     + ", ".join(df[df.drift_flagged.fillna(False).astype(bool)].id))
     failed = df[df.status != "ok"]
     for r in failed.itertuples():
         lines.append(f"FAILED {r.id}: {r.status}")
@@ -344,6 +552,11 @@ def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
         unit, k = units[m]
         d = ok.assign(measured=ok[f"measured_{m}"] * k, predicted=ok[f"predicted_{m}"] * k).dropna(subset=["measured", "predicted"])
         if len(d):
+            if f"measured_{m}_lo" in d:      # the measured interval (repeats) as horizontal error bars
+                lo, hi = d[f"measured_{m}_lo"] * k, d[f"measured_{m}_hi"] * k
+                ax.errorbar(d.measured, d.predicted, xerr=[(d.measured - lo).clip(lower=0).fillna(0),
+                                                           (hi - d.measured).clip(lower=0).fillna(0)],
+                            fmt="none", ecolor="grey", elinewidth=1, capsize=2, zorder=0)
             sns.scatterplot(data=d, x="measured", y="predicted", hue="policy", style="split", s=60, ax=ax,
                             legend=(ax is axes[-1]))
             lo, hi = d[["measured", "predicted"]].min().min() * 0.8, d[["measured", "predicted"]].max().max() * 1.25
@@ -360,7 +573,7 @@ def plot_fidelity(df: pd.DataFrame, out: str | Path) -> Path:
         ax.set_ylabel(f"predicted ({unit})")
     if ax.get_legend():
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("simulator vs runtime (y = x; band: +-10 %)")
+    fig.suptitle("simulator vs runtime (y = x; band: +-10 %; bars: measured interval)")
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -416,24 +629,97 @@ def plot_engine_time(df: pd.DataFrame, out: str | Path | None = None):
 
 
 def validate(cfg: DictConfig) -> pd.DataFrame:
+    from runtime.engine import resolve_device
+    from runtime.machine import this_fingerprint
+
     if cfg.halves not in HALVES:
         raise ConfigError(f"halves={cfg.halves!r}; use one of {', '.join(HALVES)}")
+    repeats = cfg.validation.repeats
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"validation.repeats={repeats!r} must be >= 1 (measurements per point)")
     points = points_of(cfg)
     path = csv_path(cfg)
     old = {r["id"]: r for r in load(path).to_dict("records")} if path.exists() else {}
     rows = dict(old)
     order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]   # the CSV keeps the file's order
-    bar = tqdm(points, desc=f"validate {cfg.experiment}", unit="point", disable=not cfg.progress)
-    for p in bar:
-        bar.set_postfix_str(p.id)
-        row = run_point(p, cfg, old.get(p.id))
-        rows[p.id] = {k: v for k, v in row.items() if not k.endswith("_abs_err")}
+    jobs = [prepare(p, cfg) for p in points]
+    live = [j for j in jobs if not j.failed]
+    # the machine the runtime half runs on (halves=simulator: this box, whatever the points ask)
+    device = resolve_device(live[0].run_cfg.hardware.device if live and cfg.halves != "simulator" else "cpu")
+    fp = this_fingerprint(device)
+
+    def save():
         df = pd.DataFrame([rows[i] for i in order if i in rows])
-        write_csv_atomic(df, path)             # after every point: a crash loses one point at most
+        write_csv_atomic(df, path)             # after every measurement: a crash loses little
+
+    # resume: the same config measured on this machine with as many repeats
+    for j in live:
+        prev = old.get(j.p.id)
+        if cfg.resume and cfg.halves == "both" and prev and prev.get("status") == "ok" \
+                and prev.get("config_hash") == j.row["config_hash"] and prev.get("machine_fingerprint") == fp \
+                and prev.get("repeats") == repeats:
+            j.row, j.done = prev, True
+    todo = [j for j in live if not j.done]
+    if todo and cfg.halves in ("both", "simulator"):
+        profiles_for(todo, cfg, device, fp)
+    speed = None
+    if todo and cfg.halves in ("both", "runtime"):     # after a first-use profile: "before" is now
+        speed = Speed(device, speed_shape(todo[0].sim_cfg))
+    if cfg.halves in ("both", "runtime"):
+        by_id = {j.p.id: j for j in todo}
+        bar = tqdm(total=len(todo) * repeats, desc=f"validate {cfg.experiment}", unit="run", disable=not cfg.progress)
+        for r, pid in interleaved(list(by_id), repeats):
+            j = by_id[pid]
+            if not j.failed:
+                bar.set_postfix_str(f"{pid} ({r + 1}/{repeats})")
+                try:
+                    measure_job(j, speed, cfg.validation.drift_threshold)
+                    j.row.update(measured_columns(j, fp, repeats))
+                except Exception as e:          # recorded, and the sweep goes on
+                    fail(j, e)
+                rows[pid] = j.row
+                save()
+            bar.update(1)
+        bar.close()
+    else:
+        for j in todo:
+            prev = old.get(j.p.id)
+            if not prev or prev.get("config_hash") != j.row["config_hash"] or prev.get("status") != "ok":
+                fail(j, ConfigError(f"halves=simulator needs a measured row for {j.p.id} with the same config; "
+                                    "run halves=both first"))
+                continue
+            j.row.update({k: v for k, v in prev.items() if k.startswith("measured_") or k.endswith("_noise") or k in (
+                "runtime_wall_s", "host", "machine_fingerprint", "repeats", "speed_drift", "drift_flagged",
+                "speed_index", "interval", "measured_path")})
+    if cfg.halves in ("both", "simulator"):
+        for j in todo:
+            if j.failed:
+                continue
+            try:
+                j.row.update(predicted_columns(j.row, j.sim_cfg, j.sim_cfg.hardware.profile or str(simulator_profile(j.sim_cfg.hardware))))
+            except Exception as e:
+                fail(j, e)
+    for j in jobs:
+        rows[j.p.id] = {k: v for k, v in j.row.items() if not k.endswith("_abs_err")}
+        if not j.done:
+            rows[j.p.id]["point_wall_s"] = sum(v for k in ("runtime_wall_s", "sim_wall_s")
+                                               if isinstance(v := j.row.get(k), (int, float)) and np.isfinite(v))
+    save()
     df = load(path)
     if cfg.figure and (df.status == "ok").any():
         plot_fidelity(df, path.with_suffix(".png"))
     return df
+
+
+def speed_shape(sim_cfg: DictConfig) -> dict | None:
+    """The model shape the speed index probes (the shipped model's when it cannot be told)."""
+    try:
+        from runtime.profile.measure import model_args
+
+        a = model_args(sim_cfg.model.name)
+        return {**vars(a), "head_dim": a.head_dim}
+    except ConfigError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

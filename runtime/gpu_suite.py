@@ -12,17 +12,21 @@ needs omegaconf < 2.4)
 then, through the device tool, one call:  command="python -m runtime.gpu_suite", carry=["wheels"].
 
 Steps (each recorded, a failing step does not stop the rest):
+  0. this machine's identity (runtime/machine.py: facts, fingerprint) and speed index, taken
+     again at the end: `$OUT/machine.json` (the drift over the suite says how steady the box was);
   1. install the project offline: the carried wheels, then `pip install --no-build-isolation
      --no-deps -e .`;
   2. the GPU tests (`pytest -m gpu`);
   3. the full profile of this GPU on the shipped model's shapes and 7B-class shapes
-     (`runtime.profile --model smollm2 llama7b_shape`), compared with its roofline twin; the
-     profile holds both gathers (`transfers.gather`: host index_select + copy;
-     `transfers.gather_device`: the UVA zero-copy kernel, policy.gather=device);
+     (`runtime.profile --model smollm2 llama7b_shape`: fingerprinted, with its speed index),
+     compared with its roofline twin; the profile holds both gathers (`transfers.gather`: host
+     index_select + copy; `transfers.gather_device`: the UVA zero-copy kernel, policy.gather=device);
   3b. `gather_modes`: the two gathers' ms and effective GB/s by rows, next to the pinned H2D
      peak ($OUT/gather_modes.txt);
   4. the runtime half of the GPU validation (conf/experiment/validate_gpu.yaml, analysis.validate
-     halves=runtime): results/validation/validate_gpu.csv and its measured records;
+     halves=runtime: `validation.repeats` interleaved repeats, medians with intervals, the speed
+     index around every measurement, `machine_fingerprint` per row): results/validation/validate_gpu.csv
+     and its measured records;
   5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context (SpeCache
      with both gathers).
 Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
@@ -57,6 +61,33 @@ def sh(name: str, cmd: list[str], timeout: int, rows: list) -> subprocess.Comple
     except subprocess.TimeoutExpired:
         rows.append((name, "timeout", time.perf_counter() - t, f"> {timeout} s"))
         return None
+
+
+def identity(rows, when: str = "start") -> dict:
+    """Facts, fingerprint and speed index of the suite's device (CUDA when present, else the
+    CPU), merged into $OUT/machine.json under `when`."""
+    import torch
+
+    from runtime.machine import fingerprint, machine_facts, speed_index
+
+    t = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = OUT / "machine.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    if "facts" not in out:
+        out["facts"] = machine_facts(device)
+        out["fingerprint"] = fingerprint(out["facts"])
+    out[f"speed_index_{when}"] = speed_index(device)
+    if "speed_index_start" in out and "speed_index_end" in out:
+        out["speed_drift"] = out["speed_index_end"]["index"] / out["speed_index_start"]["index"]
+    path.write_text(json.dumps(out, indent=2, default=str))
+    rows.append((f"identity-{when}", "ok", time.perf_counter() - t,
+                 f"{device.type} {out['fingerprint']} speed index {out[f'speed_index_{when}']['index']:.1f}"))
+    return out
+
+
+def identity_end(rows) -> dict:
+    return identity(rows, "end")
 
 
 def install(rows) -> None:
@@ -117,6 +148,7 @@ def bench(rows) -> None:
 def validate(rows) -> None:
     """The runtime half of conf/experiment/validate_gpu.yaml; the simulator half runs on the CPU
     box from the profile this suite measured (see that file)."""
+    # noise: validate_gpu.yaml's validation.repeats, interleaved; rows carry machine_fingerprint
     sh("validate-gpu", [sys.executable, "-m", "analysis.validate", "experiment=validate_gpu", "halves=runtime",
                         f"results_dir={OUT / 'results'}", "progress=false", "figure=false"], 900, rows)
 
@@ -150,7 +182,7 @@ def gather_modes(rows) -> None:
                  f"device {t['gather_device']['p50'][big] * 1e3:.2f} ms"))
 
 
-STEPS = [install, gpu_tests, profile, gather_modes, validate, bench]
+STEPS = [install, identity, gpu_tests, profile, gather_modes, validate, bench, identity_end]
 
 
 def main() -> None:
@@ -167,7 +199,9 @@ def main() -> None:
     for f in measured:
         r = json.loads(f.read_text())
         bench_rows.append((r["policy"], r["batch"], r["tpot_s"], r["throughput_tok_s"], r["kv_ratio_vs_fp16"]))
-    (OUT / "suite.json").write_text(json.dumps({"steps": rows, "bench": bench_rows,
+    machine = json.loads((OUT / "machine.json").read_text()) if (OUT / "machine.json").exists() else {}
+    (OUT / "suite.json").write_text(json.dumps({"steps": rows, "bench": bench_rows, "fingerprint": machine.get("fingerprint"),
+                                                "speed_drift": machine.get("speed_drift"),
                                                 "wall_s": time.perf_counter() - t0}, indent=2))
     print("\nstep                             status    seconds  last line")
     for name, status, sec, last in rows:

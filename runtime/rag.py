@@ -125,8 +125,9 @@ def split_prompt(prompt: list[int], chunk_len: int, question_len: int) -> tuple[
 # ----------------------------------------------------------------------------- chunk store
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("KVTESTBED_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "kvtestbed") / "chunks"
+    from .machine import cache_root
+
+    return cache_root() / "chunks"
 
 
 def model_identity(model: Transformer) -> str:

@@ -22,7 +22,13 @@ Roofline profiles are not read as grids at all: their costs are the formulas of
 runtime/profile/analytic.py, computed for the shape and point asked (any batch, context, k,
 bits, heads, head_dim, dim, ffn), so nothing is extrapolated and no shape is refused.
 
-Missing tables raise one ConfigError line naming the table and the file.
+Missing tables raise one ConfigError line naming the table and the file. The low-bit kernels
+have one table per bit-width (runtime/profile/schema.py bits_table); a measured profile without
+the table for the policy's bits is refused, naming the re-profile command (a roofline profile
+computes every bit-width from its formulas).
+
+`compute_scale` (analysis.validate's drift-corrected prediction): every measured kernel table (not
+the transfers) is multiplied by it, the profile's speed index over the one measured at the point.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from runtime.errors import ConfigError
 from runtime.profile import load as load_profile
 from runtime.profile.analytic import SHAPE_KEYS, Roofline
 from runtime.profile.analytic import Shape as AnalyticShape
-from runtime.profile.schema import TRANSFERS
+from runtime.profile.schema import BITS_KERNELS, TRANSFERS, bits_table
 
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # a measured grid is read (linearly extrapolated) up to this factor above its last point; beyond
@@ -138,6 +144,7 @@ class Costs:
     extrapolated: set = field(default_factory=set)   # "<table>:<axis>" / "shape:<key>" read beyond what was measured
     roofline: Roofline | None = None                  # set by bind() on a roofline profile
     extra_weights_bytes: int = 0                      # another model in device memory (a RAG draft)
+    compute_scale: float = 1.0      # kernel tables x this (drift correction); 1 = as profiled
 
     @classmethod
     def load(cls, path: str | Path, model: str, allow_extrapolation: bool = False) -> "Costs":
@@ -197,7 +204,9 @@ class Costs:
             if self.analytic:
                 if self.roofline is None:
                     raise RuntimeError("Costs.bind(shape) first: roofline costs are computed for a shape")
-                f = getattr(self.roofline, "gather_host" if name == "gather" else name, None)
+                base = name.rpartition("_")[0]
+                fname = base if base in BITS_KERNELS else name      # formulas take bits as an argument
+                f = getattr(self.roofline, "gather_host" if fname == "gather" else fname, None)
                 if f is None or name.startswith("_"):
                     raise ConfigError(f"{self.path}: roofline has no cost '{name}'")
                 self.tables[name] = Formula(f, f"roofline.{name}")
@@ -205,9 +214,17 @@ class Costs:
             transfer = name in TRANSFERS or name in self.profile["transfers"] or name == "gather_device"
             src, where = (self.profile["transfers"], f"transfers.{name}") if transfer else \
                 (self.profile["models"][self.model]["kernels"], f"models.{self.model}.kernels.{name}")
-            if name not in src or not isinstance(src[name], dict) or "axes" not in src[name]:
+            t = src.get(name)
+            base, _, bits = name.rpartition("_")
+            if not isinstance(t, dict) or "axes" not in t:
+                if base in BITS_KERNELS:
+                    raise ConfigError(f"{self.path}: no {bits.removesuffix('bit')}-bit table '{where}' (policy.bits="
+                                      f"{bits.removesuffix('bit')}); re-profile: python -m runtime.profile --model {self.model}")
                 raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
-            self.tables[name] = Table(src[name], where, beyond=self._beyond_measured)
+            if not transfer and self.compute_scale != 1.0:
+                t = {**t, **{q: (np.asarray(t[q], dtype=float) * self.compute_scale).tolist()
+                             for q in ("p10", "p50", "p90") if q in t}}
+            self.tables[name] = Table(t, where, beyond=self._beyond_measured)
         return self.tables[name]
 
     def need(self, *names: str) -> None:
@@ -306,7 +323,8 @@ class Costs:
           from the weight GEMMs and the glue), so attn(B, ctx) is added whole.
         Roofline profiles: the formulas, the weight GEMMs at `rows` and the attention reading
         `batch` sequences' K/V (at `bits` / `group_size` for the low-bit table) once.
-        (`bits` is used by the formulas only: a measured table is the bits it was measured at.)"""
+        (A measured profile's low-bit table is chosen by name: the policy's `attn` is
+        decode_attention_kivi[_<b>bit]; `bits` is read by the formulas only.)"""
         rows = batch if rows is None else rows
         if self.analytic:
             r = self.roofline
@@ -320,7 +338,7 @@ class Costs:
         if len(dl.axes) == 2:
             c0 = float(dl.axes[1][0])
             base = dl(batch, ctx) + (dl(rows, c0) - dl(batch, c0) if rows != batch else 0.0)
-            if attn != "decode_attention_full":
+            if attn != "decode_attention_full":          # kivi at its bits: decode_attention_kivi[_<b>bit]
                 base += a(batch, ctx) - self.table("decode_attention_full")(batch, ctx)
             return max(base, 0.0)
         base = dl(rows)
@@ -350,12 +368,12 @@ class Costs:
         """Low-bit scores of `rows` query rows over `ctx` tokens and the top-k (SpeCache)."""
         if self.analytic:
             return self.roofline.score_topk(rows, ctx, batch=batch, **_lowbit(bits, group_size))
-        return self.table("score_topk")(rows, ctx)
+        return self.table(bits_table("score_topk", 2 if bits is None else bits))(rows, ctx)
 
     def quantize(self, tokens: float, bits: float | None = None, group_size: int | None = None) -> float:
         if self.analytic:
             return self.roofline.quantize(tokens, **_lowbit(bits, group_size))
-        return self.table("quantize")(tokens)
+        return self.table(bits_table("quantize", 2 if bits is None else bits))(tokens)
 
     def gather(self, nbytes: float, mode: str = "host") -> float:
         """Fetch scattered 16-bit rows from host memory (`policy.gather`):
@@ -381,7 +399,7 @@ class Costs:
             rows += 2 * latency + nbytes / bw
         return rows
 
-    def replace(self, batch: float, k: float, shape: ModelShape) -> float:
+    def replace(self, batch: float, k: float, shape: ModelShape, bits: int = 2) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.
 
         The profile's `gather_replace` (batch x k) includes the fetch; a measured one also
@@ -392,13 +410,14 @@ class Costs:
             return 0.0
         if self.analytic:
             return self.roofline.replace(batch, k)
-        if "replace" not in self.tables:
-            self.tables["replace"] = self._replace_table(shape)
-        return self.tables["replace"](batch, k)
+        key = f"replace_{bits}bit"
+        if key not in self.tables:
+            self.tables[key] = self._replace_table(shape, bits)
+        return self.tables[key](batch, k)
 
-    def _replace_table(self, shape: ModelShape) -> Table:
-        gr = self.table("gather_replace")
-        kivi = self.table("decode_attention_kivi")
+    def _replace_table(self, shape: ModelShape, bits: int = 2) -> Table:
+        gr = self.table(bits_table("gather_replace", bits))
+        kivi = self.table(bits_table("decode_attention_kivi", bits))
         ctx = gr.extra.get("context")
         B, K = gr.axes
         vals = np.empty((len(B), len(K)))
@@ -415,7 +434,8 @@ class Costs:
         t = {"axes": {"batch": list(B), "k": [k0, *K]}, "unit": "s",
              "p50": np.concatenate([np.zeros((len(B), 1)), vals], axis=1).tolist()}
         t["p10"] = t["p90"] = t["p50"]
-        return Table(t, f"models.{self.model}.kernels.gather_replace (replace part)", beyond=self._beyond_measured)
+        return Table(t, f"models.{self.model}.kernels.{bits_table('gather_replace', bits)} (replace part)",
+                     beyond=self._beyond_measured)
 
 
 def _lowbit(bits: float | None, group_size: int | None) -> dict:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from runtime.errors import ConfigError
 
+from runtime.profile.schema import bits_table
+
 from .costs import Costs, ModelShape
 
 ENGINES = ("compute", "h2d", "d2h")
@@ -177,10 +179,14 @@ class Kivi(Policy):
     group_size: int = 64
     residual: int = 64
     one_bit_rule: str = "specache"
-    attn_table = "decode_attention_kivi"
+
+    @property
+    def attn_table(self) -> str:
+        """The profile's KIVI attention table for these bits (decode_attention_kivi[_<b>bit])."""
+        return bits_table("decode_attention_kivi", self.bits)
 
     def tables(self):
-        return super().tables() + ("quantize",)
+        return super().tables() + (bits_table("quantize", self.bits),)
 
     def quantized(self, n: int) -> tuple[int, int]:
         """(keys, values) quantized at n tokens: keys a whole group at a time once the residual
@@ -228,7 +234,8 @@ class Specache(Kivi):
 
     def tables(self):
         # gather=device on a measured GPU profile also reads transfers.gather_device (Costs.gather)
-        return super().tables() + ("score_topk", "gather_replace", "gather", "d2h_pinned")
+        return super().tables() + (bits_table("score_topk", self.bits), bits_table("gather_replace", self.bits),
+                                   "gather", "d2h_pinned")
 
     def k_eff(self, ctx: float) -> int:
         return min(self.k, self.quantized(int(ctx))[0])
@@ -254,7 +261,7 @@ class Specache(Kivi):
         k = self.k_eff(ctx)
         attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size) \
             + c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
-        replace = c.replace(rows, k, s)
+        replace = c.replace(rows, k, s, self.bits)
         fetch = c.gather(2 * batch * k * s.kv_row, self.gather)
         back = c.d2h(2 * batch * s.kv_row)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]

@@ -40,13 +40,20 @@ CSV_KEYS = ("throughput_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", 
             "kv_bytes_device", "kv_ratio_vs_fp16", "max_batch_reached", "util_compute", "util_h2d", "util_d2h")
 
 
-def profile_path(hw) -> Path:
+def profile_path(hw, model: str | None = None) -> Path:
+    """hardware.profile; else (hardware=cpu|auto) a profile of this machine found by fingerprint
+    (runtime/profile/lookup.py: the user cache, then profiles/; never measured here), else the
+    committed CPU profile, which predicts the machine it was measured on (the summary says so)."""
     p = hw.get("profile")
     if p is None:
         if hw.get("device") not in ("cpu", "auto"):
             raise ConfigError(f"hardware={hw.name} has no profile; set hardware.profile=PATH or pick one of "
                               "the profiled options (cpu, h100-sxm, h100-pcie, h200, a100, a6000, l40s)")
-        p = DEFAULT_PROFILE
+        from runtime.engine import resolve_device
+        from runtime.profile import lookup
+
+        found = lookup.find(resolve_device(hw.get("device")), model) if model else None
+        p = found or DEFAULT_PROFILE
     path = Path(p)
     return path if path.is_absolute() or path.exists() else ROOT / path
 
@@ -67,6 +74,16 @@ def requested_shape(model_cfg, costs: Costs, where: str = "model") -> dict:
                           "shape preset (conf/model/*_shape.yaml)")
     shape.setdefault("head_dim", shape["dim"] // shape["n_heads"])
     return shape
+def machine_note(costs: Costs, device: str = "cpu") -> dict:
+    """Which machine a profile predicts: this one (same fingerprint) or the one it names."""
+    from runtime.engine import resolve_device
+    from runtime.machine import this_fingerprint
+
+    here = this_fingerprint(resolve_device(device)) if device in ("cpu", "auto") else None
+    fp = costs.profile["device"].get("fingerprint")
+    return {"profile_fingerprint": fp, "machine_fingerprint": here,
+            "predicts": "this machine" if fp and fp == here else
+            f"{costs.profile['device']['name']} ({costs.profile['provenance']['kind']}, fingerprint {fp or 'none'})"}
 
 
 def model_shape(cfg, costs: Costs) -> tuple[ModelShape, int]:
@@ -117,11 +134,12 @@ def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
     return d
 
 
-def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
+def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     """The simulator a config describes, and the profile it reads."""
     check_workload(cfg.workload)
-    path = profile_path(cfg.hardware)
+    path = profile_path(cfg.hardware, cfg.model.name)
     costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)))
+    costs.compute_scale = float(compute_scale)
     link = cfg.hardware.get("link") or {}
     if link.get("gbps"):
         if costs.profile["device"].get("type") != "cpu":
@@ -149,9 +167,10 @@ def build_sim(cfg: DictConfig) -> tuple[Sim, Path]:
     return sim, path
 
 
-def simulate(cfg: DictConfig) -> dict:
-    """Everything but the CLI: returns the result record (also written to results/simulated/)."""
-    sim, path = build_sim(cfg)
+def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
+    """Everything but the CLI: returns the result record (also written to results/simulated/).
+    `compute_scale` multiplies every kernel cost (analysis.validate's drift correction)."""
+    sim, path = build_sim(cfg, compute_scale)
     policy, costs = sim.policy, sim.costs
     t0 = time.perf_counter()
     reqs = sim.run(cfg.workload)
@@ -168,6 +187,7 @@ def simulate(cfg: DictConfig) -> dict:
         "provenance": {"kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
                        "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],
                        "fidelity": cfg.fidelity, "git_revision": git_revision(),
+                       **machine_note(costs, cfg.hardware.get("device", "cpu")), "compute_scale": compute_scale,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     })
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -202,6 +222,7 @@ def format_table(r: dict) -> str:
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, goodput {r['goodput_req_s']:.3g} req/s"),
         *latency_kv_rows(r),
         ("utilisation compute / h2d / d2h", f"{r['util_compute']:.2f} / {r['util_h2d']:.2f} / {r['util_d2h']:.2f}"),
+        ("predicts", r["provenance"].get("predicts", "")),
         ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
         ("result", r["path"]),
     ]

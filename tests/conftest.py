@@ -1,3 +1,5 @@
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -6,6 +8,9 @@ import torch
 from runtime.model import ModelArgs, random_init
 
 warnings.filterwarnings("ignore", message=".*pynvml.*")
+
+# the tests never read or write the user's cache (profiles of this machine, chunk store)
+os.environ["KVTESTBED_CACHE"] = tempfile.mkdtemp(prefix="kvtestbed-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -75,8 +75,8 @@ def small_grids(monkeypatch):
     monkeypatch.setattr(measure, "transfer_sizes", lambda quick: [4096, 1 << 20])
     orig = measure.kernel_axes
 
-    def axes(args, quick, device):
-        a = orig(args, True, device)
+    def axes(args, quick, device, *rest, **kw):
+        a = orig(args, True, device, *rest, **kw)
         small = {"tokens": [16, 64], "batch": [1, 2], "context": [256, 512], "k": [16, 64], "m": [16, 32]}
         return {name: {ax: small[ax] for ax in spec} for name, spec in a.items()}
     monkeypatch.setattr(measure, "kernel_axes", axes)

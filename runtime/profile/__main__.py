@@ -1,4 +1,4 @@
-"""python -m runtime.profile: measure this machine into profiles/<device-slug>.json.
+"""python -m runtime.profile: measure this machine into profiles/<device-slug>-<fingerprint>.json.
 
     python -m runtime.profile                       # shipped SmolLM2's layer shapes, full grids
     python -m runtime.profile --quick               # <= 2 minutes on the 2-core CPU box
@@ -26,17 +26,22 @@ from ..model import weight_dtype
 from ..provenance import REPO, provenance
 from ..results import write_json_atomic
 from . import measure, roofline
-from .schema import SCHEMA_VERSION, ProfileError, validate
+from ..machine import speed_index
+from .schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, validate
 
-def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None) -> dict:
+def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None,
+                     cover: dict | None = None, bits=PROFILED_BITS, rag: bool = True, progress: bool = True) -> dict:
+    """A measured profile of this machine. `cover`, `bits`, `rag`: see measure.kernel_axes
+    (analysis.validate's first-use profile measures only what its points read)."""
     timer = measure.Timer(device, repeats=repeats, warmup=2, budget_s=0.5 if quick else 3.0)
     dtype = weight_dtype("auto", device)
     shapes = {m: measure.model_args(m) for m in models}
     n_points = len(measure.transfer_sizes(quick)) * 4 + (6 if quick else 7) + 2
-    for args in shapes.values():
-        axes = measure.kernel_axes(args, quick, device)
-        n_points += sum(measure.grid_size(a) for a in axes.values())
-    bar = tqdm(total=n_points, desc="profile", unit="pt", file=sys.stderr)
+    all_axes = {}
+    for name, args in shapes.items():
+        all_axes[name] = measure.kernel_axes(args, quick, device, cover, tuple(bits), rag)
+        n_points += sum(measure.grid_size(a) for a in all_axes[name].values())
+    bar = tqdm(total=n_points, desc="profile", unit="pt", file=sys.stderr, disable=not progress)
     with torch.inference_mode():
         head_dim = max(a.head_dim for a in shapes.values())
         transfers = measure.measure_transfers(timer, device, quick, bar, head_dim=head_dim,
@@ -44,25 +49,29 @@ def measured_profile(models: list[str], quick: bool, device: torch.device, repea
         prof_models = dict(out_existing["models"]) if out_existing else {}
         for name, args in shapes.items():
             bar.set_description(f"profile {name}")
-            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar)
+            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar, all_axes[name])
             grids = kernels.pop("grids")
             prof_models[name] = {
                 "shape": {**vars(args), "head_dim": args.head_dim},
                 "weight_dtype": str(dtype).replace("torch.", ""),
                 "kv_dtype": str(torch.float32 if device.type == "cpu" else torch.float16).replace("torch.", ""),
-                "policy_knobs": {"kivi": measure.KIVI_KNOBS, "specache": {**measure.KIVI_KNOBS, "k": 64}},
+                "policy_knobs": {"kivi": measure.KIVI_KNOBS, "specache": {**measure.KIVI_KNOBS, "k": 64},
+                                 "bits_profiled": sorted(set(bits) | {2})},
                 "grids": grids,
                 "kernels": kernels,
                 "memory": measure.measure_memory(args, device, dtype),
                 "quick": quick,
             }
     bar.close()
+    facts = measure.device_facts(device)
+    model0 = shapes[models[0]]
+    speed = speed_index(device, {**vars(model0), "head_dim": model0.head_dim})
     prov = provenance(device)
     prov.update({"repeats": repeats, "warmup": timer.warmup, "spread": "p10/p50/p90 per point",
                  "warmup_policy": f"{timer.warmup} untimed run(s) per point, then up to {repeats} timed "
                                   f"(fewer when a point exceeds {timer.budget_s} s)",
                  "quick": quick, "points": timer.points})
-    return {"schema_version": SCHEMA_VERSION, "device": measure.device_facts(device), "provenance": prov,
+    return {"schema_version": SCHEMA_VERSION, "device": facts, "provenance": prov, "speed_index": speed,
             "transfers": transfers, "models": prof_models}
 
 
@@ -71,9 +80,11 @@ def main(argv=None) -> None:
     ap.add_argument("--model", nargs="+", default=["smollm2"], help="model shapes to profile (conf/model/)")
     ap.add_argument("--quick", action="store_true", help="coarse grids: <= 2 minutes on the 2-core box")
     ap.add_argument("--roofline", metavar="NAME", help=f"derive from published peaks: {', '.join(roofline.GPUS)}")
-    ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>.json)")
+    ap.add_argument("--out", type=Path, help="output file (default profiles/<device-slug>-<fingerprint>.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per point (fewer where one exceeds the time budget)")
+    ap.add_argument("--speed-index", action="store_true",
+                    help="only re-measure this machine's speed index (<= 2 s): printed, and stored in --out when given")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                     help="print how far two profiles are apart, per table (repeatability, roofline vs measured)")
     a = ap.parse_args(argv)
@@ -81,19 +92,28 @@ def main(argv=None) -> None:
         if a.compare:
             print(format_comparison(*a.compare))
             return
+        if a.speed_index:
+            print(speed_index_command(a))
+            return
         if a.roofline:
             prof = roofline.profile(a.roofline, a.model)
             out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
         else:
             device = resolve_device(a.device)
-            slug = measure.device_facts(device)["slug"]
-            out = a.out or REPO / "profiles" / f"{slug}.json"
+            facts = measure.device_facts(device)
+            # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
+            out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
             existing = None
             if out.exists():
                 try:
                     existing = json.loads(out.read_text())
                 except json.JSONDecodeError:
                     raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
+                if existing.get("device", {}).get("fingerprint") != facts["fingerprint"]:
+                    print(f"runtime.profile: {out} profiles another machine "
+                          f"({existing.get('device', {}).get('fingerprint') or 'unfingerprinted'}); its tables are "
+                          f"not kept", file=sys.stderr)
+                    existing = None
             t = time.perf_counter()
             prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
             prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
@@ -103,6 +123,29 @@ def main(argv=None) -> None:
         except OSError as e:
             raise ConfigError(f"--out {out}: cannot write ({e.strerror}); pick a writable path") from None
     print(summary(prof, out))
+
+
+def speed_index_command(a) -> str:
+    """`--speed-index`: this machine's index now; with --out (a profile of this machine) it is
+    stored there (atomically) and the change from the stored one is printed."""
+    from ..machine import this_fingerprint
+    from .schema import load
+
+    device = resolve_device(a.device)
+    shape = vars(measure.model_args(a.model[0]))
+    si = speed_index(device, {**shape, "head_dim": measure.model_args(a.model[0]).head_dim})
+    line = (f"speed index {si['index']:.2f} (gemm {si['gemm_s'] * 1e3:.2f} ms, memcpy {si['memcpy_s'] * 1e3:.2f} ms, "
+            f"attention {si['attention_s'] * 1e3:.2f} ms; {si['probe_wall_s']:.2f} s), machine {this_fingerprint(device)}")
+    if a.out:
+        prof = load(a.out)
+        if prof["device"].get("fingerprint") != this_fingerprint(device):
+            raise ConfigError(f"--out {a.out} profiles machine {prof['device'].get('fingerprint')}, not this one "
+                              f"({this_fingerprint(device)}); its speed index stays as measured there")
+        old = prof.get("speed_index", {}).get("index")
+        prof["speed_index"] = si
+        write_json_atomic(a.out, prof)
+        line += f"; stored in {a.out}" + (f" (was {old:.2f}: x{si['index'] / old:.3f})" if old else "")
+    return line
 
 
 def format_comparison(path_a: Path, path_b: Path) -> str:

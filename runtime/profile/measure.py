@@ -27,7 +27,7 @@ from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
 from ..errors import ConfigError
 from ..provenance import REPO
 from ..transfer import EmulatedLink, gather_rows
-from .schema import table
+from .schema import PROFILED_BITS, bits_table, table
 
 
 @dataclass
@@ -90,6 +90,10 @@ def device_facts(device: torch.device) -> dict:
                  "cores": os.cpu_count(), "machine": platform.machine()}
     facts["torch_threads"] = torch.get_num_threads()
     facts["slug"] = slug(facts["name"] if device.type == "cuda" else f"cpu-{facts['name']}-{os.cpu_count()}c")
+    from ..machine import fingerprint, machine_facts
+
+    facts["facts"] = machine_facts(device)
+    facts["fingerprint"] = fingerprint(facts["facts"])
     return facts
 
 
@@ -283,22 +287,38 @@ def model_args(name: str) -> ModelArgs:
 KIVI_KNOBS = dict(bits=2, group_size=64, residual=64, one_bit_rule="specache")
 
 
-def kernel_axes(args: ModelArgs, quick: bool, device: torch.device) -> dict[str, dict[str, list]]:
+def covering(grid: list[int], need: int | None, more: list[int]) -> list[int]:
+    """`grid`, extended from `more` (ascending) until its last value is >= need."""
+    out = list(grid)
+    for v in more:
+        if need is None or out[-1] >= need:
+            break
+        if v > out[-1]:
+            out.append(v)
+    return out
+
+
+def kernel_axes(args: ModelArgs, quick: bool, device: torch.device, cover: dict | None = None,
+                bits: tuple[int, ...] = PROFILED_BITS, rag: bool = True) -> dict[str, dict[str, list]]:
+    """The grids of every kernel table. `cover` ({"batch", "context", "tokens"}: the largest
+    each axis must reach; analysis.validate's first-use profile) extends the (quick) grids
+    geometrically until they cover it, so nothing the points read is extrapolated."""
     ctx_max = args.max_seq_len
-    tokens = [t for t in ([16, 64, 256, 1024] if quick else [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192])
-              if t <= ctx_max]
-    contexts = [c for c in ([256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]) if c <= ctx_max]
-    batches = [1, 4] if quick else ([1, 2, 4, 8, 16] if device.type == "cpu" else [1, 4, 16, 64])
-    return {
-        "prefill_layer": {"tokens": tokens},
-        "decode_attention_full": {"batch": batches, "context": contexts},
-        "decode_attention_kivi": {"batch": batches, "context": contexts},
-        "score_topk": {"batch": batches, "context": contexts},
-        "gather_replace": {"batch": batches, "k": [16, 64, 256] if quick else [16, 64, 128, 256, 512]},
-        "quantize": {"tokens": tokens},
-        "projections": {"tokens": sorted(set(tokens) | set(batches))},   # prefill tokens and decode batches
-        "mlp": {"tokens": sorted(set(tokens) | set(batches))},
-        "lm_head_sample": {"batch": batches},
+    cover = cover or {}
+    bits = tuple(sorted(set(bits) | {2}))        # the 2-bit tables are the schema's required ones
+    tokens = [t for t in covering([16, 64, 256, 1024] if quick else [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+                                  cover.get("tokens"), [2048, 4096, 8192, 16384]) if t <= ctx_max]
+    contexts = [c for c in covering([256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192],
+                                    cover.get("context"), [4096, 8192, 16384]) if c <= ctx_max]
+    batches = covering([1, 4] if quick else ([1, 2, 4, 8, 16] if device.type == "cpu" else [1, 4, 16, 64]),
+                       cover.get("batch"), [8, 16, 32, 64, 128, 256])
+    low = {}
+    for b in bits:
+        low[bits_table("decode_attention_kivi", b)] = {"batch": batches, "context": contexts}
+        low[bits_table("score_topk", b)] = {"batch": batches, "context": contexts}
+        low[bits_table("gather_replace", b)] = {"batch": batches, "k": [16, 64, 256] if quick else [16, 64, 128, 256, 512]}
+        low[bits_table("quantize", b)] = {"tokens": tokens}
+    rag_axes = {
         # RAG chunk reuse (per layer): re-rotating reused keys, a chunk's K/V to and from disk,
         # and selective prefill: m recomputed tokens attending over a context of N
         "rope_rerotate": {"tokens": tokens},
@@ -306,6 +326,15 @@ def kernel_axes(args: ModelArgs, quick: bool, device: torch.device) -> dict[str,
         "chunk_load": {"tokens": [t for t in (128, 512, 2048) if t <= ctx_max]},
         "selective_prefill": {"m": [16, 64, 256] if quick else [16, 64, 128, 256, 512, 1024],
                               "context": [c for c in contexts if c >= 1024] or contexts[-1:]},
+    }
+    return {
+        "prefill_layer": {"tokens": tokens},
+        "decode_attention_full": {"batch": batches, "context": contexts},
+        **low,
+        "projections": {"tokens": sorted(set(tokens) | set(batches))},   # prefill tokens and decode batches
+        "mlp": {"tokens": sorted(set(tokens) | set(batches))},
+        "lm_head_sample": {"batch": batches},
+        **(rag_axes if rag else {}),
     }
 
 
@@ -326,14 +355,15 @@ def _layer_with_context(policy, args, B, ctx, dtype, device):
 
 
 def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: torch.dtype, kv_dtype: str,
-                    quick: bool, progress=None) -> dict:
-    axes = kernel_axes(args, quick, device)
+                    quick: bool, progress=None, axes: dict | None = None) -> dict:
+    """Every table of `axes` (default kernel_axes(args, quick, device)); the low-bit kernels
+    once per bit-width present there (`<name>_<bits>bit`, 2-bit under the plain name)."""
+    axes = axes or kernel_axes(args, quick, device)
     D, H, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
     block = Block(args).to(device=device, dtype=dtype).eval().requires_grad_(False)
     cos, sin = rope_tables(D, args.max_seq_len, args.rope_base)
     cos, sin = cos.to(device), sin.to(device)
     full = NS(name="full", kv_dtype=kv_dtype)
-    kivi = NS(name="kivi", kv_dtype=kv_dtype, **KIVI_KNOBS)
     out = {}
 
     def prefill(T):
@@ -360,37 +390,11 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
             return lambda: layer.decode(q, k, k, Step(layer.len, 1, pad, pos))
         return point
     out["decode_attention_full"] = grid(timer, axes["decode_attention_full"], attention(full), progress)
-    out["decode_attention_kivi"] = grid(timer, axes["decode_attention_kivi"], attention(kivi), progress)
-
-    spec = NS(name="specache", kv_dtype=kv_dtype, k=64, prefetch=False, **KIVI_KNOBS)
-
-    def score_topk(B, ctx):
-        layer = _layer_with_context(spec, args, B, ctx, dtype, device)
-        qf = fold(torch.randn(B, H, 1, D, device=device, dtype=layer.dtype), Hkv)
-        G = H // Hkv
-        return lambda: layer.select(layer.lowbit_scores(qf), slice(0, 1), G, 1)
-    out["score_topk"] = grid(timer, axes["score_topk"], score_topk, progress)
-
     ctx_gr = min(2048, args.max_seq_len - 64)
-
-    def gather_replace(B, k):
-        pol = NS(**{**vars(spec), "k": k})
-        layer = _layer_with_context(pol, args, B, ctx_gr, dtype, device)
-        q = torch.randn(B, H, 1, D, device=device, dtype=layer.dtype)
-        qf = fold(q, Hkv)
-        s_low = layer.lowbit_scores(qf)
-        idx, valid = layer.select(s_low, slice(0, 1), H // Hkv, 1)
-        step = Step(ctx_gr, 1, torch.zeros(B, dtype=torch.long, device=device),
-                    torch.zeros(B, 1, dtype=torch.long, device=device))
-        kv_new = torch.zeros(B, Hkv, 1, D, device=device, dtype=layer.dtype)
-        return lambda: layer._mixed_attention(q, qf, s_low, kv_new, kv_new, step, layer.fetch(idx, valid).wait())
-    out["gather_replace"] = grid(timer, axes["gather_replace"], gather_replace, progress)
-    out["gather_replace"]["context"] = ctx_gr
-
-    def quant(T):
-        x = torch.randn(1, Hkv, T, D, device=device)
-        return lambda: pack(quantize(x, *quant_params(x, -1, 2), 2), 2)
-    out["quantize"] = grid(timer, axes["quantize"], quant, progress)
+    for bits in PROFILED_BITS:
+        if bits_table("decode_attention_kivi", bits) not in axes:
+            continue
+        out.update(measure_low_bit(args, timer, device, dtype, kv_dtype, axes, bits, attention, ctx_gr, progress))
 
     attn = block.attention
 
@@ -417,12 +421,55 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     # one whole model (or the deepest that fits) serves both whole-model measurements
     whole = random_init(ModelArgs(**{**vars(args), "n_layers": _whole_depth(args, device, dtype)}), 0, dtype, device)
     out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, whole, timer, device, dtype, kv_dtype,
-                                                                      out["lm_head_sample"], quick)
+                                                                      out["lm_head_sample"], quick,
+                                                                      axes["decode_attention_full"]["context"][-1],
+                                                                      progress)
     out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick)
     del whole
-    out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
+    if "rope_rerotate" in axes:
+        out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
     out["grids"] = {k: v for k, v in axes.items()}
+    return out
+
+
+def measure_low_bit(args, timer, device, dtype, kv_dtype, axes, bits, attention, ctx_gr, progress) -> dict:
+    """KIVI's decode attention, SpeCache's low-bit score + top-k and gather-and-replace, and
+    quantize/pack, at one bit-width (the other knobs: KIVI_KNOBS)."""
+    D, H, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
+    knobs = {**KIVI_KNOBS, "bits": bits}
+    kivi = NS(name="kivi", kv_dtype=kv_dtype, **knobs)
+    spec = NS(name="specache", kv_dtype=kv_dtype, k=64, prefetch=False, **knobs)
+    name = lambda n: bits_table(n, bits)  # noqa: E731
+    out = {name("decode_attention_kivi"): grid(timer, axes[name("decode_attention_kivi")], attention(kivi), progress)}
+
+    def score_topk(B, ctx):
+        layer = _layer_with_context(spec, args, B, ctx, dtype, device)
+        qf = fold(torch.randn(B, H, 1, D, device=device, dtype=layer.dtype), Hkv)
+        G = H // Hkv
+        return lambda: layer.select(layer.lowbit_scores(qf), slice(0, 1), G, 1)
+    out[name("score_topk")] = grid(timer, axes[name("score_topk")], score_topk, progress)
+
+    def gather_replace(B, k):
+        pol = NS(**{**vars(spec), "k": k})
+        layer = _layer_with_context(pol, args, B, ctx_gr, dtype, device)
+        q = torch.randn(B, H, 1, D, device=device, dtype=layer.dtype)
+        qf = fold(q, Hkv)
+        s_low = layer.lowbit_scores(qf)
+        idx, valid = layer.select(s_low, slice(0, 1), H // Hkv, 1)
+        step = Step(ctx_gr, 1, torch.zeros(B, dtype=torch.long, device=device),
+                    torch.zeros(B, 1, dtype=torch.long, device=device))
+        kv_new = torch.zeros(B, Hkv, 1, D, device=device, dtype=layer.dtype)
+        return lambda: layer._mixed_attention(q, qf, s_low, kv_new, kv_new, step, layer.fetch(idx, valid).wait())
+    out[name("gather_replace")] = grid(timer, axes[name("gather_replace")], gather_replace, progress)
+    out[name("gather_replace")]["context"] = ctx_gr
+
+    def quant(T):
+        x = torch.randn(1, Hkv, T, D, device=device)
+        return lambda: pack(quantize(x, *quant_params(x, -1, bits), bits), bits)
+    out[name("quantize")] = grid(timer, axes[name("quantize")], quant, progress)
+    for t in out.values():
+        t["bits"] = bits
     return out
 
 
@@ -572,7 +619,7 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
 
 
 def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device, dtype, kv_dtype, head: dict,
-                          quick: bool = False) -> tuple[dict, dict]:
+                          quick: bool = False, max_context: int | None = None, progress=None) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
     and the Python glue between them, by batch x context).
@@ -593,17 +640,29 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
     small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
     depth = m.args.n_layers
     contexts = [c for c in ([40, 2048] if quick else [40, 512, 2048, 4096, 8128]) if c + 16 <= args.max_seq_len]
+    if max_context and min(max_context, args.max_seq_len - 64) > contexts[-1]:   # a covering grid (kernel_axes' `cover`)
+        contexts.append(min(max_context, args.max_seq_len - 64))
     res, layer = {}, {}
     head_b = head["axes"]["batch"]
+    # at least two points to interpolate, and the largest batch when the grid was extended to
+    # cover it (quick grids are [1, 4]; a covering grid ends at the points' largest)
+    use = [B for B in head_b if B in (1, 4) or B in head_b[:2] or (quick and B == head_b[-1])]
+    if progress is not None:          # these steps count on the bar too (whole-model steps are the slow ones)
+        progress.total += len(use) * (1 + len(contexts))
+        progress.set_description("profile whole-model steps")
     for i, B in enumerate(head_b):
-        if B not in (1, 4) and B not in head_b[:2]:     # at least two points to interpolate
+        if B not in use:
             continue
         t1 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 1, **small}), B, device, dtype, kv_dtype, timer.repeats)
         t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
         res[B] = max(t1 - (t3 - t1) / 2, 0.0)
+        if progress is not None:
+            progress.update(1)
         for ctx in contexts:
             tw = _decode_step_time(m.args, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
             layer[B, ctx] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
+            if progress is not None:
+                progress.update(1)
     batches = sorted(res)
     lay = table({"batch": batches, "context": contexts}, [[layer[b, c] for c in contexts] for b in batches])
     lay["whole_model_layers"] = depth

@@ -2,7 +2,9 @@
 
     {
       "schema_version": 1,
-      "device":     {"name", "type" (cpu|cuda), "memory_bytes", "slug", ... facts},
+      "device":     {"name", "type" (cpu|cuda), "memory_bytes", "slug", "fingerprint" (measured,
+                     runtime/machine.py), "facts" (what the fingerprint is made of)},
+      "speed_index": {"index", "gemm_s", "memcpy_s", "attention_s", ...}   (measured profiles)
       "provenance": {"kind" (measured|roofline), "host", "torch", "cuda", "time", "git_revision",
                      "command", "repeats", "warmup", "sources" (roofline)},
       "transfers":  {name: table}      h2d_pinned, h2d_pageable, d2h_pinned, d2h_pageable,
@@ -23,11 +25,21 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2            # 2: device.fingerprint / device.facts, speed_index, low-bit tables per bit-width
 KINDS = ("measured", "roofline")
 TRANSFERS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "gather")
+# the low-bit kernels are measured per bit-width: 2-bit under the plain name (as in schema 1),
+# 1- and 4-bit as `<name>_<bits>bit` (bits_table); a measured profile without a policy's table
+# for its bits is refused by the simulator, naming the re-profile command
+BITS_KERNELS = ("decode_attention_kivi", "score_topk", "gather_replace", "quantize")
+PROFILED_BITS = (1, 2, 4)
 KERNELS = ("prefill_layer", "decode_attention_full", "decode_attention_kivi", "score_topk", "gather_replace",
            "quantize", "projections", "mlp", "lm_head_sample", "step_overhead", "decode_layer")
+
+
+def bits_table(name: str, bits: int) -> str:
+    """The kernel table of a low-bit kernel at `bits` (2-bit keeps the plain name)."""
+    return name if name not in BITS_KERNELS or int(bits) == 2 else f"{name}_{int(bits)}bit"
 
 
 class ProfileError(ConfigError):
@@ -85,6 +97,14 @@ def validate(prof: dict, path) -> dict:
     kind = prof["provenance"].get("kind")
     if kind not in KINDS:
         raise ProfileError(f"{path}: provenance.kind={kind!r}; expected one of {', '.join(KINDS)}")
+    if ver >= 2 and kind == "measured":
+        for key in ("fingerprint", "facts"):
+            if key not in prof["device"]:
+                raise ProfileError(f"{path}: missing 'device.{key}'; re-profile")
+        si = prof.get("speed_index")
+        if not isinstance(si, dict) or not isinstance(si.get("index"), (int, float)) or not si["index"] > 0:
+            raise ProfileError(f"{path}: missing or malformed 'speed_index.index'; "
+                               "re-profile (python -m runtime.profile --speed-index re-measures it alone)")
     for name in TRANSFERS:
         if name not in prof["transfers"]:
             raise ProfileError(f"{path}: missing 'transfers.{name}'")
@@ -100,7 +120,9 @@ def validate(prof: dict, path) -> dict:
         for name in KERNELS:
             if name not in m["kernels"]:
                 raise ProfileError(f"{path}: missing 'models.{model}.kernels.{name}'")
-            validate_table(m["kernels"][name], f"models.{model}.kernels.{name}", path)
+        for name, t in m["kernels"].items():
+            if isinstance(t, dict) and "axes" in t:
+                validate_table(t, f"models.{model}.kernels.{name}", path)
         if "kv_available_bytes" not in m["memory"]:
             raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
     return prof
