@@ -12,9 +12,11 @@ DynamicCache (what `generate` uses) and `attention_mask` of ones, then argmax: t
 Every top-level aten op (one not called from inside another aten op) is put in one family:
 
   projections   nn.Linear inside the layers (q/k/v, o, gate/up, down) and the vocabulary head
-  attention     SDPA, or the matmuls/softmax of an attention written out (kivi, HF eager)
+  attention     SDPA, or the matmuls/softmax of an attention written out (HF eager); kivi: all
+                of its decode but the append (unpack, low-bit scores and values, softmax)
   masks/padding building attention masks (ours: Step.mask; HF: create_causal_mask)
-  cache writes  storing the new K/V (ours: the in-place column write; HF: DynamicCache.update)
+  cache writes  storing the new K/V (ours: the in-place column write, kivi: append + quantize;
+                HF: DynamicCache.update)
   sampling      argmax over the logits
   other ops     RMSNorm, RoPE, SiLU, residual adds, embedding lookup, views
   python        the step's wall time under the profiler minus all top-level ops: interpreter,
@@ -25,6 +27,7 @@ Prints a markdown table per (batch, context): milliseconds per step per family, 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import contextlib
 import statistics
 import sys
@@ -32,12 +35,16 @@ import time
 import warnings
 
 import torch
+
+# measure the checkout this script lives in, not whichever one an editable install points at
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from _grid import hf_fill, ours_prefilled, synthetic
 from runtime.engine import decode_step, load_prefilled
 from runtime.kv import base as kv_base, make_cache, policy_spec
 from runtime.kv import full as kv_full
+from runtime.kv import kivi as kv_kivi
 from runtime.model import load_gguf, shipped_gguf_path
 from runtime.provenance import cpu_name
 
@@ -60,7 +67,11 @@ def _scoped(fn, name):
 def instrument(hf_modeling=None):
     """Scope names around the pieces whose aten ops are ambiguous by name alone."""
     patches = [(kv_base.Step, "mask", kv_base.Step.mask, "kvt::mask"),
-               (kv_full.FullKV, "_write", kv_full.FullKV._write, "kvt::cache_write")]
+               (kv_full.FullKV, "_write", kv_full.FullKV._write, "kvt::cache_write"),
+               # kivi: appending + quantizing is its cache write; the rest of decode (unpack,
+               # low-bit scores and values, softmax) is its attention
+               (kv_kivi.KiviKV, "_append", kv_kivi.KiviKV._append, "kvt::cache_write"),
+               (kv_kivi.KiviKV, "decode", kv_kivi.KiviKV.decode, "kvt::attention")]
     try:
         from transformers import cache_utils
         patches.append((cache_utils.DynamicLayer, "update", cache_utils.DynamicLayer.update, "kvt::cache_write"))
@@ -200,7 +211,7 @@ def main(argv=None):
         sys.exit(2)
     warnings.filterwarnings("ignore")
     policy = policy_spec("full") if a.policy == "full" else policy_spec(
-        "kivi", bits=2, group_size=64, residual=64)
+        "kivi", bits=2, group_size=64, residual=64, one_bit_rule="specache")
     model = load_gguf()
     hf = modeling = None
     if not a.no_hf:

@@ -24,11 +24,16 @@ iterating use e.g. --batch 4 16 --context 2048 --new 6 --repeats 3.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+import sys
 import platform
 import time
 import warnings
 
 import torch
+
+# measure the checkout this script lives in, not whichever one an editable install points at
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, machine_lines, med_ci,
                    ours_prefilled, parse_mixed, synthetic)
