@@ -96,7 +96,8 @@ def rope_tables(head_dim: int, n_pos: int, base: float) -> tuple[torch.Tensor, t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by per-token angles cos/sin (B, 1, T, D/2); half-split pairing."""
+    """Rotate x by per-token angles; half-split pairing. x (B, H, T, D) with cos/sin
+    (B, 1, T, D/2), or any layout whose cos/sin broadcast, e.g. x (B, T, H, D), cos (B, T, 1, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
@@ -113,11 +114,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv, step: Step):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)        # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)      # (B, H_kv, T, D)
+        if cos.shape[1] != T:
+            raise ValueError(f"cos/sin must be token-major (B, T, 1, D/2); got {tuple(cos.shape)} for T={T}")
+        qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        # q and k rotated in one pass, token-major (cos, sin: (B, T, 1, D/2)); the same
+        # elementwise ops as rotating each, half the kernel launches
+        qk = apply_rope(qk.view(B, T, H + Hkv, D), cos, sin)
+        q = qk[:, :, :H].transpose(1, 2)              # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)              # (B, H_kv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = kv.attend(q, k, v, step)                  # (B, H, T, D)
         return self.wo(o.transpose(1, 2).reshape(B, T, H * D))
 
@@ -176,8 +181,8 @@ class Transformer(nn.Module):
         the last position's logits: the vocab projection of every prompt token is the single
         biggest waste of a naive prefill)."""
         x = self.tok_embeddings(tokens)                        # (B, T, dim)
-        cos = self.rope_cos[step.positions][:, None]           # (B, 1, T, D/2)
-        sin = self.rope_sin[step.positions][:, None]
+        cos = self.rope_cos[step.positions][:, :, None]        # (B, T, 1, D/2): token-major
+        sin = self.rope_sin[step.positions][:, :, None]
         for layer, kv in zip(self.layers, cache.layers):
             x = layer(x, cos, sin, kv, step)
         cache.advance(step)

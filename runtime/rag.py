@@ -377,7 +377,7 @@ def draft_scores(model: Transformer, prompt: list[int], draft_layers: int) -> to
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.arange(T, device=dev)[None]
     step = Step(start=0, n_new=T, pad=pad, positions=pos)
-    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]
+    cos, sin = model.rope_cos[pos][:, :, None], model.rope_sin[pos][:, :, None]   # (1, T, 1, D/2): Block's layout
     first_scored = D - math.ceil(D / 3)
     acc = torch.zeros(T, dtype=torch.float32, device=dev)
     with torch.inference_mode():
@@ -404,7 +404,7 @@ def _cacheblend_deviation(model: Transformer, prompt: list[int], reused: ChunkKV
             cache = make_cache(policy_spec("full"), n_layers=1, batch=1, n_kv_heads=model.args.n_kv_heads,
                                head_dim=model.args.head_dim, capacity=T, device=dev)
             step = Step(start=0, n_new=T, pad=torch.zeros(1, dtype=torch.long, device=dev), positions=pos[None])
-            x = model.layers[0](x, cos, sin, cache.layers[0], step)
+            x = model.layers[0](x, cos.transpose(1, 2), sin.transpose(1, 2), cache.layers[0], step)  # token-major
         _, k, v = _qkv(model.layers[li], x, cos, sin)
         k0, v0 = reused[li]
         dk = (k[:, :, :n_ctx].float() - k0.float()).square().sum(dim=(1, 3)).sqrt()[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ class Step:
     pad: torch.Tensor       # (B,) long: left-pad columns of each row
     positions: torch.Tensor # (B, n_new) long: RoPE position of each new token (pads clamp to 0)
     spec: bool = False      # the last new token is a speculative guess: it attends, it is never stored
+    # per-pass memo: every layer of a pass asks for the same mask; building it (and the
+    # `pad.any()` behind has_pad, a host sync on CUDA) once per pass instead of once per layer
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def end(self) -> int:
@@ -52,7 +55,9 @@ class Step:
 
     @property
     def has_pad(self) -> bool:
-        return bool((self.pad > 0).any())
+        if "has_pad" not in self._memo:
+            self._memo["has_pad"] = bool((self.pad > 0).any())
+        return self._memo["has_pad"]
 
     def valid_keys(self, t_k: int | None = None) -> torch.Tensor:
         """(B, t_k) bool: True where a cache column holds a real token of that row."""
@@ -60,16 +65,27 @@ class Step:
         cols = torch.arange(t_k, device=self.pad.device)
         return cols[None, :] >= self.pad[:, None]
 
-    def mask(self, t_k: int | None = None) -> torch.Tensor | None:
+    def mask(self, t_k: int | None = None, group: int = 1) -> torch.Tensor | None:
         """(B, 1, n_new, t_k) bool attention mask (True = attend), or None when none is needed.
 
         Query i (column start+i) sees real keys at columns <= start+i. A pad query would see no
         key at all and SDPA would return NaN, so pad queries see themselves: their outputs are
         never used, they only have to stay finite.
+
+        group > 1: the mask of G = group folded query heads, (B, 1, G * n_new, t_k) in (g, t)
+        row order (see `sdpa_gqa`). Built once per pass and shared by the layers: callers must
+        not modify it in place.
         """
         t_k = self.end if t_k is None else t_k
         if self.n_new == 1 and not self.has_pad:
             return None
+        key = ("mask", t_k, group)
+        if key not in self._memo:
+            m = self._mask(t_k)
+            self._memo[key] = m.repeat(1, 1, group, 1) if group > 1 else m
+        return self._memo[key]
+
+    def _mask(self, t_k: int) -> torch.Tensor:
         dev = self.pad.device
         q_cols = self.start + torch.arange(self.n_new, device=dev)  # (T,)
         k_cols = torch.arange(t_k, device=dev)                       # (Tk,)
@@ -91,7 +107,7 @@ def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     H_kv = k.shape[1]
     G = H // H_kv
     qf = q.reshape(B, H_kv, G * T, D)                  # rows ordered (g, t)
-    if mask is not None and G > 1:
+    if mask is not None and G > 1 and mask.shape[2] != G * T:
         mask = mask.repeat(1, 1, G, 1)                 # (B, 1, G*T, Tk), same (g, t) order
     o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (B, H_kv, G*T, D)
     return o.reshape(B, H, T, D)
@@ -155,7 +171,7 @@ class LayerKV(ABC):
         if step.is_prefill:
             k, v = k.to(self.dtype), v.to(self.dtype)
             self.load(k, v, step)
-            return sdpa_gqa(q.to(self.dtype), k, v, step.mask()).to(q.dtype)
+            return sdpa_gqa(q.to(self.dtype), k, v, step.mask(group=q.shape[1] // k.shape[1])).to(q.dtype)
         return self.decode(q, k, v, step)
 
     dtype: torch.dtype

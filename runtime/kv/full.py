@@ -16,7 +16,7 @@ class FullKV(LayerKV):
         self.dtype = shape.dtype
         self.k, self.v = shape.buffer(), shape.buffer()
         self.len = 0          # columns written, pads included
-        self.n_real = 0       # real tokens held, summed over rows
+        self.pad = None       # (B,) left-pad columns of the rows held (set by the first write)
 
     def _write(self, k, v, step: Step) -> None:
         # a speculative guess is written too (at column stored_end) so it can attend to itself;
@@ -25,14 +25,20 @@ class FullKV(LayerKV):
         self.k[:, :, step.start : step.end] = k      # (B, H_kv, n_new, D)
         self.v[:, :, step.start : step.end] = v
         self.len = step.stored_end
-        self.n_real = int((step.stored_end - step.pad).clamp(min=0).sum())
+        self.pad = step.pad   # n_real is counted when asked for, not per layer per step
+
+    @property
+    def n_real(self) -> int:
+        """Real tokens held, summed over rows."""
+        return 0 if self.pad is None else int((self.len - self.pad).clamp(min=0).sum())
 
     def load(self, k, v, step: Step) -> None:
         self._write(k.to(self.dtype), v.to(self.dtype), step)
 
     def decode(self, q, k, v, step: Step):
         self._write(k.to(self.dtype), v.to(self.dtype), step)
-        o = sdpa_gqa(q.to(self.dtype), self.k[:, :, : step.end], self.v[:, :, : step.end], step.mask())
+        mask = step.mask(group=q.shape[1] // self.k.shape[1])
+        o = sdpa_gqa(q.to(self.dtype), self.k[:, :, : step.end], self.v[:, :, : step.end], mask)
         return o.to(q.dtype)
 
     def nbytes(self):

@@ -285,9 +285,7 @@ def unfold(o: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def masked_softmax(scores: torch.Tensor, step: Step, group: int) -> torch.Tensor:
     """softmax over the key columns with the step's mask (pads, causality of a guess)."""
-    mask = step.mask(scores.shape[-1])
+    mask = step.mask(scores.shape[-1], group)             # (B, 1, G*T, Tk), (g, t) order
     if mask is not None:
-        if group > 1:
-            mask = mask.repeat(1, 1, group, 1)            # (B, 1, G*T, Tk), (g, t) order
         scores = scores.masked_fill(~mask, -math.inf)
     return torch.softmax(scores.float(), dim=-1).to(scores.dtype)

@@ -95,7 +95,7 @@ class OffloadKV(LayerKV):
         self._write_back(k, v, step.start, step.stored_end)
         self.len = step.stored_end
         self.n_real = int((step.stored_end - step.pad).clamp(min=0).sum())
-        o = sdpa_gqa(q.to(self.dtype), dk[:, :, : step.end], dv[:, :, : step.end], step.mask())
+        o = sdpa_gqa(q.to(self.dtype), dk[:, :, : step.end], dv[:, :, : step.end], step.mask(group=q.shape[1] // dk.shape[1]))
         # the slot now also holds this step's token, but the host is the source of truth: the
         # next fetch of this layer re-reads it
         slots.slot_of.pop(self.index, None)

@@ -369,7 +369,7 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     def prefill(T):
         x = torch.randn(1, T, args.dim, device=device, dtype=dtype)
         pos = torch.arange(T, device=device)[None]
-        c, s = cos[pos][:, None], sin[pos][:, None]
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]   # (1, T, 1, D/2): Block's token-major layout
         zero = torch.zeros(1, dtype=torch.long, device=device)
 
         def run():
@@ -516,7 +516,7 @@ def measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progres
             cache[0].load(k, v, Step(0, layer_ctx, zero, torch.zeros(1, layer_ctx, dtype=torch.long, device=device)))
             x = torch.randn(1, m, args.dim, device=device, dtype=dtype)
             pos = torch.arange(layer_ctx, N, device=device)[None]
-            block(x, cos[pos][:, None], sin[pos][:, None], cache[0], Step(layer_ctx, m, zero, pos))
+            block(x, cos[pos][:, :, None], sin[pos][:, :, None], cache[0], Step(layer_ctx, m, zero, pos))
         return run
     out["selective_prefill"] = grid(timer, axes["selective_prefill"], selective, progress)
     out["selective_prefill"]["note"] = ("m new tokens attending over N (the cache holds N - m reused tokens); "
