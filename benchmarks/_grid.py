@@ -41,11 +41,9 @@ def parse_mixed(script: str, specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 def machine_lines(device: torch.device) -> list[str]:
-    """The machine's fingerprint and speed index (runtime.machine, issue 13), or n/a."""
-    try:
-        from runtime.machine import speed_index, this_fingerprint
-    except ImportError:
-        return ["fingerprint: n/a (runtime.machine missing)"]
+    """The machine's fingerprint and speed index (runtime.machine), printed with every table."""
+    from runtime.machine import speed_index, this_fingerprint
+
     lines = []
     for label, fn in (("fingerprint", lambda: this_fingerprint(device)), ("speed index", lambda: speed_index(device))):
         try:
