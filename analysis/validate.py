@@ -56,8 +56,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from runtime.config import register
-from runtime.errors import ConfigError, cli_errors
+from core.config import register
+from core.errors import ConfigError, cli_errors
 
 register()          # the base_* schemas every group option starts from
 
@@ -148,8 +148,12 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 def runtime_entry(cfg: DictConfig) -> str:
-    """Static batches (and RAG requests) go through runtime.bench, open arrivals through runtime.serve."""
-    return "bench" if cfg.workload.arrival == "static" or cfg.policy.name == "rag" else "serve"
+    """Static batches (and policies runtime.serve cannot batch, e.g. rag) go through runtime.bench,
+    open arrivals through runtime.serve."""
+    from runtime.kv import POLICIES
+
+    serves = getattr(POLICIES.get(cfg.policy.name), "serves", True)
+    return "bench" if cfg.workload.arrival == "static" or not serves else "serve"
 
 
 def compose_halves(p: Point, experiment: str | None, results_dir: str) -> tuple[DictConfig, DictConfig, str]:

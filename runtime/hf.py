@@ -44,14 +44,14 @@ low-bit cache), right padding, 4D custom masks, `torch.compile` / static shapes.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from core.errors import ConfigError
+from core.policies import defaults, spec_of
 from .kv import KV_DTYPES, KVCache, Step, make_cache, policy_spec
-from .kv.kivi import check_knobs, unpack_float
+from .kv.kivi import unpack_float
 
 try:   # without transformers (or with one too old to have these) the classes below still define,
     from transformers.cache_utils import Cache as _Cache   # and constructing one raises a ConfigError
@@ -123,12 +123,8 @@ def _head_dim(config) -> int:
 
 
 def _defaults(policy: str) -> dict:
-    """Knob defaults of a policy: those of its conf/ schema (runtime/config.py), one source."""
-    from .config import KiviPolicyConfig, OffloadPolicyConfig, PolicyConfig, SpecachePolicyConfig
-
-    schema = {"full": PolicyConfig, "offload": OffloadPolicyConfig, "kivi": KiviPolicyConfig,
-              "specache": SpecachePolicyConfig}[policy]
-    out = {f.name: f.default for f in fields(schema) if f.name != "name"}
+    """Knob defaults of a policy: its declaration's (core/policies/), one source."""
+    out = defaults(policy)
     out["kv_dtype"] = None       # None = the dtype of the model's K/V (decided on the first update)
     if policy == "specache":
         out["prefetch"] = False  # speculative pre-decoding needs the engine's loop (module docstring)
@@ -148,15 +144,11 @@ def _check_knobs(policy: str, knobs: dict, head_dim: int) -> dict:
     if out["kv_dtype"] is not None and out["kv_dtype"] not in KV_DTYPES:
         raise ConfigError(f"kvtestbed_cache({policy!r}): kv_dtype={out['kv_dtype']!r}; use None (the model's) "
                           f"or one of {', '.join(KV_DTYPES)}")
-    if policy in ("kivi", "specache"):
-        try:
-            check_knobs(policy_spec(policy, **{k: v for k, v in out.items() if k != "kv_dtype"}), head_dim)
-        except ConfigError as e:
-            raise ConfigError(f"kvtestbed_cache({policy!r}): " + str(e).replace("policy.", "")) from None
+    try:
+        spec_of(policy_spec(policy, **{k: v for k, v in out.items() if k != "kv_dtype"}), head_dim)
+    except ConfigError as e:
+        raise ConfigError(f"kvtestbed_cache({policy!r}): " + str(e).replace("policy.", "")) from None
     if policy == "specache":
-        if out["k"] < 0:
-            raise ConfigError(f"kvtestbed_cache('specache'): k={out['k']} must be >= 0 "
-                              "(0 = plain KIVI; k beyond the context is clamped)")
         if out["prefetch"]:
             raise ConfigError("kvtestbed_cache('specache'): prefetch=True (speculative pre-decoding) is not available "
                               "inside transformers' generate(): it needs two tokens per forward (the real one and a "

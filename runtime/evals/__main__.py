@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..engine import resolve_device
-from ..errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 from ..model import ModelArgs, load_gguf, random_init
 from . import data
 from . import rag as _rag  # noqa: F401 - registers the rag task with report.TASKS
