@@ -25,6 +25,7 @@ from .engine import SamplingParams, generate, resolve_device
 from core.errors import ConfigError, cli_errors
 from core.policies import load_plugin
 from core.provenance import provenance
+from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
 from .kv import POLICIES
 from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, write_json_atomic
 from .transfer import make_link

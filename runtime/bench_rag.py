@@ -11,6 +11,7 @@ from core.errors import ConfigError
 
 from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
+from .kv.rag import RagKV
 from .model import Transformer
 from .rag import ChunkStore, RagResult, check_policy, load_draft, rag_prefill, split_prompt
 
@@ -88,3 +89,10 @@ def _shifted(run: BatchResult, rag_s: float, rag_peak: int, res: RagResult) -> B
         stats["draft_layers"] = info["draft_layers"]
     return replace(run, requests=reqs, wall_s=run.wall_s + rag_s, prefill_s=run.prefill_s + rag_s,
                    peak_mem_bytes=max(run.peak_mem_bytes, rag_peak), policy_stats=stats)
+
+
+def _runs(model: Transformer, cfg, prompts: list[list[int]], params: SamplingParams, link) -> list[BatchResult]:
+    return bench_rag(model, cfg, prompts[0], params, link=link)
+
+
+RagKV.bench = staticmethod(_runs)      # runtime.bench's timed runs for policy=rag
