@@ -114,7 +114,7 @@ def runtime_bytes(policy_cfg, tokens, layers, H, D):
 def test_kv_bytes_equal_the_runtime(kv_dtype, bits):
     H, D, L = 1, 16, 3
     s = ModelShape(L, H, D, kv_dtype)
-    cfgs = [dict(name="full"), dict(name="offload")]
+    cfgs = [dict(name="full"), dict(name="offload"), dict(name="rag"), dict(name="rag", selector="reuse")]
     for G, R in ((8, 8), (8, 24), (16, 16)):
         cfgs.append(dict(name="kivi", bits=bits, group_size=G, residual=R, one_bit_rule="specache"))
         for k in (0, 5, 40):

@@ -115,8 +115,8 @@ class KiviKV(LayerKV):
 
     def __init__(self, policy, shape: CacheShape, link=None):
         self.spec = check_knobs(policy, shape.head_dim, type(self).declaration)
-        self.bits, self.G, self.R = policy.bits, policy.group_size, policy.residual
-        self.rule = policy.one_bit_rule
+        self.bits, self.G, self.R = self.spec.bits, self.spec.group_size, self.spec.residual
+        self.rule = self.spec.one_bit_rule
         self.dtype = shape.dtype
         B, H, D = shape.batch, shape.n_kv_heads, shape.head_dim
         self.D, self.cg = D, value_group(self.G, D)

@@ -81,7 +81,8 @@ class SpeCacheKV(KiviKV):
     @classmethod
     def build(cls, policy, shape: CacheShape, link=None) -> KVCache:
         cache = super().build(policy, shape, link)
-        cache.speculative = bool(policy.prefetch) and policy.k > 0
+        spec = cache.layers[0].spec
+        cache.speculative = bool(spec.prefetch) and spec.k > 0
         return cache
 
     # -- host store
