@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from core.config import register
 from core.errors import ConfigError, cli_errors
+from core.policies import spec_of
 
 register()          # the base_* schemas every group option starts from
 
@@ -223,10 +224,7 @@ def decode_tok_s(rec: dict) -> float:
 def describe(cfg: DictConfig) -> dict:
     """The columns that say what a point is (for grouping in the notebook)."""
     p, w, h = cfg.policy, cfg.workload, cfg.hardware
-    knobs = {"kivi": lambda: f"{p.bits}b", "specache": lambda: f"k{p.k}-{p.bits}b" + ("" if p.prefetch else "-noprefetch"),
-             "rag": lambda: f"{p.selector}-r{p.recompute_ratio:g}" + (f"-D{p.draft_layers}" if p.selector == "draft" else "")}
-    label = p.name + ("-" + knobs[p.name]() if p.name in knobs else "")
-    return {"policy": p.name, "label": label, "model": cfg.model.name, "batch": w.batch, "prompt_len": w.prompt_len,
+    return {"policy": p.name, "label": spec_of(p, check=False).label(), "model": cfg.model.name, "batch": w.batch, "prompt_len": w.prompt_len,
             "gen_len": w.gen_len, "arrival": w.arrival, "rate": w.rate if w.arrival == "poisson" else math.nan,
             "n_requests": w.n_requests if w.arrival != "static" else w.batch,
             "link_gbps": h.link.gbps if h.link.gbps else math.nan}

@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
 
     link = make_link(cfg.hardware.link, device)
     try:
-        load_plugin(cfg.policy)
+        load_plugin(cfg.policy, "kv")
         own = getattr(POLICIES.get(cfg.policy.name), "bench", None)
         if own is not None:            # a policy with its own prefill (rag: runtime/bench_rag.py)
             runs = own(model, cfg, prompts, params, link)

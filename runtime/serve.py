@@ -73,7 +73,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from core.admission import Admission, Pool, check_scheduler
-from core.policies import ModelShape, spec_of
+from core.policies import ModelShape, load_plugin, spec_of
 from core.workload import Lengths, Request, open_arrivals
 from core.workload import check as check_workload
 
@@ -325,6 +325,7 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     cfg.hardware.kv_budget_bytes; no warmup, nothing written."""
     w, s = cfg.workload, cfg.scheduler
     check_workload(w)
+    load_plugin(cfg.policy, "kv")
     twin = spec_of(cfg.policy)
     served = sorted(n for n, c in POLICIES.items() if c.serves)
     if not POLICIES[twin.name].serves:

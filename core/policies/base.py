@@ -63,6 +63,13 @@ class PolicyConfig:
         """Host bytes to reserve for a request that will reach n tokens (its host KV only grows)."""
         return self.kv_bytes([n], s)[1]
 
+    def label(self) -> str:
+        """A short name of this configuration for tables (`kivi-2b`, `specache-k64-2b`)."""
+        return self.name + (f"-{self.knob_label()}" if self.knob_label() else "")
+
+    def knob_label(self) -> str:
+        return ""
+
     def profile_bits(self) -> set[int]:
         """The low-bit widths whose profile tables this policy reads."""
         return set()
@@ -95,15 +102,17 @@ def _get(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
-def load_plugin(cfg) -> None:
-    """Import `policy.plugin`, if the config sets it: the module that declares a policy shipped
-    outside this package (its runtime cache, twin and declaration register themselves)."""
-    mod = _get(cfg, "plugin")
-    if mod:
+def load_plugin(cfg, part: str = "declaration") -> None:
+    """Import `<policy.plugin>.<part>`, if the config sets `plugin`: a policy shipped outside this
+    package is a package with `declaration` (its knobs, checks and bytes), `kv` (the runtime
+    cache) and `twin` (the simulator twin) modules, each entering itself in its registry."""
+    pkg = _get(cfg, "plugin")
+    if pkg:
         try:
-            importlib.import_module(str(mod))
+            importlib.import_module(f"{pkg}.{part}")
         except ImportError as e:
-            raise ConfigError(f"policy.plugin={mod}: cannot import it ({e}); give an importable module") from None
+            raise ConfigError(f"policy.plugin={pkg}: cannot import {pkg}.{part} ({e}); name a package with "
+                              "declaration, kv and twin modules") from None
 
 
 def knobs_of(cfg, cls: type) -> dict:

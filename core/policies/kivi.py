@@ -68,5 +68,8 @@ class KiviPolicyConfig(PolicyConfig):
             return [n]
         return [n, self.residual + kq - self.group_size]
 
+    def knob_label(self) -> str:
+        return f"{self.bits}b"
+
     def profile_bits(self) -> set[int]:
         return {int(self.bits)}

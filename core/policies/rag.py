@@ -83,6 +83,9 @@ class RagPolicyConfig(FullPolicyConfig):
             raise ConfigError(f"policy.draft_model={dm}: no such file or folder; give a GGUF file or a local "
                               "transformers folder, or null (= the target's first draft_layers layers)")
 
+    def knob_label(self) -> str:
+        return f"{self.selector}-r{self.recompute_ratio:g}" + (f"-D{self.draft_layers}" if self.selector == "draft" else "")
+
     def requests_per_prefill(self) -> int | None:
         return 1                    # the runtime runs one RAG request at a time
 

@@ -38,5 +38,8 @@ class SpecachePolicyConfig(KiviPolicyConfig):
     def peak_lengths(self, n: int) -> list[int]:
         return sorted(set(super().peak_lengths(n)))
 
+    def knob_label(self) -> str:
+        return f"k{self.k}-{self.bits}b" + ("" if self.prefetch else "-noprefetch")
+
     def query_rows(self, batch: int) -> int:
         return 2 * batch if (self.prefetch and self.k > 0) else batch

@@ -52,7 +52,7 @@ def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: 
     """Build a model's KV cache from a policy config (`.name`, `.kv_dtype` and the policy's
     knobs). `link` is the host<->device copy engine (runtime/transfer.py) for policies that
     keep K/V in host memory; None = a direct copy."""
-    load_plugin(policy)
+    load_plugin(policy, "kv")
     name = policy.name
     if name not in POLICIES:
         raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(POLICIES))}")

@@ -95,7 +95,7 @@ def twin(cls: type) -> type:
 
 def make_policy(cfg) -> Twin:
     """The checked twin of a policy config (`name` and its knobs, as in conf/policy/*.yaml)."""
-    load_plugin(cfg)
+    load_plugin(cfg, "twin")
     name = cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)
     if name not in TWINS:
         raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(TWINS))}")
