@@ -30,7 +30,7 @@ Steps (each recorded, a failing step does not stop the rest):
   5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context (SpeCache
      with both gathers).
 Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
-Later issues add their GPU step to STEPS.
+A new measurement that needs a GPU adds its step to STEPS.
 """
 from __future__ import annotations
 

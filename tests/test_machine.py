@@ -1,4 +1,4 @@
-"""Issue 13: machine identity, the cache root, profile lookup, noise-aware validation, bits tables."""
+"""Machine identity, the cache root, profile lookup, noise-aware validation, bits tables."""
 from __future__ import annotations
 
 import copy

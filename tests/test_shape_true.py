@@ -1,4 +1,4 @@
-"""Shape-true costs (issue 14): roofline costs computed for the shape asked, measured tables
+"""Shape-true costs: roofline costs computed for the shape asked, measured tables
 refused beyond their shape or grid, host memory as a resource, both gathers, a separate draft.
 References are hand-computed here from the shapes and the profiles' stated peaks."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_32k_and_batch_256_are_computed_not_extrapolated(tmp_path):
                                              "workload.prompt_len=32640", "workload.gen_len=8",
                                              f"results_dir={tmp_path}"]))
     assert r["extrapolated"] == []
-    # weights + K/V at 32K over the A6000's bandwidth (the issue's ~29 ms floor), plus overheads
+    # weights + K/V at 32K over the A6000's bandwidth (a ~29 ms floor), plus overheads
     weights = (32 * (4096 * 48 * 128 + 32 * 128 * 4096 + 3 * 4096 * 14336) + 32000 * 4096) * 2
     kv = 32 * 2 * 32648 * 8 * 128 * 2
     assert (weights + kv) / 768e9 < r["tpot_s"] < 1.3 * (weights + kv) / HBM

@@ -9,7 +9,7 @@
 Policy specs (`specs.py`): `full`, `offload`, `kivi<bits>[-g<N>][-r<N>]`,
 `specache-k<k>-b<bits>[-g<N>][-r<N>][-noprefetch]`, e.g. `kivi2`, `specache-k64-b2`,
 `specache-k16-b1-g32-noprefetch`; defaults group 64, residual 64, prefetch on. Presets: `default`
-(the issue's 37 policies: full, offload, KIVI 1/2/4-bit, SpeCache k in {0,16,64,256} x 1/2 bits x
+(37 policies: full, offload, KIVI 1/2/4-bit, SpeCache k in {0,16,64,256} x 1/2 bits x
 group 32/64 x prefetch on/off) and `small`. `full` is always run: every statistic is paired with it.
 
 Data (`data.py`), generated in code and seeded, nothing downloaded:

@@ -58,7 +58,7 @@ def parse_spec(spec: str, kv_dtype: str = "auto") -> SimpleNamespace:
 
 
 def default_grid() -> list[str]:
-    """The issue's grid: full, offload, KIVI 1/2/4-bit, SpeCache k in {0, 16, 64, 256} x 1/2 bits
+    """The default grid: full, offload, KIVI 1/2/4-bit, SpeCache k in {0, 16, 64, 256} x 1/2 bits
     x group 32/64 x prefetch on/off (37 policies)."""
     grid = ["full", "offload", "kivi1", "kivi2", "kivi4"]
     for k in (0, 16, 64, 256):
