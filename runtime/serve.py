@@ -4,56 +4,13 @@
     python -m runtime.serve workload=poisson workload.rate=2 workload.n_requests=8 \\
         workload.prompt_len=256 workload.gen_len=16
     python -m runtime.serve workload=trace workload.trace=my_trace.csv hardware.kv_budget_bytes=50000000
-    python -m runtime.serve model=tiny policy=kivi workload=closed workload.users=4 workload.n_requests=16
 
-The real model serves the requests the simulator would (`core.workload`: the same seed gives
-exactly the same arrival times and lengths) in real time, under the simulator's scheduler rules
-(`simulator/scheduler.py`), and writes the simulator's results schema to results/measured/, so
-`analysis.validate` can check the simulator's arrivals, admission and batching against something
-real.
-
-Scheduler rules: core/admission.py, the module the simulator's scheduler drives too (FIFO with
-head-of-line blocking, `scheduler.max_batch`, each request's whole KV reserved from
-`hardware.kv_budget_bytes`, null = unlimited, by the policy declaration's `reserve_bytes`;
-prefill_first / decode_first). Request i becomes visible at t0 + arrival_s (the loop sleeps until
-the next arrival when it has nothing to run; an arrival during an iteration is seen when the
-iteration ends). A request larger than the whole budget, or longer than the model's context, is a
-ConfigError before anything runs. Output lengths are exact: EOS is ignored (a timing replay).
-
-Cohorts (why no model change is needed): the cache layout is batch-static (left padding, one column
-pointer per cache) and the low-bit policies quantize groups of columns, so a request cannot be
-inserted into a running batch's cache. The requests admitted together are prefilled together in one
-left-padded batch into their own cache, a *cohort* (a static batch is therefore one cohort and costs
-what runtime.bench measures). A decode iteration is ONE model forward over the rows of every cohort:
-the GEMMs (QKV, output, MLP, vocab) run batched over all running requests; a composite cache
-(`CohortCache`) hands each layer's attention to each cohort's own `LayerKV.attend` with that
-cohort's own `Step` (its column, padding, positions) and concatenates the outputs, so attention is
-one call per cohort per layer, like a per-sequence attention kernel. SpeCache with prefetch runs as
-in `engine.generate`: a cohort's first token gets one storing-nothing `speculate` pass right after
-its prefill, after which every decode step of every cohort carries the real token and a guess.
-
-Limits:
-- A request that finishes before its cohort (a trace with different gen_len within a cohort; never
-  with a fixed gen_len, where a cohort's requests all finish on the same step) is reported done and
-  its reservation released at once, as the simulator does, but its row keeps computing (and holding
-  its dense KV) until the whole cohort ends. Dropping a row from a cache in place would need a
-  per-policy operation over every batch-shaped buffer (KIVI codes and scales, SpeCache's host store,
-  staging and in-flight prefetch, offload's device slots), which the KV interface does not have;
-  keeping the row is correct for every policy. Its extra tokens count in no metric, but the
-  measured `kv_bytes_device` (what the caches really hold) includes its KV.
-- Attention is per cohort: many small cohorts (sparse Poisson arrivals: often one request each) cost
-  one attention call per cohort per layer, which a paged/ragged kernel would fuse.
-- The reservation uses the model that actually runs (`model.args.n_layers`), not
-  `model.full_n_layers` (a shape the simulator extrapolates to).
-- `policy=rag` has its own prefill (runtime/rag/) and runs through runtime.bench, not this loop.
-
-Metrics: TTFT = first token - arrival; TPOT = (done - first token) / (gen_len - 1) per request
-(the simulator's `Request`); throughput = output tokens / (last completion - first arrival);
-`util_compute` = the fraction of that span the loop spent in iterations (not idle waiting for
-arrivals); `util_h2d` / `util_d2h` are not measured (NaN); KV bytes are the caches' own `nbytes()`
-at the largest holding (by tokens), as the simulator's `kv_peak`; goodput under `slo` as in
-simulator.run. Per-request rows (arrival_s, admitted_s, first_token_s, done_s, lengths, cohort) are
-in `per_request`.
+The real model serves the requests the simulator would (core/workload.py), in real time, under the
+simulator's admission rules (core/admission.py, driven by both), and writes the simulator's results
+schema, so analysis.validate can check the simulator's arrivals, admission and batching against
+something real. Requests admitted together are prefilled into their own cache (a cohort); a decode
+iteration is one forward over every cohort. Why cohorts, their limits and the metrics: the README's
+"Continuous batching".
 """
 from __future__ import annotations
 
