@@ -1,4 +1,4 @@
-"""RAG KV reuse (runtime/rag.py) on the tiny random model: store, re-rotation, selective recompute."""
+"""RAG KV reuse (runtime/rag/) on the tiny random model: store, re-rotation, selective recompute."""
 import math
 from types import SimpleNamespace
 

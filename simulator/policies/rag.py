@@ -51,7 +51,7 @@ class Rag(RagPolicyConfig, Full):
         split = [self.split(p) for p in prompts]
         if self.selector == "full" or all(n == 0 for n, _ in split):
             return Full.prefill_graph(self, c, s, prompts)
-        # a warm store hands back K/V already in device memory (runtime/rag.py ChunkStore.mem):
+        # a warm store hands back K/V already in device memory (runtime/rag/store.py ChunkStore.mem):
         # nothing to load; a disk store reads every chunk's file and copies it up
         load = sum(c.table("chunk_load")(t) for n, _ in split for t in self.chunks(n)) if self.store == "disk" else 0.0
         rerot = sum(c.table("rope_rerotate")(n) for n, _ in split if n)
