@@ -43,3 +43,14 @@ def placed_kv(model: Transformer, store: ChunkStore, chunks: list[list[int]]) ->
             per_layer[i][1].append(v)
         off += len(ids)
     return [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in per_layer]
+
+
+def _qkv(block, x, cos, sin):
+    att = block.attention
+    H, Hkv, D = att.n_heads, att.n_kv_heads, att.head_dim
+    B, T, _ = x.shape
+    q, k, v = att.wqkv(block.attention_norm(x)).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, Hkv, D).transpose(1, 2)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

@@ -13,12 +13,11 @@ from core.errors import ConfigError
 from core.policies.rag import SELECTORS, budget_of, knob
 
 from ..engine import Prefilled, sync
-from ..kv import make_cache, policy_spec
-from ..kv.base import Step, sdpa_gqa
-from ..model import Transformer, apply_rope
+from ..kv.base import sdpa_gqa
+from ..model import Transformer
 from .checks import check_policy
 from .draft import Draft, load_draft, separate_draft_select
-from .placement import placed_kv
+from .placement import _qkv, placed_kv
 from .selectors import _cacheblend_deviation, draft_scores, span_complete
 from .store import ChunkKV, ChunkStore
 
@@ -76,17 +75,6 @@ def select(selector: str, *, r: float, chunks: list[list[int]], model: Transform
                     top_scores=[(int(i), float(scores[i])) for i in top])   # attention sinks show up here
         return chosen, info
     raise ConfigError(f"policy.selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
-
-
-def _qkv(block, x, cos, sin):
-    att = block.attention
-    H, Hkv, D = att.n_heads, att.n_kv_heads, att.head_dim
-    B, T, _ = x.shape
-    q, k, v = att.wqkv(block.attention_norm(x)).split([H * D, Hkv * D, Hkv * D], dim=-1)
-    q = q.view(B, T, H, D).transpose(1, 2)
-    k = k.view(B, T, Hkv, D).transpose(1, 2)
-    v = v.view(B, T, Hkv, D).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, recompute: list[int],

@@ -6,10 +6,12 @@ import math
 
 import torch
 
-from core.errors import ConfigError
 from core.policies.rag import RagPolicyConfig
 
+from ..kv import make_cache, policy_spec
+from ..kv.base import Step
 from ..model import Transformer
+from .placement import _qkv
 from .store import ChunkKV
 
 

@@ -15,6 +15,7 @@ import torch
 
 from core.errors import ConfigError
 
+from ..engine import prefill_once
 from ..kv import resolve_kv_dtype
 from ..model import Transformer
 
