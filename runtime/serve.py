@@ -225,7 +225,8 @@ class Arrivals:
 
     def _push(self, r: Request) -> None:
         self.check(r)
-        s = ServedRequest(r.id, r.arrival_s, r.prompt_len, r.gen_len, reserved=r.reserved)
+        s = ServedRequest(r.id, r.arrival_s, r.prompt_len, r.gen_len, reserved=r.reserved,
+                           reserved_host=r.reserved_host)
         s.prompt = torch.randint(self.low, self.vocab, (s.prompt_len,), generator=self.g).tolist()
         heapq.heappush(self.heap, (s.arrival_s, self.seq, s))      # ties: creation order
         self.seq += 1
@@ -293,6 +294,9 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     if budget is not None and budget < 1:
         raise ConfigError(f"hardware.kv_budget_bytes={budget} must be >= 1 (or null: unlimited)")
     capacity = math.inf if budget is None else int(budget)
+    host = cfg.hardware.get("host_memory_bytes")       # host KV (offload, specache), as the simulator bounds it
+    if host is not None and host < 1:
+        raise ConfigError(f"hardware.host_memory_bytes={host} must be >= 1 (or null: unlimited)")
     device = model.device
     shape = kv_shape(model, cfg.policy, device)
     max_seq = model.args.max_seq_len
@@ -307,20 +311,24 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
             raise ConfigError(f"request {r.id} needs {r.reserved} bytes of KV ({r.prompt_len} + {r.gen_len} tokens, "
                               f"policy={twin.name}) but hardware.kv_budget_bytes={budget}; raise the budget, "
                               f"shorten the request ({where}) or pick a smaller policy")
+        r.reserved_host = twin.reserve_host_bytes(r.prompt_len + r.gen_len, shape)
+        if host is not None and r.reserved_host > host:
+            raise ConfigError(f"request {r.id} needs {r.reserved_host} bytes of host KV ({r.prompt_len} + {r.gen_len} "
+                              f"tokens, policy={twin.name}) but hardware.host_memory_bytes={host}; raise it or "
+                              f"shorten the request ({where})")
 
     if w.arrival == "closed":        # every request is at most prompt_len + gen_len: fail before running
         check(Request(-1, 0.0, int(w.prompt_len), int(w.gen_len)))
     arrivals = Arrivals(w, model.args, check)
     server = Server(model, cfg.policy, link=link, temperature=w.temperature, top_p=w.top_p, seed=w.seed)
     with PeakMemory(device) as mem:
-        out = _replay(server, arrivals, capacity, int(s.max_batch), s.order, bool(cfg.get("progress", False)))
+        admission = Admission(int(s.max_batch), s.order, Pool(capacity), None if host is None else Pool(int(host)))
+        out = _replay(server, arrivals, admission, bool(cfg.get("progress", False)))
     out.peak_mem_bytes = mem.peak
     return out
 
 
-def _replay(server: Server, arrivals: Arrivals, capacity: float, max_batch: int, order: str,
-            progress: bool) -> Outcome:
-    admission = Admission(max_batch, order, Pool(capacity))
+def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: bool) -> Outcome:
     running: list[ServedRequest] = []
     cohorts: list[Cohort] = []
     done: list[ServedRequest] = []

@@ -45,7 +45,7 @@ def groups(reqs, key) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("order", ["prefill_first", "decode_first"])
-@pytest.mark.parametrize("policy", [["policy=full"], KIVI], ids=["full", "kivi2"])
+@pytest.mark.parametrize("policy", [["policy=full"], KIVI, ["policy=offload"]], ids=["full", "kivi2", "offload-host"])
 def test_one_trace_same_admissions_in_simulator_and_runtime(tiny, tmp_path, order, policy):
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival_s,prompt_len,gen_len\n" + "".join(f"0,{p},{g}\n" for p, g in LENGTHS))
@@ -54,15 +54,20 @@ def test_one_trace_same_admissions_in_simulator_and_runtime(tiny, tmp_path, orde
     cfg0 = _cfg(*base)
     shape = serve.kv_shape(tiny, cfg0.policy, CPU)
     twin = make_policy(cfg0.policy)
-    # room for the two largest requests and a bit: the budget, not only max_batch, has to bind
-    budget = sorted(twin.reserve_bytes(p + g, shape) for p, g in LENGTHS)[-1] * 2 + 1000
-    cfg = _cfg(*base, f"hardware.kv_budget_bytes={budget}")
+    # room for the two largest requests and a bit: the memory, not only max_batch, has to bind
+    # (offload keeps its K/V on the host: there host memory binds, the device budget does not)
+    on_host = "policy=offload" in policy
+    room = sorted((twin.reserve_host_bytes if on_host else twin.reserve_bytes)(p + g, shape) for p, g in LENGTHS)
+    budget = 10 ** 12 if on_host else room[-1] * 2 + 1000
+    host = room[-1] * 2 + 1000 if on_host else None
+    cfg = _cfg(*base, f"hardware.kv_budget_bytes={budget}", *([f"hardware.host_memory_bytes={host}"] if host else []))
 
     measured = serve.serve(tiny, cfg)
     costs = Costs.load(PROFILE, "tiny", allow_extrapolation=True)
     s = costs.shape
     costs.bind(s, s["n_layers"], shape.kv_elem)
-    sim = Sim(costs, shape, twin, budget, max_batch=3, order=order, max_seq_len=tiny.args.max_seq_len)
+    sim = Sim(costs, shape, twin, budget, max_batch=3, order=order, max_seq_len=tiny.args.max_seq_len,
+              host_capacity=host)
     simulated = sim.run(cfg.workload)
 
     got_runtime = groups(measured.requests, key=lambda r: r.cohort)
