@@ -31,8 +31,8 @@ def _run(module, *args, tmp):
 def test_the_toy_is_four_files_and_nothing_else_names_it():
     files = sorted(str(p.relative_to(TOY)) for p in TOY.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert files == ["declaration.py", "kv.py", "policy/toy.yaml", "twin.py"]
-    out = subprocess.run(["git", "grep", "-il", "toy", "--", "core", "runtime", "simulator", "analysis", "conf",
-                          "pyproject.toml"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(["git", "grep", "-ilw", "toy", "--", "core/*.py", "runtime/*.py", "simulator/*.py",
+                          "analysis/*.py", "conf/*.yaml", "pyproject.toml"], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == ""
 
 
