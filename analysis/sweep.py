@@ -30,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from runtime.errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 
 from .validate import compose_config, describe, write_csv_atomic
 

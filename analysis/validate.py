@@ -1,37 +1,15 @@
 """python -m analysis.validate experiment=validate_cpu: predicted vs measured on the same configs.
 
     python -m analysis.validate experiment=validate_quick        # the README's 5-minute check
-    python -m analysis.validate experiment=validate_cpu           # >= 24 points, both splits
     python -m analysis.validate experiment=validate_cpu only=[full_b1_p1k]   # some points
     python -m analysis.validate experiment=validate_cpu halves=simulator     # re-predict only
 
-An experiment (conf/experiment/validate_*.yaml) lists points: an id, a split and Hydra
-overrides. Each point is composed twice from the same overrides, once as the runtime sees it
-(`bench` for static batches, `serve` for open arrivals) and once as the simulator does
-(`simulate`); the model, policy, workload and hardware sections must come out identical, or the
-point is refused with the differing keys named. The runtime half runs the real model here, the
-simulator half predicts from the committed profile; the two records are joined into
-`results/validation/<experiment>.csv` (one row per point, `status` ok or the error) with the
-signed relative errors (predicted - measured) / measured, and a fidelity figure is saved beside it.
-
-Which profile: `hardware.profile=PATH` always wins; otherwise (hardware=cpu|auto) the profile of
-*this* machine, found by fingerprint in the user cache, then `profiles/`, or measured before the
-first point over grids covering every point and cached (runtime/profile/lookup.py).
-
-Noise: every point is measured `validation.repeats` times, interleaved across points (A B C A B
-C), and reported as the median with an interval (95% bootstrap with >= 5 repeats, else min-max;
-column `interval`). The speed index (runtime/machine.py) is taken between measurements; the
-ratio after/before is `speed_drift`, and a measurement whose drift is beyond
-`validation.drift_threshold` (1.2 = 20% either way) is re-measured once and flagged
-(`drift_flagged`) if it drifts again. Beside each raw prediction the drift-corrected one
-(`predicted_<m>_corrected`: kernel costs x profile speed index / the point's) and its error;
-`<m>_within_noise`: the prediction inside the measured interval widened each side by the median
-relative p10-p90 half-spread of the profile tables the point reads (`profile_spread`).
-
-Splits are by regime, not at random: the `heldout` points (batch 4, 4K context, a link speed
-never used for calibration, Poisson arrivals) are not looked at while the simulator is fixed.
-A failing point is recorded and the rest still run; a rerun skips points already measured with
-the same configuration on the same machine (`machine_fingerprint`; `resume=false` to redo them).
+Each point of an experiment (conf/experiment/validate_*.yaml: id, split, overrides) is composed
+twice from the same overrides, as the runtime and as the simulator see it (the shared sections
+must come out identical), measured here with interleaved repeats and a speed index around each,
+predicted from a profile of this machine (or `hardware.profile`), and joined into
+`results/validation/<experiment>.csv` with errors, intervals and drift flags. Profiles, noise,
+drift and splits: the README's "Validate the simulator".
 """
 from __future__ import annotations
 
@@ -56,8 +34,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from runtime.config import register
-from runtime.errors import ConfigError, cli_errors
+from core.config import register
+from core.errors import ConfigError, cli_errors
+from core.policies import spec_of
 
 register()          # the base_* schemas every group option starts from
 
@@ -148,8 +127,12 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 def runtime_entry(cfg: DictConfig) -> str:
-    """Static batches (and RAG requests) go through runtime.bench, open arrivals through runtime.serve."""
-    return "bench" if cfg.workload.arrival == "static" or cfg.policy.name == "rag" else "serve"
+    """Static batches (and policies runtime.serve cannot batch, e.g. rag) go through runtime.bench,
+    open arrivals through runtime.serve."""
+    from runtime.kv import POLICIES
+
+    serves = getattr(POLICIES.get(cfg.policy.name), "serves", True)
+    return "bench" if cfg.workload.arrival == "static" or not serves else "serve"
 
 
 def compose_halves(p: Point, experiment: str | None, results_dir: str) -> tuple[DictConfig, DictConfig, str]:
@@ -219,10 +202,7 @@ def decode_tok_s(rec: dict) -> float:
 def describe(cfg: DictConfig) -> dict:
     """The columns that say what a point is (for grouping in the notebook)."""
     p, w, h = cfg.policy, cfg.workload, cfg.hardware
-    knobs = {"kivi": lambda: f"{p.bits}b", "specache": lambda: f"k{p.k}-{p.bits}b" + ("" if p.prefetch else "-noprefetch"),
-             "rag": lambda: f"{p.selector}-r{p.recompute_ratio:g}" + (f"-D{p.draft_layers}" if p.selector == "draft" else "")}
-    label = p.name + ("-" + knobs[p.name]() if p.name in knobs else "")
-    return {"policy": p.name, "label": label, "model": cfg.model.name, "batch": w.batch, "prompt_len": w.prompt_len,
+    return {"policy": p.name, "label": spec_of(p, check=False).label(), "model": cfg.model.name, "batch": w.batch, "prompt_len": w.prompt_len,
             "gen_len": w.gen_len, "arrival": w.arrival, "rate": w.rate if w.arrival == "poisson" else math.nan,
             "n_requests": w.n_requests if w.arrival != "static" else w.batch,
             "link_gbps": h.link.gbps if h.link.gbps else math.nan}

@@ -46,7 +46,7 @@ from runtime.kv import base as kv_base, make_cache, policy_spec
 from runtime.kv import full as kv_full
 from runtime.kv import kivi as kv_kivi
 from runtime.model import load_gguf, shipped_gguf_path
-from runtime.provenance import cpu_name
+from core.provenance import cpu_name
 
 FAMILIES = ("projections", "attention", "masks/padding", "cache writes", "sampling", "other ops", "python")
 SCOPES = {"kvt::mask": "masks/padding", "kvt::cache_write": "cache writes", "kvt::sampling": "sampling",

@@ -40,7 +40,7 @@ from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, mac
 from runtime.engine import SamplingParams, generate
 from runtime.kv import policy_spec
 from runtime.model import load_gguf, shipped_gguf_path
-from runtime.provenance import cpu_name
+from core.provenance import cpu_name
 
 FULL = policy_spec("full")
 SCRIPT = "decode_vs_transformers.py"

@@ -1,4 +1,5 @@
-"""Where SpeCache's prefetch stops hiding the fetch behind compute as k grows (issue 6).
+"""Where SpeCache's prefetch stops hiding the fetch behind compute as k grows (the
+k/N <~ rho x link/memory bandwidth bound of the design).
 
     python benchmarks/fetch_hiding.py                      # prints the table, saves the figure
     python benchmarks/fetch_hiding.py --out analysis/figures/fetch_hiding.png --tol 0.05
@@ -6,7 +7,7 @@
 For each profile (the committed CPU profile with smollm2 at 2048 context; the roofline H100 SXM
 and A6000 profiles with llama7b_shape, all 32 layers, at 4096 context), batch 1 and 16, and k on
 a log grid 0, 1, 2, 4 ... 4096 (clamped by the twin to the quantized keys), one decode step of
-the `specache` twin (roofline profiles: the analytic costs of runtime/profile/analytic.py for the
+the `specache` twin (roofline profiles: the analytic costs of core/profile/analytic.py for the
 shape; the CPU profile's tables stop at batch 4, so its batch-16 rows are read past the grid and
 say so) (bits 2, group 64, residual 64) is solved with the fast fidelity
 (simulator.hardware.solve over simulator.policies' op graph), three ways:

@@ -37,7 +37,7 @@ from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, mac
 from runtime.engine import SamplingParams, generate
 from runtime.kv import CacheShape, Step, make_cache
 from runtime.model import load_gguf, shipped_gguf_path
-from runtime.provenance import cpu_name
+from core.provenance import cpu_name
 
 KIVI = dict(kv_dtype="auto", group_size=64, residual=64, one_bit_rule="specache")
 POLICIES = {

@@ -1,4 +1,5 @@
-"""TTFT of `policy=rag` selector=draft against full recompute, side by side (issue 7 speed goal).
+"""TTFT of `policy=rag` selector=draft against full recompute, side by side (the
+speed-up SpecCache reports, 2.17-3.95x TTFT, checked on this runtime).
 
 Prompt: `--chunks` x `--chunk-len` random tokens + a `--question`-token question; the chunk store
 is warmed first (host memory), so TTFT = chunk lookup + re-rotation + draft prefill (D layers

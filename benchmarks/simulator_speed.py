@@ -1,4 +1,5 @@
-"""How fast the simulator runs (issue 6's speed and scale figures), printed.
+"""How fast the simulator runs (events per second and requests per second at
+serving scale: whether 10^4-request sweeps fit in minutes), printed.
 
     python benchmarks/simulator_speed.py                 # 10K fast + 300 detailed + 1K/10K/100K fit
     python benchmarks/simulator_speed.py --scale 1000 10000 50000 --detailed-requests 200

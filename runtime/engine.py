@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from core.errors import ConfigError
+from core.machine import resolve_device  # noqa: F401  (runtime.engine.resolve_device, as before)
+
 from .kv import KVCache, Step, make_cache, policy_spec
 from .model import Transformer
 
@@ -85,20 +87,6 @@ class BatchResult:
 
 
 # ----------------------------------------------------------------------------- devices and memory
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
-            raise ConfigError(f"hardware.device={name} but CUDA is not available ({why}); "
-                              "use hardware.device=cpu or hardware.device=auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"hardware.device={name!r} is not known; use auto, cpu or cuda[:N]")
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine import SamplingParams, generate, resolve_device
-from .errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 from .kv import policy_spec
 from .model import load_gguf, load_hf, weight_dtype
 from .tokenizer import from_gguf, from_hf

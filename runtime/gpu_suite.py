@@ -1,36 +1,11 @@
 """python -m runtime.gpu_suite: everything a lent GPU should run, in one call, with a table last.
 
-Prepare on the CPU box (the GPU machine reaches no registry; its image has torch, triton,
-transformers and pynvml but not simpy, hydra, omegaconf, antlr4, gguf or pandas):
-
-    pip wheel --no-deps -w wheels simpy hydra-core "omegaconf>=2.2,<2.4" "antlr4-python3-runtime==4.9.*" gguf \
-        pandas python-dateutil pytz tzdata six
-
-(`pip wheel`, not `pip download`: antlr4 4.9 exists only as a source archive, and hydra-core 1.3
-needs omegaconf < 2.4)
-
-then, through the device tool, one call:  command="python -m runtime.gpu_suite", carry=["wheels"].
-
-Steps (each recorded, a failing step does not stop the rest):
-  0. this machine's identity (runtime/machine.py: facts, fingerprint) and speed index, taken
-     again at the end: `$OUT/machine.json` (the drift over the suite says how steady the box was);
-  1. install the project offline: the carried wheels, then `pip install --no-build-isolation
-     --no-deps -e .`;
-  2. the GPU tests (`pytest -m gpu`);
-  3. the full profile of this GPU on the shipped model's shapes and 7B-class shapes
-     (`runtime.profile --model smollm2 llama7b_shape`: fingerprinted, with its speed index),
-     compared with its roofline twin; the profile holds both gathers (`transfers.gather`: host
-     index_select + copy; `transfers.gather_device`: the UVA zero-copy kernel, policy.gather=device);
-  3b. `gather_modes`: the two gathers' ms and effective GB/s by rows, next to the pinned H2D
-     peak ($OUT/gather_modes.txt);
-  4. the runtime half of the GPU validation (conf/experiment/validate_gpu.yaml, analysis.validate
-     halves=runtime: `validation.repeats` interleaved repeats, medians with intervals, the speed
-     index around every measurement, `machine_fingerprint` per row): results/validation/validate_gpu.csv
-     and its measured records;
-  5. `runtime.bench` on random-init 7B-class layers for every KV policy at 8K context (SpeCache
-     with both gathers).
-Everything goes under $OUT (or ./gpu_out): logs, the profile, result JSONs, suite.json.
-Later issues add their GPU step to STEPS.
+Steps (each recorded; a failing step does not stop the rest): the machine's identity and speed
+index at the start and the end, an offline install from carried wheels, `pytest -m gpu`, the GPU's
+profile (both gathers) compared with its roofline twin, the two gathers by rows, the runtime half
+of `validate_gpu`, and `runtime.bench` for every KV policy on 7B-class layers at 8K. Everything goes
+under $OUT (or ./gpu_out). How to prepare the wheels: the README's "GPU". A new measurement that
+needs a GPU adds its step to STEPS.
 """
 from __future__ import annotations
 

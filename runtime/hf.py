@@ -3,55 +3,25 @@
     import runtime.hf                       # registers attn_implementation="kvtestbed"
     from runtime.hf import kvtestbed_cache
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kvtestbed")
-    cache = kvtestbed_cache("specache", model.config, k=64, bits=2)
-    out = model.generate(**inputs, cache=cache, max_new_tokens=64)   # `past_key_values=` works too
-                                                                       # (deprecated name in transformers 5.x)
+    out = model.generate(**inputs, cache=kvtestbed_cache("specache", model.config, k=64, bits=2))
 
-One `transformers.Cache` subclass per policy (KVTestbedFullCache, KVTestbedOffloadCache,
-KVTestbedKiviCache, KVTestbedSpeCache; `kvtestbed_cache(name, config, **knobs)` picks one), each
-holding this project's `KVCache` of `LayerKV`s, built on the first update (batch, device, dtype).
-Two paths, one implementation of the math (`runtime/kv/`):
-
-* **Attention-interface path** (`attn_implementation="kvtestbed"`, the fast one). A transformers
-  attention module calls `cache.update(k, v)` and then the registered attention function with
-  (module, q, k, v, mask). Here `update` stores nothing: it tags the new k, v with the cache and
-  the layer, and the attention function hands q, k, v of the new tokens to that layer's
-  `LayerKV.attend` -- exactly what this project's own runtime does. KIVI folds scales and zero
-  points into the query and the probabilities, SpeCache scores the low-bit keys and replaces
-  only its top-k rows by their 16-bit copies, offload fetches layer i+1 while layer i computes:
-  nothing is ever dequantized wholesale. The mask function registered under the same name
-  hands over the 2D padding mask, from which the left-pad counts (`Step.pad`) are read.
-* **`Cache.update` fallback** (any other attention: `sdpa`, `eager`, ...). transformers'
-  attention needs the whole cache as dense K/V, so every step `update` stores the new token and
-  returns a dequantized copy of every cached token -- what transformers' own `QuantizedCache`
-  does, and as slow: O(context) dequantization per layer per step. Only `full` and `kivi` offer
-  it; `offload` and `specache` need the query to do their work (layer-ahead fetch schedule,
-  top-k selection) and refuse with a message naming `attn_implementation="kvtestbed"`.
-
-Speculative pre-decoding (SpeCache's `prefetch=true`) is not offered inside `generate()`: it
-runs one extra storing-nothing pass of the first token and then decodes two tokens per forward
-(the real one and a greedy guess of the next, whose attention picks the next step's top-k).
-`generate()` owns the loop and feeds exactly one new token per forward, so neither pass can be
-expressed through a `Cache`. `specache` here is exact top-k (`prefetch=False`): each layer scores
-with the low-bit keys, then fetches its top-k 16-bit rows before attending -- the same tokens as
-`python -m runtime.bench policy=specache policy.prefetch=false`, without the fetch overlap.
-
-Supported: decoder-only models whose attention is plain softmax(q k^T / sqrt(d)) v over
-RoPE'd keys with GQA in transformers' `repeat_kv` order and no sliding window (SUPPORTED_MODEL_TYPES);
-greedy and sampled decoding, batches with left padding. Not supported: beam search (reordering a
-low-bit cache), right padding, 4D custom masks, `torch.compile` / static shapes.
+One `transformers.Cache` subclass per policy, holding this project's `KVCache` (runtime/kv/). With
+attn_implementation="kvtestbed" the registered attention hands the new tokens' q, k, v to the
+layer's `LayerKV.attend` (nothing dequantized wholesale); any other attention gets a dequantized
+copy from `Cache.update` (full and kivi only). No speculative pre-decoding inside generate().
+What is supported and why: the README's "Use the policies from transformers".
 """
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from core.errors import ConfigError
+from core.policies import defaults, spec_of
 from .kv import KV_DTYPES, KVCache, Step, make_cache, policy_spec
-from .kv.kivi import check_knobs, unpack_float
+from .kv.kivi import unpack_float
 
 try:   # without transformers (or with one too old to have these) the classes below still define,
     from transformers.cache_utils import Cache as _Cache   # and constructing one raises a ConfigError
@@ -123,12 +93,8 @@ def _head_dim(config) -> int:
 
 
 def _defaults(policy: str) -> dict:
-    """Knob defaults of a policy: those of its conf/ schema (runtime/config.py), one source."""
-    from .config import KiviPolicyConfig, OffloadPolicyConfig, PolicyConfig, SpecachePolicyConfig
-
-    schema = {"full": PolicyConfig, "offload": OffloadPolicyConfig, "kivi": KiviPolicyConfig,
-              "specache": SpecachePolicyConfig}[policy]
-    out = {f.name: f.default for f in fields(schema) if f.name != "name"}
+    """Knob defaults of a policy: its declaration's (core/policies/), one source."""
+    out = defaults(policy)
     out["kv_dtype"] = None       # None = the dtype of the model's K/V (decided on the first update)
     if policy == "specache":
         out["prefetch"] = False  # speculative pre-decoding needs the engine's loop (module docstring)
@@ -148,15 +114,11 @@ def _check_knobs(policy: str, knobs: dict, head_dim: int) -> dict:
     if out["kv_dtype"] is not None and out["kv_dtype"] not in KV_DTYPES:
         raise ConfigError(f"kvtestbed_cache({policy!r}): kv_dtype={out['kv_dtype']!r}; use None (the model's) "
                           f"or one of {', '.join(KV_DTYPES)}")
-    if policy in ("kivi", "specache"):
-        try:
-            check_knobs(policy_spec(policy, **{k: v for k, v in out.items() if k != "kv_dtype"}), head_dim)
-        except ConfigError as e:
-            raise ConfigError(f"kvtestbed_cache({policy!r}): " + str(e).replace("policy.", "")) from None
+    try:
+        spec_of(policy_spec(policy, **{k: v for k, v in out.items() if k != "kv_dtype"}), head_dim)
+    except ConfigError as e:
+        raise ConfigError(f"kvtestbed_cache({policy!r}): " + str(e).replace("policy.", "")) from None
     if policy == "specache":
-        if out["k"] < 0:
-            raise ConfigError(f"kvtestbed_cache('specache'): k={out['k']} must be >= 0 "
-                              "(0 = plain KIVI; k beyond the context is clamped)")
         if out["prefetch"]:
             raise ConfigError("kvtestbed_cache('specache'): prefetch=True (speculative pre-decoding) is not available "
                               "inside transformers' generate(): it needs two tokens per forward (the real one and a "

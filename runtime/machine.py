@@ -1,168 +1,17 @@
-"""Which machine this is, how fast it is right now, and where this user's cache lives.
-
-- `cache_root()`: `KVTESTBED_CACHE`, else `$XDG_CACHE_HOME/kvtestbed`, else `~/.cache/kvtestbed`;
-  every cache of the project (the RAG chunk store, profiles measured at first use) lives under it.
-- `machine_facts(device)`: what changes speed (CPU model, cores, caches, ISA, memory, torch build;
-  on CUDA the GPU, SMs, driver, CUDA, PCIe); `fingerprint(facts)`: a short digest of them, so
-  two VMs called "Intel(R) Xeon(R) Processor" with different caches are different machines.
-- `speed_index(device, shape)`: three probes in well under 2 s (a GEMM of the model's projection
-  shape, a host memcpy, one decode attention at 1K context), medians of 9 repetitions (a probe is a few ms: fewer let one preemption decide); its
-  `index` (1 / geometric mean of the probe seconds: larger is faster) is what a profile stores
-  and what a validation point is bracketed by.
+"""This machine's speed index: three short probes through the runtime's kernels, taken around
+measurements so that a drifting shared VM can be told from a slow prediction. Identity and the
+cache root are in core/machine.py (the simulator needs them too) and are re-exported here.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from core.machine import (CACHE_ENV, cache_root, cache_sizes, fingerprint, machine_facts,  # noqa: F401
+                          resolve_device, this_fingerprint)
 
-CACHE_ENV = "KVTESTBED_CACHE"
-ISA_FLAGS = re.compile(r"^(avx2|avx512\w*|amx\w*|fma|f16c)$")
-# facts that name the same machine state; `torch_threads` is in: 1 or 2 threads is another speed
-FINGERPRINT_KEYS = ("type", "cpu_model", "physical_cores", "logical_cores", "torch_threads", "l2_bytes",
-                    "l3_bytes", "isa", "memory_bytes", "torch", "torch_build", "gpu_name", "gpu_sms",
-                    "gpu_memory_bytes", "driver", "cuda", "pcie_gen", "pcie_width")
-
-
-# ----------------------------------------------------------------------------- cache root
-
-def cache_root(create: bool = True) -> Path:
-    """The user's cache folder for kvtestbed; an unwritable one is a one-line ConfigError."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        root = Path(env).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kvtestbed"
-    if create:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = root / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cache folder {root} is not writable ({e.strerror or e}); "
-                              f"set {CACHE_ENV}=/a/writable/folder") from None
-    return root
-
-
-# ----------------------------------------------------------------------------- facts
-
-def _cpu_info() -> tuple[str, set[str], int | None]:
-    """(model name, flags, physical cores) from /proc/cpuinfo (empty on other systems)."""
-    name, flags, cores = "", set(), set()
-    phys = core = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key, val = key.strip(), val.strip()
-            if key == "model name" and not name:
-                name = val
-            elif key == "flags" and not flags:
-                flags = set(val.split())
-            elif key == "physical id":
-                phys = val
-            elif key == "core id":
-                core = val
-                cores.add((phys, core))
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine(), flags, (len(cores) or None)
-
-
-def _size(text: str) -> int | None:
-    m = re.match(r"^\s*([\d.]+)\s*([KMG]?)i?B?", text.strip(), re.I)
-    if not m:
-        return None
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])
-
-
-def cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[str, int | None]:
-    """L2 and L3 bytes (per instance, as cpu0 sees them) from sysfs; lscpu as a fallback."""
-    out: dict[str, int | None] = {"l2_bytes": None, "l3_bytes": None}
-    try:
-        for idx in sorted(root.glob("index*")):
-            level = (idx / "level").read_text().strip()
-            kind = (idx / "type").read_text().strip()
-            if level in ("2", "3") and kind in ("Unified", "Data"):
-                out[f"l{level}_bytes"] = _size((idx / "size").read_text())
-    except OSError:
-        pass
-    if None in out.values():
-        import subprocess
-
-        try:
-            text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-            for line in text.splitlines():
-                key, _, val = line.partition(":")
-                for lvl in ("2", "3"):
-                    if key.strip() == f"L{lvl} cache" and out[f"l{lvl}_bytes"] is None:
-                        out[f"l{lvl}_bytes"] = _size(val.split("(")[0])
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return out
-
-
-def machine_facts(device: torch.device | str = "cpu") -> dict:
-    """The facts a fingerprint is made of (see FINGERPRINT_KEYS), plus a few for reading."""
-    import psutil
-
-    device = torch.device(device)
-    name, flags, physical = _cpu_info()
-    facts = {"type": device.type, "cpu_model": name, "physical_cores": physical or psutil.cpu_count(logical=False),
-             "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), **cache_sizes(),
-             "isa": sorted(f for f in flags if ISA_FLAGS.match(f)),
-             "memory_bytes": int(psutil.virtual_memory().total), "machine": platform.machine(),
-             "torch": torch.__version__, "torch_build": torch.version.git_version[:12] if torch.version.git_version else None}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        facts.update({"gpu_name": p.name, "gpu_sms": p.multi_processor_count, "gpu_memory_bytes": int(p.total_memory),
-                      "cuda": torch.version.cuda, **_nvml(device.index or 0)})
-    return facts
-
-
-def _nvml(index: int) -> dict:
-    """Driver and PCIe generation / width (max: an idle link trains down) by pynvml."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        return {"driver": drv.decode() if isinstance(drv, bytes) else drv,
-                "pcie_gen": pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h),
-                "pcie_width": pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)}
-    except Exception as e:        # no NVML in the container: say so, the rest still identifies the GPU
-        return {"driver": None, "pcie_gen": None, "pcie_width": None, "nvml": f"unavailable: {type(e).__name__}"}
-
-
-def fingerprint(facts: dict) -> str:
-    """A 12-hex-digit digest of the speed-relevant facts (FINGERPRINT_KEYS)."""
-    core = {k: facts.get(k) for k in FINGERPRINT_KEYS}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-_THIS: dict[tuple, str] = {}
-
-
-def this_fingerprint(device: torch.device | str = "cpu") -> str:
-    device = torch.device(device)
-    key = (device.type, device.index, torch.get_num_threads())
-    if key not in _THIS:
-        _THIS[key] = fingerprint(machine_facts(device))
-    return _THIS[key]
-
-
-# ----------------------------------------------------------------------------- speed index
 
 def _median_time(fn, device, reps: int) -> float:
     from .engine import sync

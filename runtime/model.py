@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from core.errors import ConfigError
 from .kv.base import KVCache, Step
 
 

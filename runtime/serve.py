@@ -4,62 +4,13 @@
     python -m runtime.serve workload=poisson workload.rate=2 workload.n_requests=8 \\
         workload.prompt_len=256 workload.gen_len=16
     python -m runtime.serve workload=trace workload.trace=my_trace.csv hardware.kv_budget_bytes=50000000
-    python -m runtime.serve model=tiny policy=kivi workload=closed workload.users=4 workload.n_requests=16
 
-The real model serves the requests the simulator would (`simulator.workload`: the same seed gives
-exactly the same arrival times and lengths) in real time, under the simulator's scheduler rules
-(`simulator/scheduler.py`), and writes the simulator's results schema to results/measured/, so
-`analysis.validate` can check the simulator's arrivals, admission and batching against something
-real.
-
-Scheduler rules, mirrored one for one from `Sim.serve` / `Sim._admit`:
-- request i becomes visible at t0 + arrival_s (the loop sleeps until the next arrival when it has
-  nothing to run; an arrival during an iteration is seen when the iteration ends);
-- admission is FIFO with head-of-line blocking, up to `scheduler.max_batch` running requests; each
-  request reserves `policy.reserve_bytes(prompt_len + gen_len)` (the simulator policy twin's
-  peak KV bytes, tested equal to the runtime cache's) from `hardware.kv_budget_bytes` (null =
-  unlimited) and gives it back when it completes; one larger than the whole budget, or longer
-  than the model's context, is a ConfigError before anything runs;
-- `scheduler.order=prefill_first`: the requests just admitted are prefilled before the next decode
-  step; `decode_first`: new requests are admitted only once the running batch has drained;
-- every iteration is one prefill of the requests admitted together, or one decode step of every
-  running request. Output lengths are exact: EOS is ignored whatever `workload.ignore_eos` says
-  (a timing replay; the simulator cannot know where EOS would fall).
-
-Cohorts (why no model change is needed): the cache layout is batch-static (left padding, one column
-pointer per cache) and the low-bit policies quantize groups of columns, so a request cannot be
-inserted into a running batch's cache. The requests admitted together are prefilled together in one
-left-padded batch into their own cache, a *cohort* (a static batch is therefore one cohort and costs
-what runtime.bench measures). A decode iteration is ONE model forward over the rows of every cohort:
-the GEMMs (QKV, output, MLP, vocab) run batched over all running requests; a composite cache
-(`CohortCache`) hands each layer's attention to each cohort's own `LayerKV.attend` with that
-cohort's own `Step` (its column, padding, positions) and concatenates the outputs, so attention is
-one call per cohort per layer, like a per-sequence attention kernel. SpeCache with prefetch runs as
-in `engine.generate`: a cohort's first token gets one storing-nothing `speculate` pass right after
-its prefill, after which every decode step of every cohort carries the real token and a guess.
-
-Limits:
-- A request that finishes before its cohort (a trace with different gen_len within a cohort; never
-  with a fixed gen_len, where a cohort's requests all finish on the same step) is reported done and
-  its reservation released at once, as the simulator does, but its row keeps computing (and holding
-  its dense KV) until the whole cohort ends. Dropping a row from a cache in place would need a
-  per-policy operation over every batch-shaped buffer (KIVI codes and scales, SpeCache's host store,
-  staging and in-flight prefetch, offload's device slots), which the KV interface does not have;
-  keeping the row is correct for every policy. Its extra tokens count in no metric, but the
-  measured `kv_bytes_device` (what the caches really hold) includes its KV.
-- Attention is per cohort: many small cohorts (sparse Poisson arrivals: often one request each) cost
-  one attention call per cohort per layer, which a paged/ragged kernel would fuse.
-- The reservation uses the model that actually runs (`model.args.n_layers`), not
-  `model.full_n_layers` (a shape the simulator extrapolates to).
-- `policy=rag` has its own path (runtime.rag), not this loop.
-
-Metrics: TTFT = first token - arrival; TPOT = (done - first token) / (gen_len - 1) per request
-(the simulator's `Request`); throughput = output tokens / (last completion - first arrival);
-`util_compute` = the fraction of that span the loop spent in iterations (not idle waiting for
-arrivals); `util_h2d` / `util_d2h` are not measured (NaN); KV bytes are the caches' own `nbytes()`
-at the largest holding (by tokens), as the simulator's `kv_peak`; goodput under `slo` as in
-simulator.run. Per-request rows (arrival_s, admitted_s, first_token_s, done_s, lengths, cohort) are
-in `per_request`.
+The real model serves the requests the simulator would (core/workload.py), in real time, under the
+simulator's admission rules (core/admission.py, driven by both), and writes the simulator's results
+schema, so analysis.validate can check the simulator's arrivals, admission and batching against
+something real. Requests admitted together are prefilled into their own cache (a cohort); a decode
+iteration is one forward over every cohort. Why cohorts, their limits and the metrics: the README's
+"Continuous batching".
 """
 from __future__ import annotations
 
@@ -68,7 +19,6 @@ import heapq
 import json
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,21 +29,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from simulator.costs import ModelShape
-from simulator.policies import make_policy
-from simulator.scheduler import ORDERS
-from simulator.workload import Lengths, Request, open_arrivals
-from simulator.workload import check as check_workload
+from core.admission import Admission, Pool, check_scheduler
+from core.policies import ModelShape, load_plugin, spec_of
+from core.workload import Lengths, Request, open_arrivals
+from core.workload import check as check_workload
 
 from . import model as model_lib
-from .config import register
+from core.config import register
 from .engine import (PeakMemory, SamplingParams, generate, left_pad, policy_stats_of, prefill, resolve_device,
                      sample, speculate, sync)
-from .errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
-from .provenance import provenance
-from .results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, write_json_atomic
+from core.provenance import provenance
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -276,7 +225,8 @@ class Arrivals:
 
     def _push(self, r: Request) -> None:
         self.check(r)
-        s = ServedRequest(r.id, r.arrival_s, r.prompt_len, r.gen_len, reserved=r.reserved)
+        s = ServedRequest(r.id, r.arrival_s, r.prompt_len, r.gen_len, reserved=r.reserved,
+                           reserved_host=r.reserved_host)
         s.prompt = torch.randint(self.low, self.vocab, (s.prompt_len,), generator=self.g).tolist()
         heapq.heappush(self.heap, (s.arrival_s, self.seq, s))      # ties: creation order
         self.seq += 1
@@ -323,7 +273,7 @@ class Outcome:
 
 
 def kv_shape(model: Transformer, policy, device: torch.device) -> ModelShape:
-    """The simulator's ModelShape of the model that runs (for reserve_bytes)."""
+    """The ModelShape of the model that runs (for the declaration's reserve_bytes)."""
     a = model.args
     return ModelShape(a.n_layers, a.n_kv_heads, a.head_dim, DTYPE_NAMES[resolve_kv_dtype(policy.kv_dtype, device)])
 
@@ -333,19 +283,21 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     cfg.hardware.kv_budget_bytes; no warmup, nothing written."""
     w, s = cfg.workload, cfg.scheduler
     check_workload(w)
-    if cfg.policy.name not in POLICIES:
-        raise ConfigError(f"runtime.serve runs policy={'/'.join(sorted(POLICIES))}; policy={cfg.policy.name!r} "
-                          "is not one (policy=rag has its own path: runtime.rag / runtime.evals rag)")
-    if s.order not in ORDERS:
-        raise ConfigError(f"scheduler.order={s.order!r} is not known; choose one of: {', '.join(ORDERS)}")
-    if s.max_batch < 1:
-        raise ConfigError(f"scheduler.max_batch={s.max_batch} must be >= 1")
+    load_plugin(cfg.policy, "kv")
+    twin = spec_of(cfg.policy)
+    served = sorted(n for n, c in POLICIES.items() if c.serves)
+    if not POLICIES[twin.name].serves:
+        raise ConfigError(f"runtime.serve runs policy={'/'.join(served)}; policy={cfg.policy.name!r} "
+                          "is not one (it has its own prefill: python -m runtime.bench)")
+    check_scheduler(int(s.max_batch), s.order)
     budget = cfg.hardware.get("kv_budget_bytes")
     if budget is not None and budget < 1:
         raise ConfigError(f"hardware.kv_budget_bytes={budget} must be >= 1 (or null: unlimited)")
     capacity = math.inf if budget is None else int(budget)
+    host = cfg.hardware.get("host_memory_bytes")       # host KV (offload, specache), as the simulator bounds it
+    if host is not None and host < 1:
+        raise ConfigError(f"hardware.host_memory_bytes={host} must be >= 1 (or null: unlimited)")
     device = model.device
-    twin = make_policy(cfg.policy)
     shape = kv_shape(model, cfg.policy, device)
     max_seq = model.args.max_seq_len
     where = f"workload.trace={w.trace}" if w.arrival == "trace" else "workload.prompt_len / workload.gen_len"
@@ -359,24 +311,27 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
             raise ConfigError(f"request {r.id} needs {r.reserved} bytes of KV ({r.prompt_len} + {r.gen_len} tokens, "
                               f"policy={twin.name}) but hardware.kv_budget_bytes={budget}; raise the budget, "
                               f"shorten the request ({where}) or pick a smaller policy")
+        r.reserved_host = twin.reserve_host_bytes(r.prompt_len + r.gen_len, shape)
+        if host is not None and r.reserved_host > host:
+            raise ConfigError(f"request {r.id} needs {r.reserved_host} bytes of host KV ({r.prompt_len} + {r.gen_len} "
+                              f"tokens, policy={twin.name}) but hardware.host_memory_bytes={host}; raise it or "
+                              f"shorten the request ({where})")
 
     if w.arrival == "closed":        # every request is at most prompt_len + gen_len: fail before running
         check(Request(-1, 0.0, int(w.prompt_len), int(w.gen_len)))
     arrivals = Arrivals(w, model.args, check)
     server = Server(model, cfg.policy, link=link, temperature=w.temperature, top_p=w.top_p, seed=w.seed)
     with PeakMemory(device) as mem:
-        out = _replay(server, arrivals, capacity, int(s.max_batch), s.order, bool(cfg.get("progress", False)))
+        admission = Admission(int(s.max_batch), s.order, Pool(capacity), None if host is None else Pool(int(host)))
+        out = _replay(server, arrivals, admission, bool(cfg.get("progress", False)))
     out.peak_mem_bytes = mem.peak
     return out
 
 
-def _replay(server: Server, arrivals: Arrivals, capacity: float, max_batch: int, order: str,
-            progress: bool) -> Outcome:
-    waiting: deque[ServedRequest] = deque()
+def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: bool) -> Outcome:
     running: list[ServedRequest] = []
     cohorts: list[Cohort] = []
     done: list[ServedRequest] = []
-    free = capacity
     o = Outcome(requests=done)
     args = server.model.args
     device = server.model.device
@@ -388,28 +343,22 @@ def _replay(server: Server, arrivals: Arrivals, capacity: float, max_batch: int,
         return time.perf_counter() - t0
 
     while True:
-        waiting.extend(arrivals.due(clock()))
-        # -- admission (Sim._admit)
-        new: list[ServedRequest] = []
-        if not (order == "decode_first" and running):
-            while waiting and len(running) + len(new) < max_batch:
-                r = waiting[0]
-                if free < r.reserved:
-                    break                                  # FIFO: the head waits for memory
-                free -= r.reserved
-                r.admitted_s = clock()
-                new.append(waiting.popleft())
+        for r in arrivals.due(clock()):
+            admission.arrive(r)
+        new: list[ServedRequest] = admission.admit(len(running))
+        for r in new:
+            r.admitted_s = clock()
         if not running and not new:
-            if not waiting and arrivals.exhausted:
+            if not admission.waiting and arrivals.exhausted:
                 break
             t_next = arrivals.next_time()
             if t_next is None:
-                raise RuntimeError(f"{len(waiting)} requests wait with nothing running (serve bug)")
+                raise RuntimeError(f"{len(admission.waiting)} requests wait with nothing running (serve bug)")
             time.sleep(max(0.0, t_next - clock()))
             continue
         # -- one iteration
         ts = clock()
-        if new and (order == "prefill_first" or not running):
+        if admission.prefill_next(new, len(running)):
             c = server.prefill(new)
             ids = c.nxt.tolist()            # forces the step to finish
             sync(device)
@@ -449,7 +398,7 @@ def _replay(server: Server, arrivals: Arrivals, capacity: float, max_batch: int,
         for r in [r for r in running if r.finished]:
             running.remove(r)
             r.done_s = now
-            free += r.reserved
+            admission.release(r)
             done.append(r)
             arrivals.completed(r, now)
             bar.update(1)

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from .errors import ConfigError
+from core.errors import ConfigError
 
 
 class Transfer:

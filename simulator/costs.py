@@ -1,6 +1,6 @@
 """Profile -> cost functions: every time the simulator uses comes from a profile table.
 
-A profile table (runtime/profile/schema.py) is a function measured (or derived) on a grid. Each
+A profile table (core/profile/schema.py) is a function measured (or derived) on a grid. Each
 is turned into one interpolator, built once, with one rule for every table:
 
 - inside the grid: linear interpolation of the p50 value over the *logarithm* of each axis
@@ -19,11 +19,11 @@ Measured tables are keyed by the shape they were measured for (`models.<model>.s
 whose per-layer shape (SHAPE_KEYS) differs is refused the same way (`shape:<key>` when allowed).
 
 Roofline profiles are not read as grids at all: their costs are the formulas of
-runtime/profile/analytic.py, computed for the shape and point asked (any batch, context, k,
+core/profile/analytic.py, computed for the shape and point asked (any batch, context, k,
 bits, heads, head_dim, dim, ffn), so nothing is extrapolated and no shape is refused.
 
 Missing tables raise one ConfigError line naming the table and the file. The low-bit kernels
-have one table per bit-width (runtime/profile/schema.py bits_table); a measured profile without
+have one table per bit-width (core/profile/schema.py bits_table); a measured profile without
 the table for the policy's bits is refused, naming the re-profile command (a roofline profile
 computes every bit-width from its formulas).
 
@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
-from runtime.errors import ConfigError
-from runtime.profile import load as load_profile
-from runtime.profile.analytic import SHAPE_KEYS, Roofline
-from runtime.profile.analytic import Shape as AnalyticShape
-from runtime.profile.schema import BITS_KERNELS, TRANSFERS, bits_table
+from core.errors import ConfigError
+from core.policies import KV_ELEMENT_BYTES, ModelShape  # noqa: F401  (simulator.costs.ModelShape, as before)
+from core.profile.schema import load as load_profile
+from core.profile.analytic import SHAPE_KEYS, Roofline
+from core.profile.analytic import Shape as AnalyticShape
+from core.profile.schema import BITS_KERNELS, TRANSFERS, bits_table
 
-KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # a measured grid is read (linearly extrapolated) up to this factor above its last point; beyond
 # it a run is refused unless allow_extrapolation=true (then the axis is recorded)
 EXTRAPOLATION_MARGIN = 2.0
@@ -101,23 +101,6 @@ class Table:
         return max(f, 0.0)
 
 
-@dataclass
-class ModelShape:
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    kv_dtype: str            # resolved: float32 | float16 | bfloat16
-
-    @property
-    def kv_elem(self) -> int:
-        return KV_ELEMENT_BYTES[self.kv_dtype]
-
-    @property
-    def kv_row(self) -> int:
-        """Bytes of one token's K (or V) of one layer, all KV heads."""
-        return self.n_kv_heads * self.head_dim * self.kv_elem
-
-
 class Formula:
     """A roofline cost as a table-like callable: the analytic formula, for any point."""
 
@@ -162,7 +145,7 @@ class Costs:
 
     @property
     def analytic(self) -> bool:
-        """Roofline profile: costs are formulas of the shape (runtime/profile/analytic.py)."""
+        """Roofline profile: costs are formulas of the shape (core/profile/analytic.py)."""
         return self.profile["provenance"].get("kind") == "roofline"
 
     def measure_command(self, model: str | None = None) -> str:

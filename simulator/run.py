@@ -6,7 +6,7 @@
     python -m simulator.run -m policy=specache policy.k=0,16,64,256  # one CSV per sweep
 
 Same config tree as runtime.bench (conf/, primary conf/simulate.yaml), same results schema
-(runtime/results.py), plus max batch reached, engine utilisation and goodput under `slo`.
+(core/results.py), plus max batch reached, engine utilisation and goodput under `slo`.
 In a multirun a failing point is a CSV row with its error, not the end of the sweep.
 """
 from __future__ import annotations
@@ -22,15 +22,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import register
-from runtime.errors import ConfigError, cli_errors
-from runtime.provenance import git_revision
-from runtime.results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
+from core.config import register
+from core.errors import ConfigError, cli_errors
+from core.provenance import git_revision
+from core.results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
 from .scheduler import Sim
-from .workload import check as check_workload
+from core.workload import check as check_workload
 
 register()
 
@@ -49,8 +49,8 @@ def profile_path(hw, model: str | None = None) -> Path:
         if hw.get("device") not in ("cpu", "auto"):
             raise ConfigError(f"hardware={hw.name} has no profile; set hardware.profile=PATH or pick one of "
                               "the profiled options (cpu, h100-sxm, h100-pcie, h200, a100, a6000, l40s)")
-        from runtime.engine import resolve_device
-        from runtime.profile import lookup
+        from core.machine import resolve_device
+        from core.profile import lookup
 
         found = lookup.find(resolve_device(hw.get("device")), model) if model else None
         p = found or DEFAULT_PROFILE
@@ -76,8 +76,8 @@ def requested_shape(model_cfg, costs: Costs, where: str = "model") -> dict:
     return shape
 def machine_note(costs: Costs, device: str = "cpu") -> dict:
     """Which machine a profile predicts: this one (same fingerprint) or the one it names."""
-    from runtime.engine import resolve_device
-    from runtime.machine import this_fingerprint
+    from core.machine import resolve_device
+    from core.machine import this_fingerprint
 
     here = this_fingerprint(resolve_device(device)) if device in ("cpu", "auto") else None
     fp = costs.profile["device"].get("fingerprint")
@@ -116,7 +116,7 @@ def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
     """policy.draft_model (RAG, selector=draft): the draft's own costs, from the same profile,
     for its preset shape; its weights share the device with the target's."""
     pol = cfg.policy
-    if pol.get("name") != "rag" or pol.get("selector") != "draft" or not pol.get("draft_model"):
+    if pol.get("selector") != "draft" or not pol.get("draft_model"):
         return None
     m = model_preset(str(pol.draft_model), "policy.draft_model")
     d = Costs.load(path, str(m.name), allow_extrapolation=costs.allow_extrapolation)

@@ -1,36 +1,26 @@
 """Continuous batching on the simulated hardware: one SimPy event per serving iteration.
 
 Each iteration is either one prefill of the requests just admitted or one decode step of every
-running request. `scheduler.order`:
-- prefill_first (vLLM's default): requests waiting and admissible are admitted and prefilled
-  before the next decode step;
-- decode_first: running requests decode to completion; new requests are admitted only when the
-  batch has drained (no prefill ever interrupts decoding).
-
-Admission reserves a request's whole device KV, and (with `hardware.host_memory_bytes`) its whole
-host KV (SpeCache and offload keep every token's 16-bit K/V on the host), (prompt + gen_len tokens, the policy's peak
-bytes up to that length) from `Hardware.kv` and gives it back at completion: a SimPy Container
-serves gets in FIFO order, and KV that grows during decode could otherwise deadlock. Admission
-is FIFO with head-of-line blocking, up to `scheduler.max_batch` requests. A request larger than
-the whole memory is an error, not a wait forever.
+running request; which requests are admitted, and which iteration comes next, is
+core/admission.py (shared with runtime.serve), over `Hardware.kv` / `Hardware.host`. A request
+larger than the whole memory is an error, not a wait forever.
 """
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
-from runtime.errors import ConfigError
+from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
+from core.errors import ConfigError
 
 from .costs import Costs, ModelShape
 from .hardware import Hardware, solve
-from .policies import Policy
-from .workload import Lengths, Request, open_arrivals
+from .policies import Twin
+from core.workload import Lengths, Request, open_arrivals
 
-ORDERS = ("prefill_first", "decode_first")
 FIDELITIES = ("fast", "detailed")
 
 
@@ -38,7 +28,7 @@ FIDELITIES = ("fast", "detailed")
 class Sim:
     costs: Costs
     shape: ModelShape
-    policy: Policy
+    policy: Twin
     kv_capacity: int
     max_batch: int = 256
     order: str = "prefill_first"
@@ -54,18 +44,16 @@ class Sim:
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.order not in ORDERS:
-            raise ConfigError(f"scheduler.order={self.order!r} is not known; choose one of: {', '.join(ORDERS)}")
+        check_scheduler(self.max_batch, self.order)
         if self.fidelity not in FIDELITIES:
             raise ConfigError(f"fidelity={self.fidelity!r} is not known; choose one of: {', '.join(FIDELITIES)}")
-        if self.max_batch < 1:
-            raise ConfigError(f"scheduler.max_batch={self.max_batch} must be >= 1")
         if self.ctx_bucket < 1:
             raise ConfigError(f"scheduler.ctx_bucket={self.ctx_bucket} must be >= 1")
         self.costs.need(*self.policy.tables())
         self.env = simpy.Environment()
         self.hw = Hardware(self.env, self.kv_capacity, self.host_capacity)
-        self.waiting: deque[Request] = deque()
+        self.admission = Admission(self.max_batch, self.order, self.hw.kv, self.hw.host)
+        self.waiting = self.admission.waiting
         self.wake = self.env.event()
         self.open = 0                 # arrival processes still sending
 
@@ -85,7 +73,7 @@ class Sim:
             raise ConfigError(f"request {r.id} needs {r.reserved_host} bytes of host KV ({r.prompt_len} + {r.gen_len} "
                               f"tokens, policy={self.policy.name}) but hardware.host_memory_bytes={self.host_capacity}; "
                               "raise it or shorten the request")
-        self.waiting.append(r)
+        self.admission.arrive(r)
         if not self.wake.triggered:
             self.wake.succeed()
 
@@ -120,14 +108,16 @@ class Sim:
     def serve(self):
         running: list[Request] = []
         while True:
-            new = self._admit(running)
+            new = self.admission.admit(len(running))
+            for r in new:
+                r.admitted_s = self.env.now
             if not running and not new:
                 if not self.waiting and self.open == 0:
                     return
                 self.wake = self.env.event()
                 yield self.wake
                 continue
-            if new and (self.order == "prefill_first" or not running):
+            if self.admission.prefill_next(new, len(running)):
                 yield from self._step("prefill", [r.prompt_len for r in new])
                 for r in new:
                     r.first_token_s, r.generated = self.env.now, 1
@@ -143,28 +133,10 @@ class Sim:
                 running.remove(r)
                 r.done_s = self.env.now
                 self.done.append(r)
-                yield self.hw.kv.put(r.reserved)
-                if self.hw.host is not None and r.reserved_host:
-                    yield self.hw.host.put(r.reserved_host)
+                for ev in self.admission.release(r):
+                    yield ev
                 if hasattr(r, "finished"):
                     r.finished.succeed()
-
-    def _admit(self, running: list[Request]) -> list[Request]:
-        if self.order == "decode_first" and running:
-            return []
-        new = []
-        while self.waiting and len(running) + len(new) < self.max_batch:
-            r = self.waiting[0]
-            if self.hw.kv.level < r.reserved:
-                break                                  # FIFO: the head waits for memory
-            if self.hw.host is not None and self.hw.host.level < r.reserved_host:
-                break                                  # ... or for host memory (SpeCache / offload KV)
-            self.hw.kv.get(r.reserved)                 # available now: granted at once
-            if self.hw.host is not None and r.reserved_host:
-                self.hw.host.get(r.reserved_host)
-            r.admitted_s = self.env.now
-            new.append(self.waiting.popleft())
-        return new
 
     def _step(self, phase: str, *args):
         self.iterations += 1

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from runtime import bench
-from runtime.results import stats, write_json_atomic
+from core.results import stats, write_json_atomic
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 ROOT = Path(__file__).resolve().parent.parent

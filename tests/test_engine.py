@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from runtime.engine import SamplingParams, generate, left_pad, sample
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.kv import Step, make_cache
 
 from .conftest import Policy

@@ -8,7 +8,7 @@ import torch
 from scipy import stats as st
 
 from runtime.engine import prefill_once
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.evals import data, report, run, specs
 from runtime.evals import stats as es
 from runtime.evals.score import passkey_answer, score_ppl, teacher_force

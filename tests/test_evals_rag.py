@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.evals import data
 from runtime.evals import rag as er
 from runtime.evals import report

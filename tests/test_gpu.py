@@ -108,7 +108,7 @@ def test_cuda_host_mapped_view_is_zero_copy_and_gathers():
         want = torch.gather(store, 2, idx.cpu()[..., None].expand(-1, -1, -1, 64))
         assert torch.equal(dst.cpu(), want)
     import pytest as _pytest
-    from runtime.errors import ConfigError
+    from core.errors import ConfigError
     with _pytest.raises(ConfigError, match="pinned"):
         host_mapped(torch.randn(4))
 

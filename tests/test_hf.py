@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from runtime import hf as H  # noqa: E402
 from runtime.engine import SamplingParams, generate  # noqa: E402
-from runtime.errors import ConfigError  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
 from runtime.kv import policy_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.kv import CacheShape, Step, make_cache
 from runtime.kv.base import attention_reference
 from runtime.kv.kivi import KiviKV, dequantize, pack, quant_params, quantize, unpack, unpack_float

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.model import ModelArgs, load_gguf, load_hf, random_init
 
 from .conftest import TINY

@@ -1,4 +1,4 @@
-"""Issue 13: machine identity, the cache root, profile lookup, noise-aware validation, bits tables."""
+"""Machine identity, the cache root, profile lookup, noise-aware validation, bits tables."""
 from __future__ import annotations
 
 import copy
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from runtime import machine as M
-from runtime.errors import ConfigError
+from core.errors import ConfigError
+from core.profile import lookup as core_lookup
 from runtime.profile import lookup
-from runtime.profile.schema import SCHEMA_VERSION, ProfileError, validate
+from core.profile.schema import SCHEMA_VERSION, ProfileError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "profiles" / "cpu-intel-r-xeon-r-processor-2c.json"
@@ -26,7 +27,7 @@ CPU = torch.device("cpu")
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("KVTESTBED_CACHE", str(root))
-    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
+    monkeypatch.setattr(core_lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
     return root
 
 
@@ -98,7 +99,7 @@ def test_unwritable_cache_exits_2_from_validate(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("KVTESTBED_CACHE", str(blocker / "cache"))
-    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "none")
+    monkeypatch.setattr(core_lookup, "REPO_PROFILES", tmp_path / "none")
     monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": 1.0})
     with pytest.raises(SystemExit) as e:
         V.main(["experiment=validate_quick", f"results_dir={tmp_path}", "only=[full_b1_p512]", "progress=false"])
@@ -117,13 +118,13 @@ def test_speed_index_probes_and_index():
 # ----------------------------------------------------------------------------- lookup
 
 def test_lookup_cache_first_then_repo_and_the_committed_profile_is_never_this_machine(cache, tmp_path, monkeypatch):
-    from runtime.results import write_json_atomic
+    from core.results import write_json_atomic
 
     assert lookup.find(CPU, "smollm2") is None
-    monkeypatch.setattr(lookup, "REPO_PROFILES", REPO / "profiles")     # the real repo folder: no fingerprint
+    monkeypatch.setattr(core_lookup, "REPO_PROFILES", REPO / "profiles")     # the real repo folder: no fingerprint
     assert lookup.find(CPU, "smollm2") is None
     repo = tmp_path / "repo_profiles"
-    monkeypatch.setattr(lookup, "REPO_PROFILES", repo)
+    monkeypatch.setattr(core_lookup, "REPO_PROFILES", repo)
     write_json_atomic(repo / "here.json", this_machine_profile(1.0))
     assert lookup.find(CPU, "smollm2") == repo / "here.json"
     assert lookup.find(CPU, "no_such_model") is None
@@ -228,7 +229,7 @@ def test_simulator_run_says_which_machine_it_predicts(cache):
     rec = simulate(cfg)
     assert rec["provenance"]["profile"].endswith("cpu-intel-r-xeon-r-processor-2c.json")
     assert rec["provenance"]["predicts"] != "this machine" and "Intel" in rec["provenance"]["predicts"]
-    from runtime.results import write_json_atomic
+    from core.results import write_json_atomic
 
     write_json_atomic(lookup.cached_path(CPU), this_machine_profile())
     rec = simulate(cfg)
@@ -383,7 +384,7 @@ def test_interleaving_drift_and_columns(tmp_path, monkeypatch, capsys):
 
 def test_drift_corrected_prediction_scales_by_the_speed_index_ratio(tmp_path, cache, monkeypatch):
     from analysis import validate as V
-    from runtime.results import write_json_atomic
+    from core.results import write_json_atomic
 
     prof = write_json_atomic(tmp_path / "p.json", this_machine_profile(index=100.0))
     monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": 50.0})      # twice as slow now
@@ -430,7 +431,7 @@ def test_gpu_suite_identity_records_fingerprint_and_speed_drift(tmp_path, monkey
 
 def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
     import runtime.profile.__main__ as P
-    from runtime.results import write_json_atomic
+    from core.results import write_json_atomic
 
     covers_seen = []
 

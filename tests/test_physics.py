@@ -1,7 +1,7 @@
 """Physics of the roofline costs, for every roofline profile and every model-shape preset.
 
 The references are computed here from the GPUs' published peaks and the shapes' parameter
-counts, independently of runtime/profile/analytic.py:
+counts, independently of core/profile/analytic.py:
 - a decode step never beats (weights + K/V bytes) / HBM bandwidth;
 - a prefill never beats its GEMM FLOPs / peak FLOP/s;
 - a copy or gather never beats its bytes / the PCIe link's theoretical rate;
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from analysis.validate import compose_config
 from simulator.hardware import solve
-from simulator.policies import Kivi, Policy, Specache
+from simulator.policies import Full, Kivi, Specache
 from simulator.run import build_sim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,14 +60,14 @@ def test_decode_prefill_copy_never_beat_the_roofs(gpu, model):
     weights = (p["L"] * p["per_layer"] + p["vocab"] * p["dim"]) * 2       # every layer + the LM head, 16-bit
     for B, ctx in points(p):
         kv = p["L"] * 2 * B * ctx * p["Hkv"] * p["D"] * 2
-        full = solve(Policy().decode_graph(c, s, B, ctx)).seconds
+        full = solve(Full().decode_graph(c, s, B, ctx)).seconds
         assert full >= (weights + kv) / hbm, (B, ctx)
         for pol in (Kivi(bits=2), Kivi(bits=1, group_size=32), Specache(k=64), Specache(k=64, gather="device")):
             lowbit = kv * (pol.bits + 32 / pol.group_size) / 16
             assert solve(pol.decode_graph(c, s, B, ctx)).seconds >= (weights + lowbit) / hbm, (pol, B, ctx)
     for T in (16, 512, 4096, min(32768, p["max_seq"])):
         gemm = 2 * T * p["L"] * p["per_layer"]
-        assert solve(Policy().prefill_graph(c, s, [T])).seconds >= gemm / flops, T
+        assert solve(Full().prefill_graph(c, s, [T])).seconds >= gemm / flops, T
     for n in (4096, 1 << 20, 1 << 30):
         for f in (c.h2d, c.d2h, lambda n: c.gather(n, "host"), lambda n: c.gather(n, "device")):
             assert f(n) >= n / pcie
@@ -91,5 +91,5 @@ def test_full_decode_within_1_5x_of_memory_bound_plus_stated_overheads(gpu, mode
                 continue
             kv = p["L"] * 2 * B * ctx * p["Hkv"] * p["D"] * 2
             bound = (weights + kv) / hbm
-            step = solve(Policy().decode_graph(c, s, B, ctx)).seconds
+            step = solve(Full().decode_graph(c, s, B, ctx)).seconds
             assert bound <= step <= 1.5 * bound + overheads, (B, ctx, step / (bound + overheads))

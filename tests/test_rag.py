@@ -1,4 +1,4 @@
-"""RAG KV reuse (runtime/rag.py) on the tiny random model: store, re-rotation, selective recompute."""
+"""RAG KV reuse (runtime/rag/) on the tiny random model: store, re-rotation, selective recompute."""
 import math
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime.engine import SamplingParams, generate, prefill_once
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.rag import (SELECTORS, ChunkStore, budget_of, placed_kv, prefill_at, rag_prefill, rerotate,
                          span_complete)
 
@@ -337,7 +337,7 @@ def test_bench_policy_rag_equals_engine_on_full(tmp_path):
     cfg = _bench_cfg(tmp_path, "policy.selector=full", "workload.gen_len=6")
     model = model_lib.from_config(cfg.model, resolve_device("cpu"))
     prompt = bench.make_prompts(cfg.workload, model.args.vocab_size, {0, 1, 2})[0]
-    from runtime.rag import bench_rag
+    from runtime.bench_rag import bench_rag
 
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     runs = bench_rag(model, cfg, prompt, params)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from runtime import model as model_lib
 from runtime import serve
 from runtime.engine import SamplingParams, generate
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from simulator.policies import make_policy
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")

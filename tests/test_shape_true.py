@@ -1,4 +1,4 @@
-"""Shape-true costs (issue 14): roofline costs computed for the shape asked, measured tables
+"""Shape-true costs: roofline costs computed for the shape asked, measured tables
 refused beyond their shape or grid, host memory as a resource, both gathers, a separate draft.
 References are hand-computed here from the shapes and the profiles' stated peaks."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from analysis.validate import compose_config
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from simulator.hardware import solve
-from simulator.policies import Policy
+from simulator.policies import Full
 from simulator.run import build_sim, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def sim(*overrides, tmp=None):
 
 
 def test_roofline_formulas_import_without_torch():
-    code = ("import sys, runtime.profile.analytic, simulator.costs; "
+    code = ("import sys, core.profile.analytic, simulator.costs; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -44,7 +44,7 @@ def test_attention_time_scales_with_kv_bytes_read():
         attn = s.costs.table("decode_attention_full")(B, ctx)
         kv_bytes = 2 * B * ctx * h * 128 * 2                           # K and V, 16-bit, one layer
         assert attn == pytest.approx(kv_bytes / HBM + 4 * ASSUME["launch_s"], rel=1e-12)
-        t[h] = (attn, solve(Policy().decode_graph(s.costs, s.shape, B, ctx)).seconds, s.shape.n_layers)
+        t[h] = (attn, solve(Full().decode_graph(s.costs, s.shape, B, ctx)).seconds, s.shape.n_layers)
     launch = 4 * ASSUME["launch_s"]
     assert (t[32][0] - launch) / (t[8][0] - launch) == pytest.approx(4.0, rel=1e-12)
     # GQA changes the q/k/v projection's weights too: k and v shrink from 32 to 8 heads
@@ -57,12 +57,12 @@ def test_32k_and_batch_256_are_computed_not_extrapolated(tmp_path):
                                              "workload.prompt_len=32640", "workload.gen_len=8",
                                              f"results_dir={tmp_path}"]))
     assert r["extrapolated"] == []
-    # weights + K/V at 32K over the A6000's bandwidth (the issue's ~29 ms floor), plus overheads
+    # weights + K/V at 32K over the A6000's bandwidth (a ~29 ms floor), plus overheads
     weights = (32 * (4096 * 48 * 128 + 32 * 128 * 4096 + 3 * 4096 * 14336) + 32000 * 4096) * 2
     kv = 32 * 2 * 32648 * 8 * 128 * 2
     assert (weights + kv) / 768e9 < r["tpot_s"] < 1.3 * (weights + kv) / HBM
     s = sim("hardware=a6000", "model=mistral7b_shape")
-    assert solve(Policy().decode_graph(s.costs, s.shape, 256, 4096)).seconds > 0
+    assert solve(Full().decode_graph(s.costs, s.shape, 256, 4096)).seconds > 0
 
 
 def test_measured_shape_mismatch_refused_or_recorded(tmp_path):

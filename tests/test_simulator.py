@@ -9,17 +9,17 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from runtime.profile.schema import BITS_KERNELS
+from core.profile.schema import BITS_KERNELS
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from runtime.config import SchedulerConfig, WorkloadConfig, register
-from runtime.errors import ConfigError
+from core.config import SchedulerConfig, WorkloadConfig, register
+from core.errors import ConfigError
 from runtime.kv import Step, make_cache
 from simulator.costs import KV_ELEMENT_BYTES, Costs, ModelShape
 from simulator.hardware import detailed, solve
-from simulator.policies import Kivi, Offload, Op, Policy, Specache, make_policy
+from simulator.policies import Full, Kivi, Offload, Op, Specache, make_policy
 from simulator.scheduler import Sim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,10 @@ def workload(**kw):
 
 
 def sim(c, policy=None, cap=None, **kw):
-    return Sim(c, shape_of(c), policy or Policy(), cap or int(c.memory["kv_available_bytes"]), **kw)
+    return Sim(c, shape_of(c), policy or Full(), cap or int(c.memory["kv_available_bytes"]), **kw)
 
 
-POLICIES = [Policy(), Offload(), Kivi(), Kivi(bits=1, group_size=32, residual=64),
+POLICIES = [Full(), Offload(), Kivi(), Kivi(bits=1, group_size=32, residual=64),
             Specache(k=0, prefetch=False), Specache(k=64), Specache(k=64, prefetch=False), Specache(k=512)]
 
 
@@ -114,7 +114,7 @@ def runtime_bytes(policy_cfg, tokens, layers, H, D):
 def test_kv_bytes_equal_the_runtime(kv_dtype, bits):
     H, D, L = 1, 16, 3
     s = ModelShape(L, H, D, kv_dtype)
-    cfgs = [dict(name="full"), dict(name="offload")]
+    cfgs = [dict(name="full"), dict(name="offload"), dict(name="rag"), dict(name="rag", selector="reuse")]
     for G, R in ((8, 8), (8, 24), (16, 16)):
         cfgs.append(dict(name="kivi", bits=bits, group_size=G, residual=R, one_bit_rule="specache"))
         for k in (0, 5, 40):
@@ -129,7 +129,7 @@ def test_kv_bytes_equal_the_runtime(kv_dtype, bits):
 
 def test_reserve_covers_every_length_on_the_way():
     s = ModelShape(2, 2, 32, "float16")
-    for p in (Kivi(bits=2, group_size=32, residual=64), Specache(k=16), Policy()):
+    for p in (Kivi(bits=2, group_size=32, residual=64), Specache(k=16), Full()):
         for n in range(1, 300, 7):
             assert p.reserve_bytes(n, s) == max(p.kv_bytes([m], s)[0] for m in range(1, n + 1))
 
@@ -202,7 +202,7 @@ def test_single_request_equals_hand_summed_costs():
 
 def test_md1_mean_wait_matches_the_closed_form():
     c = costs()
-    S = solve(Policy().prefill_graph(c, shape_of(c), [128])).seconds   # fixed service: one prefill
+    S = solve(Full().prefill_graph(c, shape_of(c), [128])).seconds   # fixed service: one prefill
     rho = 0.6
     w = workload(arrival="poisson", rate=rho / S, n_requests=40000, prompt_len=128, gen_len=1, seed=3)
     reqs = sim(c, max_batch=1).run(w)
@@ -260,11 +260,11 @@ def test_prefill_first_vs_decode_first():
 
 def test_bad_input_one_line_errors():
     c = costs()
-    with pytest.raises(ConfigError, match="policy='foo' is not known; choose one of: full, kivi, offload, specache"):
+    with pytest.raises(ConfigError, match="policy='foo' is not known; choose one of: full, kivi, offload, rag, specache"):
         make_policy({"name": "foo"})
     with pytest.raises(ConfigError, match="policy.k=-1"):
         make_policy({"name": "specache", "k": -1})
-    from simulator.workload import check
+    from core.workload import check
     with pytest.raises(ConfigError, match="workload.rate=-1.0 must be > 0"):
         check(workload(arrival="poisson", rate=-1.0))
     with pytest.raises(ConfigError, match="workload.prompt_len=-5 must be >= 1"):

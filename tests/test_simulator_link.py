@@ -77,7 +77,7 @@ def test_gpu_profile_keeps_two_copy_engines():
 def test_link_gbps_refused_on_a_gpu_profile_and_used_on_cpu(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from runtime.errors import ConfigError
+    from core.errors import ConfigError
     from simulator.run import build_sim
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -1,4 +1,4 @@
-"""The simulator's `policy=rag` twin (simulator/rag.py): graph costs against the profile tables."""
+"""The simulator's `policy=rag` twin (simulator/policies/rag.py): graph costs against the profile tables."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from runtime.config import register
-from runtime.errors import ConfigError
+from core.config import register
+from core.errors import ConfigError
 from simulator.costs import Costs, ModelShape
 from simulator.hardware import detailed, solve
 from simulator.policies import make_policy
-from simulator.rag import Rag
+from simulator.policies import Rag
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "profiles/cpu-intel-r-xeon-r-processor-2c.json"

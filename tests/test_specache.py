@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime.engine import SamplingParams, generate, prefill_once
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 from runtime.kv import CacheShape, Step, make_cache
 from runtime.kv.specache import SpeCacheKV
 from runtime.transfer import DirectLink, EmulatedLink, gather_rows

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..engine import resolve_device
-from ..errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 from ..model import ModelArgs, load_gguf, random_init
 from . import data
 from . import rag as _rag  # noqa: F401 - registers the rag task with report.TASKS
@@ -53,7 +53,7 @@ def _model_name(a: argparse.Namespace) -> str:
 
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--policies", nargs="+", default=["default"], metavar="SPEC",
-                   help=f"policy specs: {GRAMMAR}; or presets {', '.join(PRESETS)} (default: the issue's "
+                   help=f"policy specs: {GRAMMAR}; or presets {', '.join(PRESETS)} (default: the "
                         "37-policy grid). `full` is always added: statistics are paired against it")
     p.add_argument("--model", choices=["smollm2", "tiny", "hf"], default="smollm2")
     p.add_argument("--model-path", type=Path, default=None,

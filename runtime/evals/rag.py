@@ -49,9 +49,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from core.errors import ConfigError
 from ..model import Transformer
-from ..provenance import provenance
+from core.provenance import provenance
 from . import report as _report
 from .data import TextTokenizer
 from .run import ResultLog, check_meta

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ConfigError
+from core.errors import ConfigError
 from .run import ResultLog
 from .stats import Interval, mcnemar_exact, paired_delta, perplexity, perplexity_ratio
 

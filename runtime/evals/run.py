@@ -23,10 +23,10 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..engine import prefill_once
-from ..errors import ConfigError
+from core.errors import ConfigError
 from ..model import Transformer
-from ..provenance import provenance
-from ..results import write_json_atomic
+from core.provenance import provenance
+from core.results import write_json_atomic
 from .data import PasskeySample, TextSample, TextTokenizer
 from .score import score_passkey, score_ppl
 from .specs import parse_spec

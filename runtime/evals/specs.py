@@ -6,7 +6,7 @@ Grammar (dash-separated, order of the options free):
     kivi<bits>                [-g<group_size>] [-r<residual>]
     specache-k<k>-b<bits>     [-g<group_size>] [-r<residual>] [-noprefetch]
 
-bits in {1, 2, 4, 8}; defaults group_size 64, residual 64, prefetch on, one_bit_rule "specache".
+bits, group_size, residual and one_bit_rule as declared in core/policies/kivi.py; prefetch on.
 A spec becomes the policy config the engine reads (`.name`, `.kv_dtype`, the policy's knobs).
 Parsing never asks whether the policy is implemented: `make_cache` does that per grid point,
 so a grid naming a policy that is not written yet records an error for it and goes on.
@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from ..errors import ConfigError
+from core.errors import ConfigError
+from core.policies import defaults
+from core.policies.kivi import BITS
 
-BITS = (1, 2, 4, 8)
-DEFAULTS = dict(group_size=64, residual=64, one_bit_rule="specache")
+DEFAULTS = {k: v for k, v in defaults("kivi").items() if k in ("group_size", "residual", "one_bit_rule")}
 _OPT = re.compile(r"^(?:(k|b|g|r)(\d+)|(noprefetch))$")
 GRAMMAR = ("full | offload | kivi<bits>[-g<N>][-r<N>] | specache-k<k>-b<bits>[-g<N>][-r<N>][-noprefetch] "
            f"(bits in {BITS})")
@@ -57,7 +58,7 @@ def parse_spec(spec: str, kv_dtype: str = "auto") -> SimpleNamespace:
 
 
 def default_grid() -> list[str]:
-    """The issue's grid: full, offload, KIVI 1/2/4-bit, SpeCache k in {0, 16, 64, 256} x 1/2 bits
+    """The default grid: full, offload, KIVI 1/2/4-bit, SpeCache k in {0, 16, 64, 256} x 1/2 bits
     x group 32/64 x prefetch on/off (37 policies)."""
     grid = ["full", "offload", "kivi1", "kivi2", "kivi4"]
     for k in (0, 16, 64, 256):

@@ -1,18 +1,22 @@
-"""KV policies, one module each behind `base.LayerKV`; `make_cache` builds one by name."""
+"""KV policies, one module each behind `base.LayerKV` (their knobs are declared in core/policies/);
+`make_cache` builds one by name."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
 
-from ..errors import ConfigError
+from core.errors import ConfigError
+from core.policies import load_plugin
+
 from .base import CacheShape, KVCache, LayerKV, Step
 from .full import FullKV
 from .kivi import KiviKV
 from .offload import OffloadKV
+from .rag import RagKV
 from .specache import SpeCacheKV
 
-POLICIES = {"full": FullKV, "offload": OffloadKV, "kivi": KiviKV, "specache": SpeCacheKV}
+POLICIES = {"full": FullKV, "offload": OffloadKV, "kivi": KiviKV, "specache": SpeCacheKV, "rag": RagKV}
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -31,6 +35,13 @@ def resolve_kv_dtype(name: str, device: torch.device) -> torch.dtype:
     return KV_DTYPES[name]
 
 
+def register(name: str, cls: type) -> type:
+    """Enter a runtime policy (a LayerKV subclass with `build`) under its name; for policies
+    shipped outside this package (their module is `policy.plugin`)."""
+    POLICIES[name] = cls
+    return cls
+
+
 def policy_spec(name: str, kv_dtype: str = "auto", **knobs) -> SimpleNamespace:
     """A policy config built in code, with the fields a `conf/policy/*.yaml` gives."""
     return SimpleNamespace(name=name, kv_dtype=kv_dtype, **knobs)
@@ -41,6 +52,7 @@ def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: 
     """Build a model's KV cache from a policy config (`.name`, `.kv_dtype` and the policy's
     knobs). `link` is the host<->device copy engine (runtime/transfer.py) for policies that
     keep K/V in host memory; None = a direct copy."""
+    load_plugin(policy, "kv")
     name = policy.name
     if name not in POLICIES:
         raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(POLICIES))}")
@@ -49,4 +61,4 @@ def make_cache(policy, *, n_layers: int, batch: int, n_kv_heads: int, head_dim: 
     return POLICIES[name].build(policy, shape, link)
 
 
-__all__ = ["CacheShape", "KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "policy_spec", "resolve_kv_dtype"]
+__all__ = ["CacheShape", "KVCache", "LayerKV", "Step", "POLICIES", "make_cache", "policy_spec", "register", "resolve_kv_dtype"]

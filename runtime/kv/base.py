@@ -175,6 +175,10 @@ class LayerKV(ABC):
         return self.decode(q, k, v, step)
 
     dtype: torch.dtype
+    serves = True          # runtime.serve can batch it continuously
+    # runtime.bench's timed runs for a policy with its own prefill: bench(model, cfg, prompts,
+    # params, link) -> [BatchResult]; None = the engine's generate() over the batch
+    bench = None
 
     @abstractmethod
     def load(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:

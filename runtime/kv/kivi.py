@@ -25,32 +25,21 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from core.errors import ConfigError  # noqa: F401
+from core.policies import knobs_of
+from core.policies.kivi import BITS, ONE_BIT_RULES, KiviPolicyConfig, value_group  # noqa: F401
+
 from .base import CacheShape, LayerKV, Step, grow_columns
 
-BITS = (1, 2, 4, 8)
-ONE_BIT_RULES = ("specache", "plain")
 
 
-def check_knobs(policy, head_dim: int | None = None) -> None:
-    """One-line errors naming the field, for kivi and everything built on it."""
-    if policy.bits not in BITS:
-        raise ConfigError(f"policy.bits={policy.bits} is not supported; use one of {', '.join(map(str, BITS))}")
-    if policy.group_size < 1:
-        raise ConfigError(f"policy.group_size={policy.group_size} must be >= 1 (32 or 64 are usual)")
-    if policy.residual < policy.group_size or policy.residual % policy.group_size:
-        raise ConfigError(f"policy.residual={policy.residual} must be a positive multiple of "
-                          f"policy.group_size={policy.group_size} (keys are quantized a group at a time)")
-    if policy.one_bit_rule not in ONE_BIT_RULES:
-        raise ConfigError(f"policy.one_bit_rule={policy.one_bit_rule!r}; use one of {', '.join(ONE_BIT_RULES)}")
-    if head_dim is not None and head_dim % value_group(policy.group_size, head_dim):
-        raise ConfigError(f"policy.group_size={policy.group_size} must divide head_dim={head_dim} "
-                          "(values are grouped along channels)")
-
-
-def value_group(group_size: int, head_dim: int) -> int:
-    """Channels per value group: group_size, or the whole head when the head is smaller."""
-    return min(group_size, head_dim)
+def check_knobs(policy, head_dim: int | None = None, declaration: type = KiviPolicyConfig) -> KiviPolicyConfig:
+    """The policy's declaration (core/policies/) built from a config object and checked: one-line
+    errors naming the field, for kivi and everything built on it."""
+    knobs = {k: v for k, v in knobs_of(policy, declaration).items() if k != "name"}
+    spec = declaration(**knobs)
+    spec.check(head_dim)
+    return spec
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -122,10 +111,12 @@ def unpack_float(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.T
 class KiviKV(LayerKV):
     """Packed low-bit keys and values in device memory, plus the full-precision residual."""
 
+    declaration = KiviPolicyConfig
+
     def __init__(self, policy, shape: CacheShape, link=None):
-        check_knobs(policy, shape.head_dim)
-        self.bits, self.G, self.R = policy.bits, policy.group_size, policy.residual
-        self.rule = policy.one_bit_rule
+        self.spec = check_knobs(policy, shape.head_dim, type(self).declaration)
+        self.bits, self.G, self.R = self.spec.bits, self.spec.group_size, self.spec.residual
+        self.rule = self.spec.one_bit_rule
         self.dtype = shape.dtype
         B, H, D = shape.batch, shape.n_kv_heads, shape.head_dim
         self.D, self.cg = D, value_group(self.G, D)

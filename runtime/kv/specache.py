@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from core.policies.specache import SpecachePolicyConfig
+
 from ..transfer import DirectLink, gather_rows
 from .base import CacheShape, KVCache, Step, grow_columns
 from .kivi import KiviKV, fold, masked_softmax, unfold
@@ -50,15 +51,13 @@ class _Fetch:
 
 
 class SpeCacheKV(KiviKV):
+    declaration = SpecachePolicyConfig
+
     def __init__(self, policy, shape: CacheShape, link=None):
-        super().__init__(policy, shape, link)
-        if policy.k < 0:
-            raise ConfigError(f"policy.k={policy.k} must be >= 0 (0 = plain KIVI; k beyond the context is clamped)")
-        self.k_top = int(policy.k)
-        self.prefetch = bool(policy.prefetch)
-        self.gather = str(getattr(policy, "gather", "host") or "host")
-        if self.gather not in ("host", "device"):
-            raise ConfigError(f"policy.gather={self.gather!r} is not known; choose one of: host, device")
+        super().__init__(policy, shape, link)          # checks the knobs (core/policies/specache.py)
+        self.k_top = int(self.spec.k)
+        self.prefetch = bool(self.spec.prefetch)
+        self.gather = str(self.spec.gather)
         self.link = link if link is not None else DirectLink()
         self.on_cuda = shape.device.type == "cuda"
         # the 16-bit store of every token, in host memory (on a CPU run the "device" is the host).
@@ -82,7 +81,8 @@ class SpeCacheKV(KiviKV):
     @classmethod
     def build(cls, policy, shape: CacheShape, link=None) -> KVCache:
         cache = super().build(policy, shape, link)
-        cache.speculative = bool(policy.prefetch) and policy.k > 0
+        spec = cache.layers[0].spec
+        cache.speculative = bool(spec.prefetch) and spec.k > 0
         return cache
 
     # -- host store

@@ -2,8 +2,8 @@
 
     python -m runtime.profile [--model NAME ...] [--quick] [--roofline NAME] [--out PATH]
 
-`load(path)` reads and validates a profile (runtime/profile/schema.py describes the file).
+`load(path)` reads and validates a profile (core/profile/schema.py describes the file).
 """
-from .schema import SCHEMA_VERSION, ProfileError, load, validate
+from core.profile.schema import SCHEMA_VERSION, ProfileError, load, validate
 
 __all__ = ["SCHEMA_VERSION", "ProfileError", "load", "validate"]

@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import resolve_device
-from ..errors import ConfigError, cli_errors
+from core.errors import ConfigError, cli_errors
 from ..model import weight_dtype
-from ..provenance import REPO, provenance
-from ..results import write_json_atomic
+from core.provenance import REPO, provenance
+from core.results import write_json_atomic
 from . import measure, roofline
 from ..machine import speed_index
-from .schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, validate
+from core.profile.schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, validate
 
 def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None,
                      cover: dict | None = None, bits=PROFILED_BITS, rag: bool = True, progress: bool = True) -> dict:
@@ -129,7 +129,7 @@ def speed_index_command(a) -> str:
     """`--speed-index`: this machine's index now; with --out (a profile of this machine) it is
     stored there (atomically) and the change from the stored one is printed."""
     from ..machine import this_fingerprint
-    from .schema import load
+    from core.profile.schema import load
 
     device = resolve_device(a.device)
     shape = vars(measure.model_args(a.model[0]))
@@ -153,7 +153,7 @@ def format_comparison(path_a: Path, path_b: Path) -> str:
     median over all points of |B / A - 1|."""
     import numpy as np
 
-    from .schema import load
+    from core.profile.schema import load
 
     a, b = load(path_a), load(path_b)
     rows, devs = [], []

@@ -24,10 +24,10 @@ from ..engine import sample, sync
 from ..kv import Step, make_cache, resolve_kv_dtype
 from ..kv.kivi import fold, pack, quant_params, quantize
 from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
-from ..errors import ConfigError
-from ..provenance import REPO
+from core.errors import ConfigError
+from core.provenance import REPO
 from ..transfer import EmulatedLink, gather_rows
-from .schema import PROFILED_BITS, bits_table, table
+from core.profile.schema import PROFILED_BITS, bits_table, table
 
 
 @dataclass
@@ -84,7 +84,7 @@ def device_facts(device: torch.device) -> dict:
     else:
         import psutil
 
-        from ..provenance import cpu_name
+        from core.provenance import cpu_name
 
         facts = {"name": cpu_name(), "type": "cpu", "memory_bytes": int(psutil.virtual_memory().total),
                  "cores": os.cpu_count(), "machine": platform.machine()}

@@ -12,16 +12,16 @@ import datetime as _dt
 
 import torch
 
-from ..errors import ConfigError
-from ..provenance import git_revision
+from core.errors import ConfigError
+from core.provenance import git_revision
 from .measure import kernel_axes, model_args
-from .schema import SCHEMA_VERSION, table
+from core.profile.schema import SCHEMA_VERSION, table
 
-from .analytic import ASSUMPTIONS, GPUS, PCIE_LANE, Roofline, Shape  # noqa: F401  (GPUS, PCIE_LANE re-exported)
+from core.profile.analytic import ASSUMPTIONS, GPUS, PCIE_LANE, Roofline, Shape  # noqa: F401  (GPUS, PCIE_LANE re-exported)
 
 
 def model_tables(args, gpu: dict, kivi=dict(bits=2, group_size=64, residual=64)) -> dict:
-    """The roofline formulas (runtime/profile/analytic.py) tabulated on the measured GPU grids."""
+    """The roofline formulas (core/profile/analytic.py) tabulated on the measured GPU grids."""
     grids = kernel_axes(args, quick=False, device=torch.device("cuda"))   # the measured GPU grids
     r = Roofline.of_gpu(gpu, Shape.of({**vars(args), "head_dim": args.head_dim}, kv_elem=ASSUMPTIONS["bytes_per_kv"]))
     bits, gs = kivi["bits"], kivi["group_size"]

@@ -29,7 +29,7 @@ def stats(name: str, xs: list[float]) -> dict[str, float]:
 
 def serving_metrics(reqs, slo) -> dict:
     """The schema's metrics of served requests (anything with arrival_s, done_s, gen_len and the
-    ttft_s / tpot_s properties, as simulator.workload.Request): throughput over the span from the
+    ttft_s / tpot_s properties, as core.workload.Request): throughput over the span from the
     first arrival to the last completion, TTFT / TPOT statistics, goodput under `slo`. One
     definition for the simulator and runtime.serve, so the two are compared like for like."""
     span = max(r.done_s for r in reqs) - min(r.arrival_s for r in reqs)

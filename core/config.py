@@ -1,4 +1,5 @@
-"""Structured configs (dataclasses) behind the Hydra tree in conf/, shared by runtime and simulator.
+"""Structured configs (dataclasses) behind the Hydra tree in conf/, shared by runtime and simulator;
+the policy schemas are the declarations in core/policies/.
 
 Each group option yaml starts from its group's schema (`defaults: [base_<group>]`), so a typo'd
 key or a wrong type fails at compose time with Hydra's message naming the key.
@@ -10,6 +11,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from core.policies import SPECS
 
 
 @dataclass
@@ -24,52 +27,6 @@ class ModelConfig:
 
 
 @dataclass
-class PolicyConfig:
-    name: str = MISSING
-    kv_dtype: str = "auto"          # auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
-
-
-@dataclass
-class OffloadPolicyConfig(PolicyConfig):
-    name: str = "offload"
-
-
-@dataclass
-class KiviPolicyConfig(PolicyConfig):
-    name: str = "kivi"
-    bits: int = 2                   # 1 | 2 | 4 | 8
-    group_size: int = 64            # tokens per key group, channels per value group
-    residual: int = 64              # newest tokens kept in full precision; a multiple of group_size
-    one_bit_rule: str = "specache"  # specache: codes decode to half-range centres | plain: to min/max
-
-
-@dataclass
-class SpecachePolicyConfig(KiviPolicyConfig):
-    name: str = "specache"
-    k: int = 64                     # 16-bit rows fetched per KV head per step; 0 = kivi; > context: clamped
-    prefetch: bool = True           # speculative pre-decoding: fetch the next step's top-k during this one
-    gather: str = "host"            # host: index_select into pinned staging + one copy | device: a device kernel reads the pinned host rows (UVA, zero-copy)
-
-
-@dataclass
-class RagPolicyConfig(PolicyConfig):
-    """`policy=rag` (runtime/rag.py): chunk K/V reuse with selective recompute."""
-    name: str = "rag"
-    selector: str = "draft"         # full | reuse | random | epic | cacheblend | draft (SpecCache)
-    recompute_ratio: float = 0.15   # r: budget = ceil(r * N) of the N chunk tokens; the question is always recomputed
-    chunk_len: int = 512            # tokens per document chunk (each prefilled alone at positions 0..n-1)
-    draft_layers: int = 5           # draft = the target's first D layers (selector=draft)
-    tau_smooth: float = 0.4         # span cut where neighbouring normalised scores differ by more
-    tau_cover: float = 0.7          # a span is completed when this share of it is chosen
-    span_max: int = 16              # longest span
-    seed: int = 0                   # selector=random
-    epic_prefix: Optional[int] = None   # selector=epic: the first n tokens of every chunk (the paper's 8/16/32, r ignored); null = n = ceil(r * chunk)
-    draft_model: Optional[str] = None   # selector=draft: a separate draft; runtime: GGUF file or transformers folder (tokens aligned by character offsets); simulator: a shape preset of conf/model/ (e.g. llama32_1b_shape); null = the target
-    store: str = "warm"             # warm: chunk K/V already in device memory | disk: read from the store's files
-    question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
-
-
-@dataclass
 class WorkloadConfig:
     batch: int = 4
     prompt_len: int = 512
@@ -79,7 +36,7 @@ class WorkloadConfig:
     ignore_eos: bool = True
     temperature: float = 0.0
     top_p: float = 1.0
-    # the simulator's arrivals (simulator/workload.py); runtime.bench runs `static` only
+    # the simulator's arrivals (core/workload.py); runtime.bench runs `static` only
     arrival: str = "static"         # static | poisson | closed | trace
     rate: float = 1.0               # poisson: requests per second
     n_requests: int = 100           # poisson / closed: requests in all
@@ -161,11 +118,8 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_bench", node=BenchConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="policy", name="base_full", node=PolicyConfig)
-    cs.store(group="policy", name="base_offload", node=OffloadPolicyConfig)
-    cs.store(group="policy", name="base_kivi", node=KiviPolicyConfig)
-    cs.store(group="policy", name="base_specache", node=SpecachePolicyConfig)
-    cs.store(group="policy", name="base_rag", node=RagPolicyConfig)
+    for name, spec in SPECS.items():          # one schema per declared policy (core/policies/)
+        cs.store(group="policy", name=f"base_{name}", node=spec)
     cs.store(group="workload", name="base_workload", node=WorkloadConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
     cs.store(name="base_simulate", node=SimulateConfig)

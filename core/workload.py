@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
 
 ARRIVALS = ("static", "poisson", "closed", "trace")
 

@@ -1,0 +1,144 @@
+"""What every policy declaration shares: the model shape its byte formulas read, the base
+dataclass (`name`, `kv_dtype`), the registry both halves look names up in."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+
+from omegaconf import MISSING
+
+from core.errors import ConfigError
+
+KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_DTYPES = ("auto", *KV_ELEMENT_BYTES)
+
+
+@dataclass
+class ModelShape:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    kv_dtype: str            # resolved: float32 | float16 | bfloat16
+
+    @property
+    def kv_elem(self) -> int:
+        return KV_ELEMENT_BYTES[self.kv_dtype]
+
+    @property
+    def kv_row(self) -> int:
+        """Bytes of one token's K (or V) of one layer, all KV heads."""
+        return self.n_kv_heads * self.head_dim * self.kv_elem
+
+
+@dataclass
+class PolicyConfig:
+    """A policy's knobs (the Hydra schema of conf/policy/<name>.yaml), their checks and its KV
+    bytes. Subclasses add knobs, extend `check` and override the byte formulas."""
+
+    name: str = MISSING
+    kv_dtype: str = "auto"          # auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
+
+    def check(self, head_dim: int | None = None) -> None:
+        """One-line ConfigErrors naming the field; `head_dim` when the model is known."""
+
+    # -- bytes (the runtime's KVCache.nbytes() must equal these for the same config and tokens)
+
+    def layer_bytes(self, tokens: list[int], s: ModelShape) -> tuple[float, float]:
+        """(device, host) bytes of one layer holding a batch with these real-token counts."""
+        return 2 * sum(tokens) * s.kv_row, 0
+
+    def kv_bytes(self, tokens: list[int], s: ModelShape) -> tuple[int, int]:
+        d, h = self.layer_bytes(tokens, s)
+        return s.n_layers * int(round(d)), s.n_layers * int(round(h))
+
+    def peak_lengths(self, n: int) -> list[int]:
+        return [n]
+
+    def reserve_bytes(self, n: int, s: ModelShape) -> int:
+        """Device bytes to reserve for a request that will reach n tokens: the most it holds
+        at any length up to n (the low-bit policies shrink when a group is quantized)."""
+        return max(self.kv_bytes([m], s)[0] for m in self.peak_lengths(n))
+
+    def reserve_host_bytes(self, n: int, s: ModelShape) -> int:
+        """Host bytes to reserve for a request that will reach n tokens (its host KV only grows)."""
+        return self.kv_bytes([n], s)[1]
+
+    def label(self) -> str:
+        """A short name of this configuration for tables (`kivi-2b`, `specache-k64-2b`)."""
+        return self.name + (f"-{self.knob_label()}" if self.knob_label() else "")
+
+    def knob_label(self) -> str:
+        return ""
+
+    def profile_bits(self) -> set[int]:
+        """The low-bit widths whose profile tables this policy reads."""
+        return set()
+
+    def query_rows(self, batch: int) -> int:
+        """Query rows a decode step carries per batch (SpeCache's guess doubles them)."""
+        return batch
+
+    def reads_rag_tables(self) -> bool:
+        """Whether a profile needs the RAG tables (selective_prefill, rope_rerotate) for it."""
+        return False
+
+    def requests_per_prefill(self) -> int | None:
+        """At most this many requests share one prefill (None: any)."""
+        return None
+
+
+SPECS: dict[str, type[PolicyConfig]] = {}
+
+
+def declare(cls: type[PolicyConfig]) -> type[PolicyConfig]:
+    """Class decorator: enter a policy declaration in the registry under its `name`."""
+    SPECS[cls.name] = cls
+    return cls
+
+
+def _get(cfg, key, default=None):
+    if isinstance(cfg, dict) or hasattr(cfg, "keys"):
+        return cfg.get(key, default) if hasattr(cfg, "get") else default
+    return getattr(cfg, key, default)
+
+
+def load_plugin(cfg, part: str = "declaration") -> None:
+    """Import `<policy.plugin>.<part>`, if the config sets `plugin`: a policy shipped outside this
+    package is a package with `declaration` (its knobs, checks and bytes), `kv` (the runtime
+    cache) and `twin` (the simulator twin) modules, each entering itself in its registry."""
+    pkg = _get(cfg, "plugin")
+    if pkg:
+        try:
+            importlib.import_module(f"{pkg}.{part}")
+        except ImportError as e:
+            raise ConfigError(f"policy.plugin={pkg}: cannot import {pkg}.{part} ({e}); name a package with "
+                              "declaration, kv and twin modules") from None
+
+
+def knobs_of(cfg, cls: type) -> dict:
+    """The fields of `cls` that a config (DictConfig, dict or namespace) sets."""
+    out = {}
+    for f in fields(cls):
+        if isinstance(cfg, dict) or hasattr(cfg, "keys"):
+            if f.name in cfg:
+                out[f.name] = cfg[f.name]
+        elif hasattr(cfg, f.name):
+            out[f.name] = getattr(cfg, f.name)
+    return out
+
+
+def spec_of(cfg, head_dim: int | None = None, check: bool = True) -> PolicyConfig:
+    """The declaration of a policy config (`name` and its knobs), checked unless told not to."""
+    load_plugin(cfg)
+    name = _get(cfg, "name")
+    if name not in SPECS:
+        raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(SPECS))}")
+    spec = SPECS[name](**knobs_of(cfg, SPECS[name]))
+    if check:
+        spec.check(head_dim)
+    return spec
+
+
+def defaults(name: str) -> dict:
+    """A policy's knobs and their declared defaults (without `name` and `plugin`)."""
+    return {f.name: f.default for f in fields(SPECS[name]) if f.name != "name"}

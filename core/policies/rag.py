@@ -1,0 +1,112 @@
+"""`policy=rag`: chunk K/V reuse with selective recompute (SpecCache and its baselines). A prompt
+is N context tokens in chunks of `chunk_len` and a question of Q = min(`question_len`, P)
+tokens; ceil(r N) context tokens plus the question are recomputed. The KV held afterwards is a
+`full` cache."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from core.errors import ConfigError
+
+from .base import declare
+from .full import FullPolicyConfig
+
+SELECTORS = ("full", "reuse", "random", "epic", "cacheblend", "draft")
+STORES = ("warm", "disk")         # policy.store: where a request finds its chunks' K/V
+
+
+def knob(policy, name: str):
+    """A `policy=rag` knob of any config object (DictConfig, namespace; None = none), else its
+    declared default."""
+    default = getattr(RagPolicyConfig, name)
+    return getattr(policy, name, default) if policy is not None else default
+
+
+def budget_of(r: float, n_ctx: int) -> int:
+    """ceil(r N) context tokens, at most N (the 1e-9 keeps r N = 15.000000000000002 at 15)."""
+    return min(n_ctx, math.ceil(r * n_ctx - 1e-9))
+
+
+@declare
+@dataclass
+class RagPolicyConfig(FullPolicyConfig):
+    name: str = "rag"
+    selector: str = "draft"         # full | reuse | random | epic | cacheblend | draft (SpecCache)
+    recompute_ratio: float = 0.15   # r: budget = ceil(r * N) of the N chunk tokens; the question is always recomputed
+    chunk_len: int = 512            # tokens per document chunk (each prefilled alone at positions 0..n-1)
+    draft_layers: int = 5           # draft = the target's first D layers (selector=draft)
+    tau_smooth: float = 0.4         # span cut where neighbouring normalised scores differ by more
+    tau_cover: float = 0.7          # a span is completed when this share of it is chosen
+    span_max: int = 16              # longest span
+    seed: int = 0                   # selector=random
+    epic_prefix: Optional[int] = None   # selector=epic: the first n tokens of every chunk (the paper's 8/16/32, r ignored); null = n = ceil(r * chunk)
+    draft_model: Optional[str] = None   # selector=draft: a separate draft; runtime: GGUF file or transformers folder (tokens aligned by character offsets); simulator: a shape preset of conf/model/ (e.g. llama32_1b_shape); null = the target
+    store: str = "warm"             # warm: chunk K/V already in device memory | disk: read from the store's files
+    question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
+
+    def check(self, head_dim: int | None = None) -> None:
+        super().check(head_dim)
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"policy.selector={self.selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+        if self.store not in STORES:
+            raise ConfigError(f"policy.store={self.store!r} is not known; choose one of: {', '.join(STORES)}")
+        r = float(self.recompute_ratio)
+        if math.isnan(r) or not 0.0 <= r <= 1.0:
+            raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")
+        if self.chunk_len < 1:
+            raise ConfigError(f"policy.chunk_len={self.chunk_len} must be >= 1")
+        if self.selector == "draft" and self.draft_layers < 1:
+            raise ConfigError(f"policy.draft_layers={self.draft_layers} must be >= 1")
+        for f in ("tau_smooth", "tau_cover"):
+            if not 0.0 <= float(getattr(self, f)) <= 1.0:
+                raise ConfigError(f"policy.{f}={getattr(self, f)} must be in [0, 1]")
+        if self.span_max < 1:
+            raise ConfigError(f"policy.span_max={self.span_max} must be >= 1")
+        if self.question_len < 1:
+            raise ConfigError(f"policy.question_len={self.question_len} must be >= 1 (a rag prompt ends with a question)")
+        if self.epic_prefix is not None and self.epic_prefix < 1:
+            raise ConfigError(f"policy.epic_prefix={self.epic_prefix} must be >= 1 (tokens per chunk) or null (= ceil(r * chunk))")
+
+    def check_model(self, max_seq_len: int, n_layers: int, separate_draft: bool = False) -> None:
+        """The checks that need the target model (the runtime's; the simulator bounds draft_layers
+        when it costs the draft)."""
+        if self.chunk_len > max_seq_len:
+            raise ConfigError(f"policy.chunk_len={self.chunk_len} must be in [1, {max_seq_len}] (the model's context)")
+        separate = separate_draft or self.draft_model is not None
+        if self.selector == "draft" and not separate and not 1 <= self.draft_layers <= n_layers:
+            raise ConfigError(f"policy.draft_layers={self.draft_layers} must be in [1, {n_layers}] (the model's layers)")
+        dm = self.draft_model
+        if self.selector == "draft" and dm is not None and not Path(str(dm)).expanduser().exists():
+            raise ConfigError(f"policy.draft_model={dm}: no such file or folder; give a GGUF file or a local "
+                              "transformers folder, or null (= the target's first draft_layers layers)")
+
+    def knob_label(self) -> str:
+        return f"{self.selector}-r{self.recompute_ratio:g}" + (f"-D{self.draft_layers}" if self.selector == "draft" else "")
+
+    def requests_per_prefill(self) -> int | None:
+        return 1                    # the runtime runs one RAG request at a time
+
+    def reads_rag_tables(self) -> bool:
+        return True
+
+    # -- one prompt, cut as runtime.bench cuts it
+
+    def split(self, prompt: int) -> tuple[int, int]:
+        """(N context tokens, Q question tokens) of a prompt of this length."""
+        q = min(self.question_len, prompt)
+        return prompt - q, q
+
+    def chunks(self, n_ctx: int) -> list[int]:
+        full, rest = divmod(n_ctx, self.chunk_len)
+        return [self.chunk_len] * full + ([rest] if rest else [])
+
+    def recomputed(self, n_ctx: int, q: int) -> int:
+        """m: context tokens chosen (within the budget) + every question token."""
+        if self.selector == "reuse":
+            return q
+        if self.selector == "epic" and self.epic_prefix is not None:
+            return sum(min(self.epic_prefix, c) for c in self.chunks(n_ctx)) + q
+        return budget_of(self.recompute_ratio, n_ctx) + q

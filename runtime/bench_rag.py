@@ -1,0 +1,98 @@
+"""`python -m runtime.bench policy=rag`: the bench glue of the RAG pipeline (runtime/rag/). The
+prompt is cut into chunks of `chunk_len` and a `question_len`-token question, the store is warmed
+untimed, TTFT = rag_prefill + the first token, then decoding under a plain full-precision cache."""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+
+from core.errors import ConfigError
+
+from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
+from .kv import policy_spec
+from .kv.rag import RagKV
+from .model import Transformer
+from .rag import ChunkStore, RagResult, check_policy, load_draft, rag_prefill, split_prompt
+
+
+def target_tokenizer(model_cfg):
+    """The target's tokenizer from its model config (for a separate draft's alignment); None for a
+    random model (its ids mean nothing)."""
+    from .tokenizer import from_gguf, from_hf
+
+    source = getattr(model_cfg, "source", "random")
+    if source == "gguf":
+        return from_gguf(getattr(model_cfg, "path", None))
+    if source == "hf" and getattr(model_cfg, "path", None):
+        return from_hf(model_cfg.path)
+    return None
+
+
+def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams, *, link=None,
+              tokenizer=None) -> list[BatchResult]:
+    """`python -m runtime.bench policy=rag`: one request per timed run, the engine's results.
+
+    The prompt is cut by `split_prompt` (chunks of policy.chunk_len, a policy.question_len-token
+    question), the chunk store is warmed untimed (host memory: SpecCache's setting is a warm
+    store; nothing of random-token prompts lands on disk), then each repeat times
+    rag_prefill and decodes gen_len tokens from its Prefilled under a plain full-precision cache
+    (`engine.generate(prefilled=...)`). TTFT = rag_prefill + loading its K/V + the first token.
+    policy_stats: the selection (n_ctx, budget, chosen, recomputed) and the phases' seconds."""
+    p, w = cfg.policy, cfg.workload
+    if w.batch != 1:
+        raise ConfigError(f"workload.batch={w.batch}: policy=rag runs one request at a time in runtime.bench "
+                          "(set workload.batch=1; the simulator twin batches RAG prefills)")
+    check_policy(p, model)
+    chunks, question = split_prompt(prompt, int(p.chunk_len), int(p.question_len))
+    draft = None
+    if p.selector == "draft" and p.draft_model is not None:
+        draft = load_draft(p.draft_model, model, tokenizer if tokenizer is not None else target_tokenizer(cfg.model))
+    decode_policy = policy_spec("full", p.kv_dtype)
+    on_disk = getattr(p, "store", "warm") == "disk"
+    scratch = tempfile.TemporaryDirectory(prefix="kvtestbed-rag-") if on_disk else None
+    store = ChunkStore(model, root=scratch.name if scratch else None, kv_dtype=p.kv_dtype, disk=on_disk)
+    for c in chunks:                                      # fill the store, untimed
+        store.get(c)
+    if cfg.warmup:                                        # allocator, kernels: a tiny rag prompt, untimed
+        small = [c[:8] for c in chunks[:2]]
+        pre = rag_prefill(model, small, question[:8], p, store, draft=draft)
+        generate(model, pre.prefilled.prompts, SamplingParams(max_new_tokens=2), decode_policy,
+                 link=link, prefilled=pre.prefilled)
+    runs = []
+    for _ in range(cfg.repeats):
+        if on_disk:              # store=disk: every chunk is read back from its file (the OS may cache it)
+            store.mem.clear()
+        with PeakMemory(model.device) as mem:
+            sync(model.device)
+            t0 = time.perf_counter()
+            res = rag_prefill(model, chunks, question, p, store, draft=draft)
+            sync(model.device)
+            rag_s = time.perf_counter() - t0
+        run = generate(model, [prompt], params, decode_policy, link=link, prefilled=res.prefilled,
+                       progress=bool(getattr(cfg, "progress", False)))
+        runs.append(_shifted(run, rag_s, mem.peak, res))
+    runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
+    if scratch:
+        scratch.cleanup()
+    return runs
+
+
+def _shifted(run: BatchResult, rag_s: float, rag_peak: int, res: RagResult) -> BatchResult:
+    """generate() timed from the loaded prefill: move its clock back to rag_prefill's start."""
+    reqs = [replace(r, ttft_s=r.ttft_s + rag_s) for r in run.requests]
+    info = res.info
+    stats = {**run.policy_stats, "n_ctx": info["n_ctx"], "budget": info["budget"], "chosen": len(res.chosen),
+             "recomputed": len(res.recomputed), "question_len": len(res.recomputed) - len(res.chosen),
+             "rag_prefill_s": rag_s, **info["time"]}
+    if "draft_layers" in info:
+        stats["draft_layers"] = info["draft_layers"]
+    return replace(run, requests=reqs, wall_s=run.wall_s + rag_s, prefill_s=run.prefill_s + rag_s,
+                   peak_mem_bytes=max(run.peak_mem_bytes, rag_peak), policy_stats=stats)
+
+
+def _runs(model: Transformer, cfg, prompts: list[list[int]], params: SamplingParams, link) -> list[BatchResult]:
+    return bench_rag(model, cfg, prompts[0], params, link=link)
+
+
+RagKV.bench = staticmethod(_runs)      # runtime.bench's timed runs for policy=rag

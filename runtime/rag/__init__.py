@@ -1,0 +1,20 @@
+"""RAG chunk K/V reuse with selective recompute (`policy=rag`; the README's "RAG chunk reuse").
+
+store: the chunk K/V store; placement: RoPE re-positioning; selectors: which tokens to recompute;
+draft: a separate draft and token alignment; prefill: selective recompute and `rag_prefill`.
+"""
+from core.policies.rag import SELECTORS, STORES, budget_of
+
+from .checks import check_policy, split_chunks, split_prompt
+from .draft import (Draft, align, encode_with_offsets, load_draft, separate_draft_select, text_and_offsets,
+                    token_bytes)
+from .placement import placed_kv, prefill_at, rerotate
+from .prefill import RagResult, rag_prefill, select, selective_prefill
+from .selectors import draft_scores, span_complete
+from .store import FORMAT, ChunkKV, ChunkStore, default_cache_dir, model_identity
+
+__all__ = ["FORMAT", "SELECTORS", "STORES", "ChunkKV", "ChunkStore", "Draft", "RagResult", "align", "budget_of",
+           "check_policy", "default_cache_dir", "draft_scores", "encode_with_offsets", "load_draft",
+           "model_identity", "placed_kv", "prefill_at", "rag_prefill", "rerotate", "select", "selective_prefill",
+           "separate_draft_select", "span_complete", "split_chunks", "split_prompt", "text_and_offsets",
+           "token_bytes"]

@@ -1,0 +1,39 @@
+"""The twin of runtime/kv/offload.py: every layer on the host, two device slots; layer i+1 is
+fetched while layer i computes (the last layer fetches layer 0 for the next step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.policies.offload import OffloadPolicyConfig
+
+from .base import Op, beside, twin
+from .full import Full
+
+
+@twin
+@dataclass
+class Offload(OffloadPolicyConfig, Full):
+
+    def tables(self):
+        return super().tables() + ("h2d_pinned", "d2h_pinned")
+
+    def prefill_store_bytes(self, s, prompts):
+        return 2 * sum(prompts) * s.kv_row
+
+    def decode_graph(self, c, s, batch, ctx):
+        layer = self.layer_compute(c, s, batch, ctx)
+        fetch = c.h2d(2 * batch * ctx * s.kv_row)
+        back = c.d2h(2 * batch * s.kv_row)                 # this step's token, written back
+        ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
+        prev = "overhead"
+        for i in range(s.n_layers):
+            deps = (prev,) if i == 0 else (prev, f"fetch{i}")
+            nxt = (i + 1) % s.n_layers
+            # the slot of layer i+1 frees when layer i-1 is done: the fetch waits for it
+            ops.append(Op(f"fetch{nxt}" if nxt else "fetch0_next", c.engine("h2d"), fetch, (prev,)))
+            d = beside(layer, fetch, c.gemm_slowdown) + c.issue_cost(2 * batch * (ctx + 1) * s.kv_row)
+            ops.append(Op(f"layer{i}", "compute", d, deps))
+            prev = f"layer{i}"
+            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
+        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(batch), (prev,)))
+        return ops

@@ -1,0 +1,57 @@
+"""The twin of runtime/kv/specache.py: a kivi copy on the device, 16-bit K/V on the host, k rows
+per KV head fetched every step (k = 0: exactly kivi; k beyond the quantized keys: clamped).
+With prefetch the step carries the real token and the guess (2 x batch query rows); the
+runtime's storing-nothing first pass after prefill is not modelled."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.policies.specache import SpecachePolicyConfig
+from core.profile.schema import bits_table
+
+from .base import Op, beside, twin
+from .kivi import Kivi
+
+
+@twin
+@dataclass
+class Specache(SpecachePolicyConfig, Kivi):
+
+    def tables(self):
+        # gather=device on a measured GPU profile also reads transfers.gather_device (Costs.gather)
+        return super().tables() + (bits_table("score_topk", self.bits), bits_table("gather_replace", self.bits),
+                                   "gather", "d2h_pinned")
+
+    def prefill_store_bytes(self, s, prompts):
+        return 2 * sum(prompts) * s.kv_row
+
+    def decode_graph(self, c, s, batch, ctx):
+        if self.k == 0:                                   # the runtime runs plain kivi
+            return Kivi.decode_graph(self, c, s, batch, ctx)
+        rows = self.query_rows(batch)
+        k = self.k_eff(ctx)
+        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size) \
+            + c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
+        replace = c.replace(rows, k, s, self.bits)
+        fetch = c.gather(2 * batch * k * s.kv_row, self.gather)
+        back = c.d2h(2 * batch * s.kv_row)
+        ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
+        prev = "overhead"
+        for i in range(s.n_layers):
+            if self.prefetch:
+                # rows for this step were fetched during the previous one; this layer's guess
+                # picks the next step's rows, fetched beside the next layer's compute
+                d = attend + replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row)
+                ops.append(Op(f"layer{i}", "compute", beside(d, fetch, c.gemm_slowdown) if i else d, (prev,)))
+                prev = f"layer{i}"
+                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
+            else:
+                # score -> fetch -> attend with the rows: the fetch is on the critical path
+                ops.append(Op(f"score{i}", "compute", attend, (prev,)))
+                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (f"score{i}",)))
+                ops.append(Op(f"layer{i}", "compute", replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row),
+                              (f"fetch{i}",)))
+                prev = f"layer{i}"
+            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
+        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))
+        return ops

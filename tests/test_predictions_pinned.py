@@ -1,0 +1,52 @@
+"""The simulator's predictions on committed experiments, pinned to the numbers it gave before the
+policy declarations, twins and admission rules were moved into core/ (restructuring must not
+change a prediction): points of validate_cpu on the committed CPU profile, composed as
+analysis.validate composes them, and points of sweep_k_bits_r as analysis.sweep runs them."""
+import pytest
+
+from analysis.sweep import run_point
+from analysis.validate import compose_config, compose_halves, points_of
+from simulator.run import simulate
+
+PROFILE = "hardware.profile=profiles/cpu-intel-r-xeon-r-processor-2c.json"
+KEYS = ("throughput_tok_s", "ttft_s", "tpot_s", "kv_bytes_device", "kv_bytes_host")
+VALIDATE_CPU = {   # id: (throughput_tok_s, ttft_s, tpot_s, kv_bytes_device, kv_bytes_host)
+    "full_b1_p512": (23.095500521936508, 0.4381067135130906, 0.03056272751763348, 25021440, 0),
+    "kivi2_b1_p1k": (13.119237120260236, 1.108597564518383, 0.042921569492547815, 6541200, 0),
+    "specache_k64_b1_p2k_link1": (5.520299889642349, 3.646467141108245, 0.06936514133266423, 13914000, 95800320),
+    "specache_k64_noprefetch_b1_p1k_link1": (11.735677579513267, 1.109054330071057, 0.05218301981011563, 9490320,
+                                             48614400),
+    "offload_b1_p1k_link1": (11.888494861098883, 1.0971855800639323, 0.051435239160850736, 3240960, 48614400),
+    "rag_draft_r0.15_D3_4x512": (14.700314309754033, 1.0232644998059912, 0.037211603370137604, 97274880, 0),
+    "rag_cacheblend_r0.15_8x512": (8.8575492872796, 2.188345728170108, 0.04594811996661327, 191646720, 0),
+    "full_poisson_budget2_p512": (39.30443716235935, 2.8577014187551257, 0.10177139554867098, 200171520, 0),
+    "kivi2_poisson_r2_p512": (34.96550330200451, 1.072768448693202, 0.16353435684450648, 42235200, 0),
+}
+BASE = "model=llama7b_shape hardware=h100-sxm workload.batch=8 workload.prompt_len=4096 workload.gen_len=128"
+SWEEP = [   # (grid, overrides after BASE, throughput_tok_s, ttft_s, tpot_s)
+    ("baselines", "policy=offload", 24.188948586266868, 0.8040470685001861, 0.3270026370342907),
+    ("specache", "policy=specache policy.k=16 policy.bits=1 policy.prefetch=true",
+     334.95221819099186, 0.8152327554255591, 0.017652911110769786),
+    ("rag", "policy=rag workload=rag workload.batch=1 policy.selector=epic policy.recompute_ratio=0.15",
+     71.66808173850771, 0.02058405913205257, 0.013901001475332011),
+    ("rag_draft_depth", "policy=rag workload=rag workload.batch=1 policy.selector=draft policy.draft_layers=3 "
+     "policy.recompute_ratio=0.3", 70.68564396481709, 0.0454072737818402, 0.01390100147533201),
+]
+
+
+def test_validate_cpu_predictions_unchanged(tmp_path):
+    cfg = compose_config("validate", ["experiment=validate_cpu", f"only=[{','.join(VALIDATE_CPU)}]"])
+    points = points_of(cfg)
+    assert {p.id for p in points} == set(VALIDATE_CPU)
+    for p in points:
+        p.overrides.append(PROFILE)
+        _, sim_cfg, _ = compose_halves(p, "validate_cpu", str(tmp_path))
+        rec = simulate(sim_cfg)
+        assert tuple(rec[k] for k in KEYS) == pytest.approx(VALIDATE_CPU[p.id], rel=1e-12), p.id
+
+
+@pytest.mark.parametrize("grid,overrides,thr,ttft,tpot", SWEEP, ids=[s[0] for s in SWEEP])
+def test_sweep_predictions_unchanged(tmp_path, grid, overrides, thr, ttft, tpot):
+    row = run_point(grid, [*BASE.split(), *overrides.split()], str(tmp_path))
+    assert row["status"] == "ok", row["status"]
+    assert (row["throughput_tok_s"], row["ttft_s"], row["tpot_s"]) == pytest.approx((thr, ttft, tpot), rel=1e-12)
