@@ -160,7 +160,17 @@ def gather_modes(rows) -> None:
 STEPS = [install, identity, gpu_tests, profile, gather_modes, validate, bench, identity_end]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.gpu_suite",
+                                 description="Everything a lent GPU should run, in one call (installs the "
+                                             "project with pip, profiles, validates, benches); writes to $OUT.")
+    ap.add_argument("--dry-run", action="store_true", help="list the steps and exit without running any")
+    a = ap.parse_args(argv)
+    if a.dry_run:
+        print("\n".join(f"{i + 1}. {s.__name__}" for i, s in enumerate(STEPS)) + f"\nOUT={OUT}")
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     rows: list = []
     t0 = time.perf_counter()

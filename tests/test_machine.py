@@ -197,6 +197,11 @@ def test_need_and_covering_grids():
     assert axes["prefill_layer"]["tokens"][-1] >= 4096
     assert "decode_attention_kivi_1bit" in axes and "decode_attention_kivi" in axes and "decode_attention_kivi_4bit" not in axes
     assert "selective_prefill" not in axes
+    # RAG points: the recomputed-token axis m follows the prompt (8 chunks x 512 + a question
+    # recompute ceil(0.15 x 4160) + 32 = 656 tokens; the quick grid stops at 256)
+    rag_axes = kernel_axes(model_args("smollm2"), True, CPU, cover={"batch": 1, "context": 4192, "tokens": 4160})
+    assert rag_axes["selective_prefill"]["m"][-1] >= 4160
+    assert kernel_axes(model_args("smollm2"), True, CPU)["selective_prefill"]["m"] == [16, 64, 256]
     assert kernel_axes(model_args("smollm2"), True, CPU)["decode_attention_full"]["batch"] == [1, 4]   # --quick unchanged
     prof = this_machine_profile()
     small = lookup.Need(batch=4, context=1056, tokens=1024)
@@ -444,3 +449,18 @@ def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
     lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64, bits={4}), progress=False)
     cover, bits, rag = covers_seen[0]
     assert cover == had.cover() and bits == (2, 4) and rag == had.rag
+
+
+def test_gpu_suite_help_and_dry_run_run_nothing(tmp_path, monkeypatch, capsys):
+    """`--help` / `--dry-run` must not start the suite (it pip-installs and profiles)."""
+    from runtime import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "OUT", tmp_path / "out")
+    ran = []
+    monkeypatch.setattr(gpu_suite, "STEPS", [lambda rows: ran.append(1)])
+    with pytest.raises(SystemExit) as e:
+        gpu_suite.main(["--help"])
+    assert e.value.code == 0
+    gpu_suite.main(["--dry-run"])
+    assert ran == [] and not (tmp_path / "out").exists()
+    assert "1. <lambda>" in capsys.readouterr().out

@@ -85,7 +85,8 @@ def covers(prof: dict, model: str, need: Need | None) -> bool:
         return False
     if any(bits_table("decode_attention_kivi", b) not in k for b in need.bits):
         return False
-    return not need.rag or "selective_prefill" in k
+    # RAG recomputes up to ceil(r * N) + the question tokens: the m axis must reach the prompt
+    return not need.rag or last("selective_prefill", "m") >= min(need.tokens, m["shape"]["max_seq_len"])
 
 
 def cache_dir(create: bool = False) -> Path:

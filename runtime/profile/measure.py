@@ -324,7 +324,10 @@ def kernel_axes(args: ModelArgs, quick: bool, device: torch.device, cover: dict 
         "rope_rerotate": {"tokens": tokens},
         "chunk_store": {"tokens": [t for t in (128, 512, 2048) if t <= ctx_max]},
         "chunk_load": {"tokens": [t for t in (128, 512, 2048) if t <= ctx_max]},
-        "selective_prefill": {"m": [16, 64, 256] if quick else [16, 64, 128, 256, 512, 1024],
+        # m (recomputed tokens) reaches ceil(r * N) + the question: it follows the prompt length
+        "selective_prefill": {"m": [m for m in covering([16, 64, 256] if quick else [16, 64, 128, 256, 512, 1024],
+                                                        cover.get("tokens"), [1024, 2048, 4096, 8192, 16384])
+                                    if m <= ctx_max],
                               "context": [c for c in contexts if c >= 1024] or contexts[-1:]},
     }
     return {
