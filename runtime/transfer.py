@@ -136,34 +136,28 @@ class EmulatedLink:
         self.free_at = 0.0
         self.stats = LinkStats()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
-        n = _nbytes(src)
+    def _move(self, n: int, move) -> Transfer:
+        """Book `n` bytes on the link (FIFO: after the previous copy's deadline, one latency),
+        move them now with `move()`, and hand back a transfer that lands at the deadline."""
         start = max(time.perf_counter(), self.free_at)
         deadline = start + self.latency + n / self.bw
         self.free_at = deadline
         self.stats.bytes += n
         self.stats.copies += 1
         try:
-            dst.copy_(src)
+            move()
         except Exception as e:          # handed to the waiter, as a failed DMA would surface there
             return _Timed(deadline, self.stats, error=e)
         return _Timed(deadline, self.stats)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Transfer:
+        return self._move(_nbytes(src), lambda: dst.copy_(src))
 
     def gather(self, dst: torch.Tensor, store: torch.Tensor, idx: torch.Tensor) -> Transfer:
         """policy.gather=device, emulated: the index_select moves the rows at once, straight into
         `dst` (no staging, no second copy), and they count as landed when a link of this speed
         would have carried their bytes (one transfer: one latency)."""
-        n = _nbytes(dst)
-        start = max(time.perf_counter(), self.free_at)
-        deadline = start + self.latency + n / self.bw
-        self.free_at = deadline
-        self.stats.bytes += n
-        self.stats.copies += 1
-        try:
-            gather_rows(store, idx, dst)
-        except Exception as e:
-            return _Timed(deadline, self.stats, error=e)
-        return _Timed(deadline, self.stats)
+        return self._move(_nbytes(dst), lambda: gather_rows(store, idx, dst))
 
     def drain(self) -> None:
         """Every copy so far has landed (the bytes moved at issue); nothing to wait for before a
