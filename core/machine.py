@@ -165,3 +165,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"hardware.device={name!r} is not known; use auto, cpu or cuda[:N]")
+
+
+def memory_limits(device: torch.device | str = "cpu") -> tuple[int, int | None]:
+    """(host RAM bytes, device memory bytes or None on CPU): the limits core/feasibility.py holds a
+    run's estimated need against (the machine's totals, as its fingerprint's facts count them)."""
+    import psutil
+
+    device = torch.device(device)
+    host = int(psutil.virtual_memory().total)
+    if device.type == "cuda":
+        return host, int(torch.cuda.get_device_properties(device).total_memory)
+    return host, None

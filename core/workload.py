@@ -10,13 +10,13 @@ Prompt lengths are `prompt_len`, or uniform in [prompt_len_min, prompt_len]; out
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import ConfigError
+from core.values import finite, number
 
 ARRIVALS = ("static", "poisson", "closed", "trace")
 
@@ -45,18 +45,19 @@ class Request:
 
 
 def check(w) -> None:
+    """The workload's values, for every entry point (core/checks.py calls it)."""
     if w.arrival not in ARRIVALS:
         raise ConfigError(f"workload.arrival={w.arrival!r} is not known; choose one of: {', '.join(ARRIVALS)}")
     for key in ("batch", "prompt_len", "gen_len", "n_requests", "users"):
-        if getattr(w, key) < 1:
-            raise ConfigError(f"workload.{key}={getattr(w, key)} must be >= 1")
+        number(getattr(w, key), f"workload.{key}", ge=1, integer=True)
     if w.prompt_len_min is not None and not 1 <= w.prompt_len_min <= w.prompt_len:
         raise ConfigError(f"workload.prompt_len_min={w.prompt_len_min} must be in [1, workload.prompt_len={w.prompt_len}]")
-    if w.arrival == "poisson" and not w.rate > 0:
-        raise ConfigError(f"workload.rate={w.rate} must be > 0 requests/s for arrival=poisson")
-    if w.think_s < 0:
-        raise ConfigError(f"workload.think_s={w.think_s} must be >= 0")
-    if w.arrival == "trace" and not w.trace:
+    number(w.seed, "workload.seed", ge=0, integer=True)
+    number(w.temperature, "workload.temperature", ge=0)
+    number(w.top_p, "workload.top_p", gt=0, le=1)
+    number(w.rate, "workload.rate", gt=0) if w.arrival == "poisson" else number(w.rate, "workload.rate")
+    number(w.think_s, "workload.think_s", ge=0)
+    if w.arrival == "trace" and (not w.trace or w.trace == "???"):
         raise ConfigError("workload.trace is not set; give a CSV with columns arrival_s, prompt_len, gen_len")
 
 
@@ -88,18 +89,48 @@ def open_arrivals(w) -> list[Request]:
     raise ValueError(w.arrival)
 
 
+TRACE_COLUMNS = ("arrival_s", "prompt_len", "gen_len")
+
+
 def read_trace(path: str) -> list[Request]:
+    """A trace CSV (columns arrival_s, prompt_len, gen_len, any others ignored), every cell
+    checked: finite non-negative arrivals, whole lengths >= 1; a bad cell is one line naming the
+    file, the row (as a spreadsheet numbers it: the header is row 1) and the column."""
+    import pandas as pd
+
     p = Path(path)
+    where = f"workload.trace={path}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory; give a CSV file with columns {', '.join(TRACE_COLUMNS)}")
     if not p.is_file():
-        raise ConfigError(f"workload.trace={path}: no such file (CSV with columns arrival_s, prompt_len, gen_len)")
-    out = []
-    with p.open() as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            try:
-                r = Request(i, float(row["arrival_s"]), int(row["prompt_len"]), int(row["gen_len"]))
-            except (KeyError, ValueError, TypeError):
-                raise ConfigError(f"workload.trace={path}: row {i + 2} needs numeric arrival_s, prompt_len, gen_len") from None
-            if r.arrival_s < 0 or r.prompt_len < 1 or r.gen_len < 1:
-                raise ConfigError(f"workload.trace={path}: row {i + 2} has a negative time or a length < 1")
-            out.append(r)
+        raise ConfigError(f"{where}: no such file (CSV with columns {', '.join(TRACE_COLUMNS)})")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{where} is empty; give a header {','.join(TRACE_COLUMNS)} and one row per request") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{where} is not a readable CSV ({str(e).splitlines()[0]}); give columns "
+                          f"{', '.join(TRACE_COLUMNS)}") from None
+    missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{where} lacks column {missing[0]} (has {', '.join(map(str, df.columns)) or 'none'}); "
+                          f"give columns {', '.join(TRACE_COLUMNS)}")
+    if df.empty:
+        raise ConfigError(f"{where} has a header but no requests; add one row per request")
+    cols = {}
+    for c in TRACE_COLUMNS:
+        vals = pd.to_numeric(df[c].str.strip(), errors="coerce")
+        for i, (raw, v) in enumerate(zip(df[c], vals)):
+            row = f"{where}: row {i + 2}, column {c}"
+            if pd.isna(v) and raw.strip().lower() not in ("nan", "-nan", "+nan"):
+                raise ConfigError(f"{row} is {raw!r}, not a number; give a number in every cell")
+            if not finite(float(v)):
+                raise ConfigError(f"{row} is {raw.strip()}, not a finite number; give a finite value")
+            if c == "arrival_s" and v < 0:
+                raise ConfigError(f"{row} is {v:g}; arrival times are seconds >= 0")
+            if c != "arrival_s" and (v != int(v) or v < 1):
+                raise ConfigError(f"{row} is {raw.strip()}; lengths are whole numbers of tokens >= 1")
+        cols[c] = vals
+    out = [Request(i, float(a), int(pl), int(g))
+           for i, (a, pl, g) in enumerate(zip(cols["arrival_s"], cols["prompt_len"], cols["gen_len"]))]
     return sorted(out, key=lambda r: (r.arrival_s, r.id))

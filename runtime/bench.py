@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import model as model_lib
 from core.config import register
 from .engine import SamplingParams, generate, resolve_device
-from core.errors import ConfigError, cli_errors
+from core.checks import check_config, check_shape
+from core.errors import cli_errors
+from core.feasibility import check_runtime_memory
 from core.policies import load_plugin
 from core.provenance import provenance
 from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
@@ -31,17 +33,6 @@ from core.results import key_value_table, latency_kv_rows, memory_stats_rows, su
 from .transfer import make_link
 
 register()
-
-
-def check_workload(w, max_seq_len: int) -> None:
-    for key in ("batch", "prompt_len", "gen_len"):
-        if getattr(w, key) < 1:
-            raise ConfigError(f"workload.{key}={getattr(w, key)} must be >= 1")
-    if w.prompt_len_min is not None and not 1 <= w.prompt_len_min <= w.prompt_len:
-        raise ConfigError(f"workload.prompt_len_min={w.prompt_len_min} must be in [1, workload.prompt_len={w.prompt_len}]")
-    if w.prompt_len + w.gen_len > max_seq_len:
-        raise ConfigError(f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len} exceeds the model's "
-                          f"context of {max_seq_len}; lower workload.prompt_len or workload.gen_len")
 
 
 def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
@@ -57,8 +48,7 @@ def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
-    if cfg.repeats < 1:
-        raise ConfigError(f"repeats={cfg.repeats} must be >= 1")
+    check_config(cfg, "runtime.bench")       # the same checks as runtime.serve and simulator.run
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
@@ -68,7 +58,9 @@ def run(cfg: DictConfig) -> dict:
         check_hf_folder(cfg.model.path)
     model = model_lib.from_config(cfg.model, device)
     args = model.args
-    check_workload(cfg.workload, args.max_seq_len)
+    spec = check_shape(cfg, "runtime.bench", head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                       n_layers=args.n_layers)
+    check_runtime_memory(cfg, "runtime.bench", spec, model, device)   # before prompts, caches, links
     w = cfg.workload
     params = SamplingParams(max_new_tokens=w.gen_len, temperature=w.temperature, top_p=w.top_p,
                             ignore_eos=w.ignore_eos, seed=w.seed)

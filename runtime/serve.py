@@ -29,10 +29,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from core.admission import Admission, Pool, check_scheduler
-from core.policies import ModelShape, load_plugin, spec_of
+from core.admission import Admission, Pool
+from core.checks import check_config, check_shape
+from core.feasibility import check_runtime_memory
+from core.policies import ModelShape, load_plugin
 from core.workload import Lengths, Request, open_arrivals
-from core.workload import check as check_workload
 
 from . import model as model_lib
 from core.config import register
@@ -282,22 +283,19 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     """Replay cfg.workload's arrivals through `model` under cfg.scheduler's rules and
     cfg.hardware.kv_budget_bytes; no warmup, nothing written."""
     w, s = cfg.workload, cfg.scheduler
-    check_workload(w)
+    check_config(cfg, "runtime.serve")         # the same checks as runtime.bench and simulator.run
     load_plugin(cfg.policy, "kv")
-    twin = spec_of(cfg.policy)
     served = sorted(n for n, c in POLICIES.items() if c.serves)
-    if not POLICIES[twin.name].serves:
+    if not POLICIES[cfg.policy.name].serves:
         raise ConfigError(f"runtime.serve runs policy={'/'.join(served)}; policy={cfg.policy.name!r} "
                           "is not one (it has its own prefill: python -m runtime.bench)")
-    check_scheduler(int(s.max_batch), s.order)
-    budget = cfg.hardware.get("kv_budget_bytes")
-    if budget is not None and budget < 1:
-        raise ConfigError(f"hardware.kv_budget_bytes={budget} must be >= 1 (or null: unlimited)")
+    a = model.args
+    twin = check_shape(cfg, "runtime.serve", head_dim=a.head_dim, max_seq_len=a.max_seq_len, n_layers=a.n_layers)
+    budget = cfg.hardware.get("kv_budget_bytes")       # null = unlimited (checked: never 0)
     capacity = math.inf if budget is None else int(budget)
     host = cfg.hardware.get("host_memory_bytes")       # host KV (offload, specache), as the simulator bounds it
-    if host is not None and host < 1:
-        raise ConfigError(f"hardware.host_memory_bytes={host} must be >= 1 (or null: unlimited)")
     device = model.device
+    check_runtime_memory(cfg, "runtime.serve", twin, model, device)   # before any prompt is drawn
     shape = kv_shape(model, cfg.policy, device)
     max_seq = model.args.max_seq_len
     where = f"workload.trace={w.trace}" if w.arrival == "trace" else "workload.prompt_len / workload.gen_len"
@@ -444,6 +442,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
+    check_config(cfg, "runtime.serve")
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)

@@ -273,7 +273,7 @@ def make_link(link_cfg, device: torch.device):
     if device.type == "cuda":
         return CudaLink(device)
     gbps = getattr(link_cfg, "gbps", None) if link_cfg is not None else None
-    if gbps:
+    if gbps is not None:            # null = no link; 0 is refused by core/checks.py
         return EmulatedLink(gbps, getattr(link_cfg, "latency_us", 0.0) or 0.0)
     return DirectLink()
 

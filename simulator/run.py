@@ -30,7 +30,8 @@ from core.results import key_value_table, latency_kv_rows, serving_metrics, writ
 from .costs import Costs, ModelShape
 from .policies import make_policy
 from .scheduler import Sim
-from core.workload import check as check_workload
+from core.checks import check_config, check_shape
+from core.feasibility import check_simulation
 
 register()
 
@@ -136,31 +137,32 @@ def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
 
 def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     """The simulator a config describes, and the profile it reads."""
-    check_workload(cfg.workload)
+    check_config(cfg, "simulator.run")         # the same checks as runtime.bench and runtime.serve
     path = profile_path(cfg.hardware, cfg.model.name)
     costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)))
     costs.compute_scale = float(compute_scale)
     link = cfg.hardware.get("link") or {}
-    if link.get("gbps"):
+    if link.get("gbps") is not None:                # null = no link; 0 was refused by check_config
         if costs.profile["device"].get("type") != "cpu":
             raise ConfigError(f"hardware.link.gbps={link.gbps} emulates a link on a CPU box, but {path} profiles "
                               f"a {costs.profile['device'].get('type')}; drop hardware.link.gbps (its copies are measured)")
-        if link.gbps <= 0 or (link.get("latency_us") or 0) < 0:
-            raise ConfigError(f"hardware.link.gbps={link.gbps} must be > 0 and hardware.link.latency_us >= 0")
         costs.link = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
     shape, max_seq = model_shape(cfg, costs)
+    check_shape(cfg, "simulator.run", head_dim=shape.head_dim, max_seq_len=max_seq, n_layers=shape.n_layers)
+    check_simulation(cfg, shape.n_layers)    # requests and simulated work within core/feasibility.py's limits
     policy = make_policy(cfg.policy)
     if getattr(policy, "gather", "host") == "device" and not costs.analytic and costs.link_kind == "device":
         costs.need("gather_device")       # a measured GPU profile: refused up front if it lacks the table
     draft = draft_costs(cfg, costs, path, shape.kv_elem)
     if draft is not None:
         policy.draft_costs = draft
-    cap = cfg.hardware.get("kv_budget_bytes") or int(costs.memory["kv_available_bytes"])
-    if cap < 1:
-        raise ConfigError(f"hardware.kv_budget_bytes={cap} must be >= 1")
+    cap = cfg.hardware.get("kv_budget_bytes")       # null = the profile's; 0 was refused by check_config
+    if cap is None:
+        cap = int(costs.memory["kv_available_bytes"])
+        if cap < 1:
+            raise ConfigError(f"{path}: the device has no memory left for KV (kv_available_bytes={cap} after the "
+                              "weights); set hardware.kv_budget_bytes or pick larger hardware")
     host = cfg.hardware.get("host_memory_bytes")
-    if host is not None and host < 1:
-        raise ConfigError(f"hardware.host_memory_bytes={host} must be >= 1 (or null: unlimited)")
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
               ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host))

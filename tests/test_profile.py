@@ -146,12 +146,15 @@ def test_gpu_suite_bench_commands_compose():
     """The suite runs where nothing can be fixed by hand: its Hydra overrides must compose."""
     from hydra import compose, initialize_config_dir
 
-    from runtime import bench, gpu_suite
+    from core.checks import check_config, check_shape
+    from runtime import gpu_suite
     from runtime.model import ModelArgs
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name, overrides in gpu_suite.bench_commands():
             cfg = compose(config_name="bench", overrides=overrides)
             args = ModelArgs.from_dict(dict(cfg.model.args))
-            bench.check_workload(cfg.workload, args.max_seq_len)
+            check_config(cfg, "runtime.bench")
+            check_shape(cfg, "runtime.bench", head_dim=args.head_dim, max_seq_len=args.max_seq_len,
+                        n_layers=args.n_layers)
             assert cfg.hardware.device == "cuda", name

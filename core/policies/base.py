@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from omegaconf import MISSING
 
@@ -11,6 +12,16 @@ from core.errors import ConfigError
 
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_DTYPES = ("auto", *KV_ELEMENT_BYTES)
+
+
+def kv_dtype_name(name: str, device_type: str) -> str:
+    """policy.kv_dtype resolved on a device type: `auto` is float32 on CPU, float16 on CUDA
+    (runtime/kv/__init__.py says why)."""
+    if name == "auto":
+        return "float32" if device_type == "cpu" else "float16"
+    if name not in KV_ELEMENT_BYTES:
+        raise ConfigError(f"policy.kv_dtype={name!r} is not known; use one of {', '.join(KV_DTYPES)}")
+    return name
 
 
 @dataclass
@@ -38,8 +49,19 @@ class PolicyConfig:
     name: str = MISSING
     kv_dtype: str = "auto"          # auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
 
+    # Knobs whose runtime rule the simulator does not apply, on purpose, each with the reason
+    # (core/checks.py: every other check is the same code in both halves). Empty for most.
+    simulator_only: ClassVar[dict[str, str]] = {}
+
     def check(self, head_dim: int | None = None) -> None:
-        """One-line ConfigErrors naming the field; `head_dim` when the model is known."""
+        """One-line ConfigErrors naming the field; `head_dim` when the model is known. Every
+        number a knob holds is finite (NaN / inf refused by core/checks.py before this)."""
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"policy.kv_dtype={self.kv_dtype!r} is not known; use one of {', '.join(KV_DTYPES)}")
+
+    def check_model(self, max_seq_len: int, n_layers: int, runner: str = "runtime.bench") -> None:
+        """The checks that need the model (its context, its layers), for `runner`
+        (runtime.bench | runtime.serve | simulator.run); core/checks.py calls it in both halves."""
 
     # -- bytes (the runtime's KVCache.nbytes() must equal these for the same config and tokens)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from core.errors import ConfigError
 
@@ -70,15 +70,23 @@ class RagPolicyConfig(FullPolicyConfig):
         if self.epic_prefix is not None and self.epic_prefix < 1:
             raise ConfigError(f"policy.epic_prefix={self.epic_prefix} must be >= 1 (tokens per chunk) or null (= ceil(r * chunk))")
 
-    def check_model(self, max_seq_len: int, n_layers: int, separate_draft: bool = False) -> None:
-        """The checks that need the target model (the runtime's; the simulator bounds draft_layers
-        when it costs the draft)."""
+    simulator_only: ClassVar[dict[str, str]] = {
+        "draft_model": "runtime: a GGUF file or transformers folder that must exist; simulator: the name of a "
+                       "shape preset in conf/model/ (simulator/run.py checks it and bounds draft_layers by it)",
+    }
+
+    def check_model(self, max_seq_len: int, n_layers: int, runner: str = "runtime.bench",
+                    separate_draft: bool = False) -> None:
+        """The checks that need the target model, the same in both halves; draft_model's form
+        is each half's own (simulator_only)."""
         if self.chunk_len > max_seq_len:
             raise ConfigError(f"policy.chunk_len={self.chunk_len} must be in [1, {max_seq_len}] (the model's context)")
         separate = separate_draft or self.draft_model is not None
         if self.selector == "draft" and not separate and not 1 <= self.draft_layers <= n_layers:
             raise ConfigError(f"policy.draft_layers={self.draft_layers} must be in [1, {n_layers}] (the model's layers)")
         dm = self.draft_model
+        if runner == "simulator.run":
+            return
         if self.selector == "draft" and dm is not None and not Path(str(dm)).expanduser().exists():
             raise ConfigError(f"policy.draft_model={dm}: no such file or folder; give a GGUF file or a local "
                               "transformers folder, or null (= the target's first draft_layers layers)")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from core.errors import ConfigError
-from core.policies import load_plugin
+from core.policies import kv_dtype_name, load_plugin
 
 from .base import CacheShape, KVCache, LayerKV, Step
 from .full import FullKV
@@ -28,11 +28,7 @@ def resolve_kv_dtype(name: str, device: torch.device) -> torch.dtype:
     through SDPA takes ~6x longer in bf16 and ~10x in fp16 than in fp32 (no native 16-bit
     matmul there), so a 16-bit CPU cache would measure the converter, not the policy.
     """
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if name not in KV_DTYPES:
-        raise ConfigError(f"policy.kv_dtype={name!r} is not known; use one of auto, {', '.join(KV_DTYPES)}")
-    return KV_DTYPES[name]
+    return KV_DTYPES[kv_dtype_name(name, device.type)]
 
 
 def register(name: str, cls: type) -> type:

@@ -55,7 +55,7 @@ class SpeCacheKV(KiviKV):
 
     def __init__(self, policy, shape: CacheShape, link=None):
         super().__init__(policy, shape, link)          # checks the knobs (core/policies/specache.py)
-        self.k_top = int(self.spec.k)
+        self.k_top = min(int(self.spec.k), shape.capacity)   # clamped to the context before any allocation
         self.prefetch = bool(self.spec.prefetch)
         self.gather = str(self.spec.gather)
         self.link = link if link is not None else DirectLink()

@@ -14,7 +14,7 @@ def check_policy(policy, model: Transformer, separate_draft: bool = False) -> No
     separate_draft: a Draft is given, so draft_layers is checked against it, not the target."""
     spec = RagPolicyConfig(**{k: v for k, v in knobs_of(policy, RagPolicyConfig).items() if k != "name"})
     spec.check()
-    spec.check_model(model.args.max_seq_len, model.args.n_layers, separate_draft)
+    spec.check_model(model.args.max_seq_len, model.args.n_layers, separate_draft=separate_draft)
 
 
 def split_chunks(ids: list[int], chunk_len: int) -> list[list[int]]:

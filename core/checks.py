@@ -1,0 +1,124 @@
+"""One validation of a run's configuration, whichever half runs it (issue 16, part 1).
+
+`runtime.bench`, `runtime.serve` and `simulator.run` call `check_config(cfg, runner)` before any
+work, and `check_shape(cfg, runner, ...)` once the model's shape is known (the runtime's loaded
+model, the simulator's profile shape): the same code accepts or refuses a configuration for both
+halves, so a sweep cannot hold a point the simulator predicts and no runtime can run.
+
+What it checks, each rule written once here or in the policy declaration it belongs to:
+- every number in the config is finite (NaN / inf are refused wherever they appear);
+- `null` is "unset" and zero is zero: `hardware.link.gbps`, `hardware.kv_budget_bytes`,
+  `hardware.host_memory_bytes`, `hardware.threads` are null or > 0 (`0` is an error, not "off");
+- the workload (core/workload.py `check`), the hardware, the scheduler, the SLO;
+- the policy's knobs (core/policies/<name>.py `check`, with the model's head_dim) and its
+  model-dependent checks (`check_model`), except the knobs its declaration lists in
+  `simulator_only` (a different form on purpose in the simulator, each with the reason);
+- what a runner cannot run: runtime.bench runs static batches only.
+Feasibility (memory, simulated work) is core/feasibility.py, called by the same entry points.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from core.errors import ConfigError
+from core.policies import PolicyConfig, spec_of
+from core.values import number
+from core.workload import check as check_workload
+
+RUNNERS = ("runtime.bench", "runtime.serve", "simulator.run")
+
+
+def _walk(node: Any, prefix: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def check_finite(cfg) -> None:
+    """No NaN or infinity anywhere in a config (a nested dict, DictConfig or dataclass)."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    for key, v in _walk(tree, ""):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={v} is not a finite number; give a finite value (or null where unset is meant)")
+
+
+def _get(node, key, default=None):
+    if node is None:
+        return default
+    return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+
+
+def check_hardware(hw) -> None:
+    """null = unset for every optional hardware number; a zero is refused, not read as unset."""
+    number(_get(hw, "threads"), "hardware.threads", ge=1, integer=True, null="torch's default")
+    link = _get(hw, "link") or {}
+    number(_get(link, "gbps"), "hardware.link.gbps", gt=0, null="no emulated link")
+    number(_get(link, "latency_us", 0.0), "hardware.link.latency_us", ge=0)
+    number(_get(hw, "kv_budget_bytes"), "hardware.kv_budget_bytes", ge=1, integer=True,
+           null="the profile's kv_available_bytes in the simulator, unlimited in runtime.serve")
+    number(_get(hw, "host_memory_bytes"), "hardware.host_memory_bytes", ge=1, integer=True, null="unlimited")
+
+
+def check_scheduler(s) -> None:
+    from core.admission import check_scheduler as rules
+
+    number(_get(s, "max_batch"), "scheduler.max_batch", ge=1, integer=True)
+    rules(int(_get(s, "max_batch")), _get(s, "order"))
+    number(_get(s, "ctx_bucket", 1), "scheduler.ctx_bucket", ge=1, integer=True)
+
+
+def check_slo(slo) -> None:
+    for key in ("ttft_s", "tpot_s"):
+        number(_get(slo, key), f"slo.{key}", gt=0, null="no limit")
+
+
+def check_config(cfg, runner: str) -> PolicyConfig:
+    """Everything that can be told from the config alone, for `runner` (one of RUNNERS);
+    returns the policy's checked declaration. Call before any work."""
+    if runner not in RUNNERS:
+        raise ValueError(runner)
+    check_finite(cfg)
+    w = cfg.workload
+    check_workload(w)
+    if runner == "runtime.bench" and w.arrival != "static":
+        raise ConfigError(f"workload.arrival={w.arrival}: runtime.bench runs one static batch (workload.batch "
+                          "requests at t = 0); replay arrivals with python -m runtime.serve (or simulate them "
+                          "with python -m simulator.run), or use workload=default")
+    check_hardware(cfg.hardware)
+    if runner in ("runtime.serve", "simulator.run"):
+        check_scheduler(cfg.scheduler)
+        check_slo(_get(cfg, "slo"))
+    if runner == "runtime.bench":
+        number(_get(cfg, "repeats", 1), "repeats", ge=1, integer=True)
+    return spec_of(cfg.policy, head_dim=head_dim_of(cfg.model))
+
+
+def head_dim_of(model_cfg) -> int | None:
+    """head_dim when the model config gives the shape (model.args), else None (known later)."""
+    args = _get(model_cfg, "args") or {}
+    if _get(args, "head_dim"):
+        return int(args["head_dim"])
+    if _get(args, "dim") and _get(args, "n_heads"):
+        return int(args["dim"]) // int(args["n_heads"])
+    return None
+
+
+def check_shape(cfg, runner: str, *, head_dim: int, max_seq_len: int, n_layers: int) -> PolicyConfig:
+    """The checks that need the model's shape (the runtime's loaded model, the simulator's
+    profile shape): the policy's knobs against head_dim, its model checks (context, layers),
+    every request's length against the context. Returns the checked declaration."""
+    spec = spec_of(cfg.policy, head_dim=int(head_dim))
+    spec.check_model(int(max_seq_len), int(n_layers), runner=runner)
+    w = cfg.workload
+    if w.arrival != "trace" and w.prompt_len + w.gen_len > max_seq_len:
+        raise ConfigError(f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len} exceeds the model's "
+                          f"context of {max_seq_len}; lower workload.prompt_len or workload.gen_len")
+    return spec
