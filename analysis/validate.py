@@ -455,9 +455,30 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+CSV_COLUMNS = ("id", "status")     # what every row of a validation CSV has (the rest may be NaN)
+
+
 def load(path: str | Path) -> pd.DataFrame:
-    """A validation CSV, with the absolute errors the summaries use."""
-    df = pd.read_csv(path)
+    """A validation CSV, with the absolute errors the summaries use; a file that is not one (a
+    directory, unreadable, not a CSV, without the id / status columns) is one ConfigError line."""
+    path = Path(path)
+    fix = "move it away (or delete it) and run again; nothing in it can be resumed"
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory where the validation CSV should be; {fix}")
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such validation CSV; run python -m analysis.validate experiment=NAME") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable validation CSV ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{path} is not a validation CSV (no column {missing[0]!r}); {fix}")
+    for m in METRICS:
+        col = f"{m}_rel_err"
+        if col in df and not pd.api.types.is_numeric_dtype(df[col]):
+            raise ConfigError(f"{path}: column {col} holds non-numbers (corrupt); {fix}")
     for m in METRICS:
         if f"{m}_rel_err" in df:
             df[f"{m}_abs_err"] = df[f"{m}_rel_err"].abs()
@@ -619,7 +640,7 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
         raise ConfigError(f"validation.repeats={repeats!r} must be >= 1 (measurements per point)")
     points = points_of(cfg)
     path = csv_path(cfg)
-    old = {r["id"]: r for r in load(path).to_dict("records")} if path.exists() else {}
+    old = {r["id"]: r for r in load(path).to_dict("records")} if path.exists() else {}   # a corrupt one: one line
     rows = dict(old)
     order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]   # the CSV keeps the file's order
     jobs = [prepare(p, cfg) for p in points]

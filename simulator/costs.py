@@ -140,7 +140,7 @@ class Costs:
         c = cls(path, prof, model, allow_extrapolation=bool(allow_extrapolation))
         if analytic and model in prof["models"]:          # until bind(): the shape the profile names
             s = prof["models"][model]["shape"]
-            c.bind(s, s["n_layers"], KV_ELEMENT_BYTES.get(prof["models"][model].get("kv_dtype", "float16"), 2))
+            c.bind(s, s["n_layers"], KV_ELEMENT_BYTES[prof["models"][model]["kv_dtype"]])
         return c
 
     @property
@@ -278,7 +278,9 @@ class Costs:
     @property
     def kv_dtype_auto(self) -> str:
         m = self.profile["models"].get(self.model)
-        return (m or {}).get("kv_dtype", "float16")
+        if m is None:                 # a roofline profile asked for a model it never tabulated
+            return "float16"
+        return m["kv_dtype"]          # required by the schema (core/profile/schema.py): never assumed
 
     @property
     def shape(self) -> dict:

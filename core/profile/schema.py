@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..policies.base import KV_ELEMENT_BYTES
+from ..values import finite
 
 SCHEMA_VERSION = 2            # 2: device.fingerprint / device.facts, speed_index, low-bit tables per bit-width
 KINDS = ("measured", "roofline")
@@ -33,6 +35,8 @@ TRANSFERS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "gather
 # for its bits is refused by the simulator, naming the re-profile command
 BITS_KERNELS = ("decode_attention_kivi", "score_topk", "gather_replace", "quantize")
 PROFILED_BITS = (1, 2, 4)
+# the shape fields the simulator reads (simulator/run.py requested_shape, core/profile/analytic.py)
+SHAPE_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
 KERNELS = ("prefill_layer", "decode_attention_full", "decode_attention_kivi", "score_topk", "gather_replace",
            "quantize", "projections", "mlp", "lm_head_sample", "step_overhead", "decode_layer")
 
@@ -62,7 +66,29 @@ def _shape_of(values, depth: int) -> list[int]:
     return dims
 
 
+def _leaves(values, depth: int):
+    """The numbers of a nested list `depth` deep (shape checked separately)."""
+    if depth == 0:
+        yield values
+        return
+    for v in values if isinstance(values, list) else [values]:
+        yield from _leaves(v, depth - 1)
+
+
+def _num(v, where: str, path, *, gt: float | None = None, ge: float | None = None) -> float:
+    """A profile number: finite (JSON's NaN / Infinity refused), within its bound."""
+    if not finite(v):
+        raise ProfileError(f"{path}: {where}={v!r} is not a finite number; re-profile or fix the file")
+    if gt is not None and not v > gt:
+        raise ProfileError(f"{path}: {where}={v!r} must be > {gt:g}; re-profile or fix the file")
+    if ge is not None and not v >= ge:
+        raise ProfileError(f"{path}: {where}={v!r} must be >= {ge:g}; re-profile or fix the file")
+    return v
+
+
 def validate_table(t, where: str, path) -> None:
+    """A table's axes (positive, strictly increasing: they are read on a log scale) and its
+    values (finite, >= 0: times and rates are never negative), each shaped as its axes say."""
     if not isinstance(t, dict):
         raise ProfileError(f"{path}: {where} is not a table (expected an object with axes and p50)")
     for key in ("axes", "unit", "p50", "p10", "p90"):
@@ -71,11 +97,30 @@ def validate_table(t, where: str, path) -> None:
     axes = t["axes"]
     if not isinstance(axes, dict) or not axes:
         raise ProfileError(f"{path}: {where}.axes must name at least one axis")
+    for name, ax in axes.items():
+        if not isinstance(ax, list) or not ax:
+            raise ProfileError(f"{path}: {where}.axes.{name} must be a non-empty list of numbers")
+        for i, v in enumerate(ax):
+            _num(v, f"{where}.axes.{name}[{i}]", path, gt=0)
+        bad = next((i for i in range(1, len(ax)) if not ax[i] > ax[i - 1]), None)
+        if bad is not None:
+            raise ProfileError(f"{path}: {where}.axes.{name} must be strictly increasing ({ax[bad - 1]!r} then "
+                               f"{ax[bad]!r} at [{bad}]); re-profile or fix the file")
     want = [len(v) for v in axes.values()]
     for key in ("p50", "p10", "p90"):
         got = _shape_of(t[key], len(want))
         if got != want:
             raise ProfileError(f"{path}: {where}.{key} has shape {got}, axes {list(axes)} say {want}")
+        for v in _leaves(t[key], len(want)):
+            _num(v, f"{where}.{key} value", path, ge=0)
+    for key in ("row_bytes", "context"):
+        if t.get(key) is not None:
+            _num(t[key], f"{where}.{key}", path, gt=0)
+
+
+def _whole(v, where: str, path) -> None:
+    if not finite(v) or v != int(v) or v < 1:
+        raise ProfileError(f"{path}: {where}={v!r} must be a whole number >= 1; re-profile or fix the file")
 
 
 def validate(prof: dict, path) -> dict:
@@ -102,7 +147,7 @@ def validate(prof: dict, path) -> dict:
             if key not in prof["device"]:
                 raise ProfileError(f"{path}: missing 'device.{key}'; re-profile")
         si = prof.get("speed_index")
-        if not isinstance(si, dict) or not isinstance(si.get("index"), (int, float)) or not si["index"] > 0:
+        if not isinstance(si, dict) or not finite(si.get("index")) or not si["index"] > 0:
             raise ProfileError(f"{path}: missing or malformed 'speed_index.index'; "
                                "re-profile (python -m runtime.profile --speed-index re-measures it alone)")
     for name in TRANSFERS:
@@ -125,16 +170,87 @@ def validate(prof: dict, path) -> dict:
                 validate_table(t, f"models.{model}.kernels.{name}", path)
         if "kv_available_bytes" not in m["memory"]:
             raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
+        validate_model(model, m, path)
+    validate_numbers(prof, kind, path)
     return prof
+
+
+def validate_model(model: str, m: dict, path) -> None:
+    """The fields of a model the simulator reads: its shape, its KV dtype, its memory."""
+    where = f"models.{model}"
+    if not isinstance(m["shape"], dict):
+        raise ProfileError(f"{path}: {where}.shape is not an object")
+    for key in SHAPE_FIELDS:
+        if key not in m["shape"]:
+            raise ProfileError(f"{path}: missing '{where}.shape.{key}'; re-profile (python -m runtime.profile --model {model})")
+        _whole(m["shape"][key], f"{where}.shape.{key}", path)
+    if m["shape"].get("head_dim") is not None:
+        _whole(m["shape"]["head_dim"], f"{where}.shape.head_dim", path)
+    if "kv_dtype" not in m:
+        raise ProfileError(f"{path}: missing '{where}.kv_dtype' (the KV element type its tables were measured with, "
+                           f"one of {', '.join(KV_ELEMENT_BYTES)}); add it or re-profile")
+    if m["kv_dtype"] not in KV_ELEMENT_BYTES:
+        raise ProfileError(f"{path}: {where}.kv_dtype={m['kv_dtype']!r} is not one of {', '.join(KV_ELEMENT_BYTES)}")
+    if not isinstance(m["memory"], dict):
+        raise ProfileError(f"{path}: {where}.memory is not an object")
+    for key, v in m["memory"].items():
+        if key.endswith("_bytes") or key == "kv_available_bytes":
+            if v is not None:
+                _num(v, f"{where}.memory.{key}", path, ge=0)
+    if not isinstance(m["kernels"], dict):
+        raise ProfileError(f"{path}: {where}.kernels is not an object")
+    for name in KERNELS:
+        if not isinstance(m["kernels"][name], dict) or "axes" not in m["kernels"][name]:
+            raise ProfileError(f"{path}: {where}.kernels.{name} is not a table (expected an object with axes and p50)")
+
+
+ROOFLINE_ASSUMPTIONS = ("compute_efficiency", "memory_efficiency", "pcie_efficiency", "pageable_factor",
+                        "pcie_latency_s", "launch_s", "step_overhead_s", "layer_glue_s", "host_gather_bytes_per_s",
+                        "device_gather_link_factor", "runtime_overhead_bytes", "disk_bytes_per_s", "activation_tokens")
+
+
+def validate_numbers(prof: dict, kind: str, path) -> None:
+    """The scalars the simulator reads outside tables: device memory, overlap slowdown, speed
+    index, and (roofline) the peaks and assumptions its formulas take."""
+    d = prof["device"]
+    if d.get("type") not in ("cpu", "cuda"):
+        raise ProfileError(f"{path}: device.type={d.get('type')!r}; expected cpu or cuda")
+    if d.get("memory_bytes") is not None:
+        _num(d["memory_bytes"], "device.memory_bytes", path, gt=0)
+    o = prof["transfers"].get("overlap")
+    if isinstance(o, dict) and "gemm_slowdown_with_copy" in o:
+        _num(o["gemm_slowdown_with_copy"], "transfers.overlap.gemm_slowdown_with_copy", path, gt=0)
+    si = prof.get("speed_index")
+    if isinstance(si, dict) and "index" in si:
+        _num(si["index"], "speed_index.index", path, gt=0)
+    if kind == "roofline":
+        for key in ("peak_flops", "hbm_bytes_per_s"):
+            _num(d.get(key), f"device.{key}", path, gt=0)
+        _num((d.get("pcie") or {}).get("theoretical_bytes_per_s"), "device.pcie.theoretical_bytes_per_s", path, gt=0)
+        a = prof["provenance"].get("assumptions")
+        if not isinstance(a, dict):
+            raise ProfileError(f"{path}: missing 'provenance.assumptions' (the roofline's efficiencies); re-derive it "
+                               "with python -m runtime.profile --roofline NAME")
+        for key in ROOFLINE_ASSUMPTIONS:
+            if key not in a:
+                raise ProfileError(f"{path}: missing 'provenance.assumptions.{key}'; re-derive it with "
+                                   "python -m runtime.profile --roofline NAME")
+            _num(a[key], f"provenance.assumptions.{key}", path,
+                 **({"ge": 0} if key in ("pcie_latency_s", "launch_s", "step_overhead_s", "layer_glue_s",
+                                         "runtime_overhead_bytes") else {"gt": 0}))
 
 
 def load(path: str | Path) -> dict:
     """Read and validate a profile; every problem is one line naming the field and the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"{path} is a directory; give a profile JSON file (profiles/*.json)")
     if not path.is_file():
         raise ProfileError(f"{path}: no such profile; run python -m runtime.profile, or pick one in profiles/")
     try:
         prof = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); truncated? re-profile") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ProfileError(f"{path}: cannot be read as a profile ({type(e).__name__}); re-profile") from None
     return validate(prof, path)
