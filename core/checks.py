@@ -47,7 +47,7 @@ def check_finite(cfg) -> None:
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     for key, v in _walk(tree, ""):
         if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{key}={v} is not a finite number; give a finite value (or null where unset is meant)")
+            raise ConfigError(f"{key}={v} is not a finite number; give a finite value")
 
 
 def _get(node, key, default=None):
@@ -85,19 +85,19 @@ def check_config(cfg, runner: str) -> PolicyConfig:
     returns the policy's checked declaration. Call before any work."""
     if runner not in RUNNERS:
         raise ValueError(runner)
-    check_finite(cfg)
     w = cfg.workload
-    check_workload(w)
     if runner == "runtime.bench" and w.arrival != "static":
         raise ConfigError(f"workload.arrival={w.arrival}: runtime.bench runs one static batch (workload.batch "
                           "requests at t = 0); replay arrivals with python -m runtime.serve (or simulate them "
                           "with python -m simulator.run), or use workload=default")
+    check_workload(w)
     check_hardware(cfg.hardware)
     if runner in ("runtime.serve", "simulator.run"):
         check_scheduler(cfg.scheduler)
         check_slo(_get(cfg, "slo"))
     if runner == "runtime.bench":
         number(_get(cfg, "repeats", 1), "repeats", ge=1, integer=True)
+    check_finite(cfg)            # every other number (policy knobs, model args, ...): finite
     return spec_of(cfg.policy, head_dim=head_dim_of(cfg.model))
 
 

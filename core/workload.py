@@ -10,6 +10,7 @@ Prompt lengths are `prompt_len`, or uniform in [prompt_len_min, prompt_len]; out
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,12 @@ def read_trace(path: str) -> list[Request]:
     if not p.is_file():
         raise ConfigError(f"{where}: no such file (CSV with columns {', '.join(TRACE_COLUMNS)})")
     try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True, index_col=False)
+    except pd.errors.ParserWarning:
+        raise ConfigError(f"{where} has a row with more cells than its header; give one cell per column "
+                          f"({', '.join(TRACE_COLUMNS)}) in every row") from None
     except pd.errors.EmptyDataError:
         raise ConfigError(f"{where} is empty; give a header {','.join(TRACE_COLUMNS)} and one row per request") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
