@@ -88,14 +88,35 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prog", list(MODULES))
+CONFIGS = {"runtime.bench": "bench", "runtime.serve": "serve", "simulator.run": "simulate"}
+
+
+def composed(runner: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from core.config import register
+
+    register()                       # the schemas conf/*.yaml start from (the entry points do this on import)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=CONFIGS[runner], overrides=list(overrides))
+
+
+@pytest.mark.parametrize("runner", list(MODULES))
 @pytest.mark.parametrize("override,needle", CONFIG_CASES)
-def test_config_values_refused_in_every_entry_point(prog, override, needle, tmp_path, monkeypatch):
+def test_config_values_refused_by_the_one_check(runner, override, needle):
+    with pytest.raises(ConfigError) as e:
+        check_config(composed(runner, *FAST, override), runner)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("prog", list(MODULES))
+@pytest.mark.parametrize("override,needle", [CONFIG_CASES[0], CONFIG_CASES[4], CONFIG_CASES[1]])
+def test_zero_and_nan_refused_in_every_entry_point(prog, override, needle, tmp_path, monkeypatch):
     refused(prog, needle, *FAST, override, tmp=tmp_path, monkeypatch=monkeypatch)
     assert not (tmp_path / "measured").exists() and not (tmp_path / "simulated").exists()
 
 
-@pytest.mark.parametrize("prog", ["runtime.serve", "simulator.run"])
+@pytest.mark.parametrize("runner", ["runtime.serve", "simulator.run"])
 @pytest.mark.parametrize("overrides,needle", [
     (["workload=poisson", "workload.rate=nan"], "workload.rate=nan is not a finite number"),
     (["workload=poisson", "workload.rate=-inf"], "workload.rate=-inf is not a finite number"),
@@ -104,8 +125,15 @@ def test_config_values_refused_in_every_entry_point(prog, override, needle, tmp_
     (["slo.tpot_s=-1"], "slo.tpot_s=-1.0 must be > 0"),
     (["scheduler.ctx_bucket=0"], "scheduler.ctx_bucket=0 must be >= 1"),
 ])
-def test_serving_values_refused(prog, overrides, needle, tmp_path, monkeypatch):
-    refused(prog, needle, *FAST, "workload.n_requests=2", *overrides, tmp=tmp_path, monkeypatch=monkeypatch)
+def test_serving_values_refused(runner, overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        check_config(composed(runner, *FAST, "workload.n_requests=2", *overrides), runner)
+    assert needle in str(e.value)
+
+
+def test_serving_value_one_line_from_serve(tmp_path, monkeypatch):
+    refused("runtime.serve", "workload.rate=nan is not a finite number", *FAST, "workload=poisson",
+            "workload.rate=nan", tmp=tmp_path, monkeypatch=monkeypatch)
 
 
 def test_nan_in_a_policy_knob_is_named(tmp_path, monkeypatch):
@@ -152,6 +180,9 @@ def test_check_config_is_one_code_path(tmp_path):
     """The same config composed for each entry point: each refuses it with the same line."""
     from hydra import compose, initialize_config_dir
 
+    from core.config import register
+
+    register()
     msgs = set()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name, runner in (("bench", "runtime.bench"), ("serve", "runtime.serve"), ("simulate", "simulator.run")):
@@ -264,7 +295,7 @@ def test_trace_cells_read_once(case, tmp_path):
 
 
 @pytest.mark.parametrize("prog", ["runtime.serve", "simulator.run"])
-@pytest.mark.parametrize("case", ["nan", "inf", "header_only", "word"])
+@pytest.mark.parametrize("case", ["nan", "header_only"])
 @pytest.mark.timeout(60)
 def test_trace_refused_by_both_halves(prog, case, tmp_path, monkeypatch):
     text, needle = TRACES[case]
@@ -363,7 +394,7 @@ def test_committed_profiles_pass():
         schema.load(path)
 
 
-@pytest.mark.parametrize("case", ["negative_p50", "no_kv_dtype", "string_table", "no_n_kv_heads"])
+@pytest.mark.parametrize("case", ["negative_p50", "no_n_kv_heads"])
 def test_bad_profile_one_line_from_the_simulator(case, tmp_path, monkeypatch):
     mutate, needle = PROFILE_CASES[case]
     p = json.loads(PROFILE.read_text())
@@ -416,10 +447,7 @@ def test_validation_csv_directory_through_the_cli(tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1 and "is a directory where the validation CSV should be" in err[0]
 
 
-def test_check_shape_context(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="simulate", overrides=["model=tiny", "workload.prompt_len=4000"])
+def test_check_shape_context():
+    cfg = composed("simulator.run", "model=tiny", "workload.prompt_len=4000")
     with pytest.raises(ConfigError, match="exceeds the model's context of 2048"):
         check_shape(cfg, "simulator.run", head_dim=16, max_seq_len=2048, n_layers=2)
