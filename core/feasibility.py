@@ -15,7 +15,7 @@ CUDA the device part (weights, device KV, activations) is held against the GPU's
 host KV (offload, SpeCache) against RAM.
 
 runtime.serve replays arrivals in real time: its expected span (a trace's last arrival,
-n_requests / rate for Poisson) may be at most SERVE_MAX_SPAN_S.
+n_requests / rate for Poisson, (ceil(n_requests / users) - 1) x think_s closed) may be at most SERVE_MAX_SPAN_S.
 
 The simulator holds one Request per request and does work per decoded token of every running
 request (one event per iteration, a batch's bookkeeping per step): at most SIM_MAX_REQUESTS
@@ -25,6 +25,8 @@ box: the fast fidelity ~250 k token-steps/s, the detailed one ~20 k token-layer-
 limit is a few minutes of simulation.
 """
 from __future__ import annotations
+
+import math
 
 from core.errors import ConfigError
 from core.policies import ModelShape, PolicyConfig, kv_dtype_name
@@ -130,7 +132,9 @@ def check_span(w, n: int) -> None:
     if w.arrival == "poisson":
         span, field = n / float(w.rate), "workload.rate"
     elif w.arrival == "closed":
-        span, field = n / max(int(w.users), 1) * float(w.think_s), "workload.think_s"
+        # each user sends its next request think_s after its last one: the last of n waits
+        # ceil(n / users) - 1 pauses (the requests' own service time comes on top)
+        span, field = (math.ceil(n / max(int(w.users), 1)) - 1) * float(w.think_s), "workload.think_s"
     elif w.arrival == "trace":
         from core.workload import read_trace
 
