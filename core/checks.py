@@ -15,6 +15,12 @@ What it checks, each rule written once here or in the policy declaration it belo
   `simulator_only` (a different form on purpose in the simulator, each with the reason);
 - what a runner cannot run: runtime.bench runs static batches only.
 Feasibility (memory, simulated work) is core/feasibility.py, called by the same entry points.
+
+What only one half checks, by design: that the device is here (`hardware.device=cuda`; the
+simulator predicts hardware that is not), that weight files exist (`model.path`; the simulator
+reads shapes from the profile), `policy.draft_model`'s form (the declaration's `simulator_only`),
+and the simulator's own knobs (`fidelity`, `allow_extrapolation`, `hardware.profile`), which the
+runtime does not read.
 """
 from __future__ import annotations
 

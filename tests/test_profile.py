@@ -147,7 +147,10 @@ def test_gpu_suite_bench_commands_compose():
     from hydra import compose, initialize_config_dir
 
     from core.checks import check_config, check_shape
+    from core.config import register
     from runtime import gpu_suite
+
+    register()
     from runtime.model import ModelArgs
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -153,6 +153,8 @@ def validate(prof: dict, path) -> dict:
     for name in TRANSFERS:
         if name not in prof["transfers"]:
             raise ProfileError(f"{path}: missing 'transfers.{name}'")
+        if not isinstance(prof["transfers"][name], dict) or "axes" not in prof["transfers"][name]:
+            raise ProfileError(f"{path}: transfers.{name} is not a table (expected an object with axes and p50)")
     for name, t in prof["transfers"].items():
         if isinstance(t, dict) and "axes" in t:
             validate_table(t, f"transfers.{name}", path)
