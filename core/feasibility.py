@@ -150,17 +150,18 @@ def check_span(w, n: int) -> None:
 def check_simulation(cfg, n_layers: int) -> dict:
     """Refuse a simulation beyond SIM_MAX_REQUESTS requests or SIM_MAX_TOKEN_STEPS; returns the estimate."""
     w = cfg.workload
-    n = n_requests(w)
     field = _which(w)
-    if n > SIM_MAX_REQUESTS:
-        raise ConfigError(f"{field}: the simulation would hold {n} requests, beyond its limit of {SIM_MAX_REQUESTS} "
-                          "(core/feasibility.py); simulate fewer requests")
     if w.arrival == "trace":
         from core.workload import read_trace
 
-        steps = sum(r.gen_len for r in read_trace(w.trace))
+        trace = read_trace(w.trace)
+        n, steps = len(trace), sum(r.gen_len for r in trace)
     else:
+        n = n_requests(w)
         steps = n * int(w.gen_len)
+    if n > SIM_MAX_REQUESTS:
+        raise ConfigError(f"{field}: the simulation would hold {n} requests, beyond its limit of {SIM_MAX_REQUESTS} "
+                          "(core/feasibility.py); simulate fewer requests")
     fidelity = str(cfg.get("fidelity", "fast"))
     work = steps * (n_layers if fidelity == "detailed" else 1)
     limit = SIM_MAX_TOKEN_STEPS.get(fidelity, SIM_MAX_TOKEN_STEPS["fast"])

@@ -23,6 +23,8 @@ from core.values import number
 from core.workload import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
+# the entry modules are already imported by the time runpy runs them as __main__, as intended here
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
 MODULES = {"runtime.bench": "runtime.bench", "runtime.serve": "runtime.serve", "simulator.run": "simulator.run"}
 PROFILE = ROOT / "profiles" / "cpu-intel-r-xeon-r-processor-2c.json"
 ROOFLINE = ROOT / "profiles" / "roofline-h100-sxm.json"
