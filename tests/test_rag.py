@@ -252,7 +252,8 @@ def test_chunk_longer_than_context(tiny_model, store):
 
 
 def test_selectors_listed():
-    assert set(SELECTORS) == {"full", "reuse", "random", "epic", "cacheblend", "draft"}
+    assert set(SELECTORS) == {"full", "reuse", "random", "epic", "cacheblend", "draft", "draft_dev", "draft_rel",
+                              "draft_attn", "oracle_dev", "oracle_norm"}
 
 
 # ----------------------------------------------------------------------------- EPIC's fixed prefixes

@@ -9,12 +9,12 @@ from .checks import check_policy, split_chunks, split_prompt
 from .draft import (Draft, align, encode_with_offsets, load_draft, separate_draft_select, text_and_offsets,
                     token_bytes)
 from .placement import placed_kv, prefill_at, rerotate
-from .prefill import RagResult, rag_prefill, select, selective_prefill
-from .selectors import draft_scores, span_complete
+from .prefill import RagResult, oracle_set, rag_prefill, select, selective_prefill
+from .selectors import Trace, draft_scores, recall, selector_scores, span_complete, trace
 from .store import FORMAT, ChunkKV, ChunkStore, default_cache_dir, model_identity
 
 __all__ = ["FORMAT", "SELECTORS", "STORES", "ChunkKV", "ChunkStore", "Draft", "RagResult", "align", "budget_of",
            "check_policy", "default_cache_dir", "draft_scores", "encode_with_offsets", "load_draft",
-           "model_identity", "placed_kv", "prefill_at", "rag_prefill", "rerotate", "select", "selective_prefill",
+           "model_identity", "oracle_set", "placed_kv", "recall", "selector_scores", "trace", "Trace", "prefill_at", "rag_prefill", "rerotate", "select", "selective_prefill",
            "separate_draft_select", "span_complete", "split_chunks", "split_prompt", "text_and_offsets",
            "token_bytes"]
