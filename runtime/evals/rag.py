@@ -2,8 +2,25 @@
 
     python -m runtime.evals rag [--n N] [--chunks 8] [--chunk-len 512] [--hops 1 2]
                                 [--r 0 0.05 0.15 0.3 1] [--selectors full reuse random epic cacheblend draft
-                                 epic8 epic16 epic32] [--draft-layers 3 5 10] [--draft-model PATH]
-                                [--model smollm2|tiny] [--out results/evals/rag]
+                                 draft_dev draft_rel draft_attn oracle_dev oracle_norm epic8 epic16 epic32]
+                                [--draft-layers 3 5 10] [--sink-tokens 0 4] [--draft-model PATH]
+                                [--shard K/N] [--model smollm2|tiny] [--out results/evals/rag]
+
+Selectors (runtime/rag/selectors.py has the exact scores; "deep third" = the last ceil(n/3) of n
+layers; D = --draft-layers, the draft being the target's first D layers):
+  full         every context token recomputed (r = 1; every statistic is paired with it)
+  reuse        none (r = 0)
+  random       a seeded random ceil(r N)
+  epic         the first ceil(r chunk) tokens of every chunk; epic<n>: EPIC's fixed first n
+  cacheblend   the largest layer-1 K/V deviation, fresh vs reused
+  draft        SpecCache: mean hidden-state norm over the draft's deep third, span completion
+  draft_dev    the draft's deep-third K/V deviation (full-context vs each chunk alone), spans
+  draft_rel    mean |log(deep-third norm / the token's chunk-alone norm)|, spans
+  draft_attn   attention mass of the question tokens in the draft's deep third, spans
+  oracle_dev   the target's own deep-third K/V deviation from a full prefill, top-k (a measuring stick)
+  oracle_norm  the target's own deep-third hidden-state norms from a full prefill, top-k
+--sink-tokens n > 0 adds `<point>-s<n>` points (policy.sink_tokens: the first n tokens of every
+chunk always chosen, inside the budget) for random, cacheblend, draft* and oracle_*.
 
 Data, generated in code (nothing downloaded). A sample holds `n_chunks` fictional "chains": a
 company founded by a person, that person born in a city in a year. Each chain gives two facts,
@@ -16,23 +33,37 @@ chunks). Answers are a city or a year; every name, city and year is unique in th
 the gold answer text occurs in exactly one chunk. Sample i is a pure function of (seed, i,
 chunk_len, n_chunks, hops).
 
-Per (sample, point), a point being (selector, r, D): `runtime.rag.rag_prefill` on a warm chunk
-store (held in memory, filled before the timed points), then greedy decoding (`engine.generate`
-from the returned prefill, max `--max-new-tokens`). Recorded: the output, exact match and token
-F1 (SQuAD normalisation: lowercase, no punctuation / articles; the answer is the first line of
-the output), the number of context tokens chosen for recompute, and TTFT = rag_prefill seconds +
-the first token's sampling. `full` and `reuse` ignore r (one point each, at r = 1 and r = 0);
-the other selectors run at every r strictly between 0 and 1 (at r = 0 or 1 they are `reuse` or
-`full`), `draft` at every D. `epic<n>` (epic8, epic16, epic32) is EPIC with the paper's fixed n
-first tokens of every chunk: one point, r ignored, recorded at its effective ratio n / chunk_len.
-`--draft-model` makes the draft points use a separate draft (policy.draft_model; points named
-`draft[<file>]-D..`, so they never mix with the target-layer draft in one results folder).
+Per sample (question), the shared work is done once and is in no row's timing (`shared_work`,
+its seconds in the rows' `shared_s`): the chunk store is warmed (K/V, and the chunk-alone norms
+when a draft_rel point runs; `store_fill_s`), then one `trace` of the target over the whole
+prompt records every layer's hidden-state norms, K/V deviation from the reused chunk K/V and the
+question's attention mass (every D's draft is the first D layers of it; the oracles read its
+deep third; cacheblend its layer 1), and oracle_dev's top-B set is derived once per budget B.
+Per (sample, point), a point being (selector, r, D[, sinks]): `runtime.rag.rag_prefill` on the
+warm store, selecting from that trace (the same tokens as a live selection: tested), then greedy
+decoding from the returned prefill, stopped once the answer is settled (`answer_settled`; the
+EM / F1 of --max-new-tokens tokens). Recorded: the output, exact match and token F1 (SQuAD
+normalisation: lowercase, no punctuation / articles; the answer is the first line of the output
+up to '.', ',' or ' in '), the context tokens chosen (`chosen`, `chosen_answer_chunk`),
+`recall_vs_oracle` (the share of oracle_dev's top-B set this point chose, B its budget), and
+TTFT = rag_prefill seconds + the first token's sampling. With the shared trace TTFT holds the
+placement, the selection from precomputed scores and the selective recompute: not the
+selector's own feature cost (the draft's layers, cacheblend's layer), which
+benchmarks/rag_ttft.py measures. `full` and `reuse` ignore r (one point each, at r = 1 and r =
+0); the other selectors run at every r strictly between 0 and 1 (at r = 0 or 1 they are `reuse`
+or `full`), the draft variants at every D. `epic<n>` is one point, r ignored, recorded at its
+effective ratio n / chunk_len. `--draft-model` makes the `draft` points use a separate draft
+(policy.draft_model; points named `draft[<file>]-D..`, so they never mix with the target-layer
+draft in one results folder; their selection runs live).
 
 Results: `<out>/rag.jsonl`, one fsynced line per (sample, point), resumable like the other tasks
-(`run.ResultLog`); the report (also registered with `report.TASKS`, so `python -m runtime.evals
-report --out ...` includes it) writes `<out>/rag.csv` and `<out>/rag.png`: per (hops, point) EM
-and F1 with bootstrap intervals, exact McNemar on EM against `full` (paired), the bootstrap
-interval of the paired F1 delta, mean chosen tokens and TTFT, and TTFT speed-up over full.
+(`run.ResultLog`); `--shard K/N` takes the samples with index % N == K, and N processes can
+append to one `<out>` at once (whole lines under flock, a row already there is never written
+twice). The report (also registered with `report.TASKS`, so `python -m runtime.evals report
+--out ...` includes it) writes `<out>/rag.csv` and `<out>/rag.png`: per (hops, point) EM and F1
+with bootstrap intervals, exact McNemar on EM against `full` (paired), the bootstrap interval of
+the paired F1 delta, recall_vs_oracle with its bootstrap interval, mean chosen tokens and TTFT,
+and TTFT speed-up over full; the figure shows EM against r per selector and EM against recall.
 """
 from __future__ import annotations
 
