@@ -304,7 +304,7 @@ def _bench_cfg(tmp_path, *extra):
     ("epic", 0.15, ["policy.epic_prefix=8"], 4 * 8),
     ("full", 1.0, [], 128),
     ("random", 0.3, ["policy.store=disk"], math.ceil(0.3 * 128)),
-    ("draft_dev", 0.15, ["policy.sink_tokens=2"], math.ceil(0.15 * 128)),
+    ("draft_dev", 0.15, ["policy.sink_tokens=2", "policy.draft_layers=2"], math.ceil(0.15 * 128)),
 ])
 def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
     import json

@@ -224,7 +224,8 @@ def test_chunk_features_stored_counted_and_checked(model, parts, tmp_path):
     (dict(selector="reuse", sink_tokens=2), "policy.sink_tokens=2"),
     (dict(selector="draft", sink_tokens=-1), "policy.sink_tokens"),
     (dict(selector="draft_dev", draft_model="/x.gguf"), "policy.draft_model"),
-    (dict(selector="draft_attn", draft_layers=0), "policy.draft_layers")])
+    (dict(selector="draft_attn", draft_layers=0), "policy.draft_layers"),
+    (dict(selector="draft_dev", draft_layers=1), "policy.draft_layers=1")])
 def test_declaration_refuses_in_one_line(knobs, msg):
     with pytest.raises(ConfigError, match=msg.replace(".", r"\.")) as e:
         RagPolicyConfig(**knobs).check()

@@ -94,6 +94,9 @@ class RagPolicyConfig(FullPolicyConfig):
         if self.sink_tokens and self.selector not in SINK_SELECTORS:
             raise ConfigError(f"policy.sink_tokens={self.sink_tokens} does not apply to selector={self.selector} "
                               f"(only {', '.join(SINK_SELECTORS)}); set policy.sink_tokens=0")
+        if self.selector == "draft_dev" and self.draft_layers == 1:
+            raise ConfigError("policy.draft_layers=1: draft_dev's deep third is layer 0, whose K/V depend on the token "
+                              "alone and never deviate; use draft_layers >= 2")
         if self.draft_model is not None and self.selector in DRAFT_SELECTORS and self.selector != "draft":
             raise ConfigError(f"policy.draft_model={self.draft_model}: selector={self.selector} runs the target's own "
                               "first draft_layers layers only; use draft_model=null or selector=draft")

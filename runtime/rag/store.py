@@ -129,7 +129,7 @@ class ChunkStore:
             self.stats["feature_disk_hits"] += 1
             self.stats["feature_load_s"] += time.perf_counter() - t0
         else:
-            from .selectors import trace
+            from .trace import trace
 
             f = trace(self.model, ids, self.model.args.n_layers, len(ids)).norms
             self.stats["feature_computed"] += 1
