@@ -344,3 +344,16 @@ def test_an_answer_settled_early_is_the_answer_of_every_continuation(text):
     for cut in range(len(text) + 1):
         if answer_settled(text[:cut]):
             assert extract_answer(text[:cut]) == extract_answer(text), (text, cut)
+
+
+def test_a_torn_line_left_by_a_killed_writer_is_cut_before_the_next_append(tmp_path):
+    from runtime.evals.run import ResultLog
+
+    path = tmp_path / "rag.jsonl"
+    a = ResultLog(path)
+    a.append({"sample_id": "s0", "policy": "p"})
+    with open(path, "ab") as f:                 # another process died mid-line
+        f.write(b'{"sample_id": "s1", "pol')
+    assert a.append({"sample_id": "s2", "policy": "p"})
+    assert [json.loads(x)["sample_id"] for x in path.read_text().splitlines()] == ["s0", "s2"]
+    assert not a.append({"sample_id": "s0", "policy": "p"}) and ResultLog(path).done == {("s0", "p"), ("s2", "p")}

@@ -109,6 +109,9 @@ class ResultLog:
             if key in self.done:
                 return False
             f.seek(0, os.SEEK_END)
+            if f.tell() > self._offset:          # a writer killed mid-line (no one else writes now)
+                f.truncate(self._offset)
+                f.seek(self._offset)
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
