@@ -88,6 +88,8 @@ def select(selector: str, *, r: float, chunks: list[list[int]], model: Transform
         want_dev, want_attn = selector in ("draft_dev", "oracle_dev", "cacheblend"), selector == "draft_attn"
         if tr is None or tr.n_layers < need or (want_dev and tr.dev is None) or (want_attn and tr.attn is None):
             tr = trace(model, prompt, need, N, reused=reused if want_dev else None, attn=want_attn)
+        if selector == "draft_rel" and store is None:
+            raise ValueError("selector=draft_rel reads the chunk-alone norms from the chunk store: pass store=")
         alone = [store.features(c) for c in chunks] if selector == "draft_rel" else None
         scores = selector_scores(selector, tr, D, L, alone)
     top = torch.topk(scores, min(8, N)).indices
