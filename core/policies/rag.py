@@ -52,7 +52,7 @@ class RagPolicyConfig(FullPolicyConfig):
     selector: str = "draft"         # full | reuse | random | epic | cacheblend | draft (SpecCache) | draft_dev | draft_rel | draft_attn | oracle_dev | oracle_norm (runtime only)
     recompute_ratio: float = 0.15   # r: budget = ceil(r * N) of the N chunk tokens; the question is always recomputed
     chunk_len: int = 512            # tokens per document chunk (each prefilled alone at positions 0..n-1)
-    draft_layers: int = 5           # draft = the target's first D layers (selector=draft)
+    draft_layers: int = 5           # draft = the target's first D layers (selector=draft*; they read its last ceil(D/3))
     tau_smooth: float = 0.4         # span cut where neighbouring normalised scores differ by more
     tau_cover: float = 0.7          # a span is completed when this share of it is chosen
     span_max: int = 16              # longest span

@@ -1,7 +1,9 @@
 """RAG chunk K/V reuse with selective recompute (`policy=rag`; the README's "RAG chunk reuse").
 
-store: the chunk K/V store; placement: RoPE re-positioning; selectors: which tokens to recompute;
-draft: a separate draft and token alignment; prefill: selective recompute and `rag_prefill`.
+store: the chunk K/V store (and chunk-alone features); placement: RoPE re-positioning; trace: one
+pass recording every signal (norms, K/V deviation, question attention); selectors: which tokens to
+recompute (scores, sinks, recall vs oracle_dev); draft: a separate draft and token alignment;
+prefill: selective recompute, `rag_prefill` and `oracle_set`.
 """
 from core.policies.rag import SELECTORS, STORES, budget_of
 

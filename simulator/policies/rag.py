@@ -22,9 +22,8 @@ sink_tokens moves tokens inside the same budget: no cost change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 from core.errors import ConfigError
 from core.policies.rag import DRAFT_SELECTORS, ORACLES, RagPolicyConfig, feature_bytes
