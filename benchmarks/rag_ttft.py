@@ -22,6 +22,7 @@ shipped model's shape.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -49,20 +50,27 @@ def load_model(name: str, device: torch.device):
     return random_init(args, seed=0).to(device)
 
 
-def twin_ttft(profile: str | None, device, prompt: int, knobs: dict | None) -> tuple[float, str]:
-    """The simulator twin's TTFT of one prompt (knobs None = policy=full) and the profile used."""
+@functools.lru_cache(maxsize=2)
+def _twin_costs(profile: str | None, device_name: str):
+    """The twin's profile (this machine's by fingerprint, else the committed CPU one), loaded once."""
     from core.profile import lookup
     from simulator.costs import Costs, ModelShape
-    from simulator.hardware import solve
-    from simulator.policies import make_policy
     from simulator.run import DEFAULT_PROFILE, ROOT
 
-    path = Path(profile) if profile else (lookup.find(device, "smollm2") or ROOT / DEFAULT_PROFILE)
+    path = Path(profile) if profile else (lookup.find(torch.device(device_name), "smollm2") or ROOT / DEFAULT_PROFILE)
     c = Costs.load(path, "smollm2", allow_extrapolation=True)
     s = c.shape
-    sh = ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto)
+    return c, ModelShape(s["n_layers"], s["n_kv_heads"], s["head_dim"], c.kv_dtype_auto), path.name
+
+
+def twin_ttft(profile: str | None, device, prompt: int, knobs: dict | None) -> tuple[float, str]:
+    """The simulator twin's TTFT of one prompt (knobs None = policy=full) and the profile used."""
+    from simulator.hardware import solve
+    from simulator.policies import make_policy
+
+    c, sh, name = _twin_costs(profile, str(device))
     pol = make_policy({"name": "full"} if knobs is None else {"name": "rag", **knobs})
-    return solve(pol.prefill_graph(c, sh, [prompt])).seconds, path.name
+    return solve(pol.prefill_graph(c, sh, [prompt])).seconds, name
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -105,6 +105,8 @@ def test_trace_matches_a_dense_forward_by_hand(model, parts, traced, store):
         assert torch.allclose(tr.norms[li].double(), ref[li]["norm"], rtol=1e-4)
         mass = ref[li]["probs"][:, N:, :N].mean(dim=(0, 1))                 # question rows, context columns
         assert torch.allclose(tr.attn[li].double(), mass, rtol=1e-4, atol=1e-7)
+    alone = [naive_forward(model, c) for c in chunks]
+    solo = torch.stack([torch.cat([a[li]["norm"] for a in alone]) for li in range(L)])
     for D in (1, 3, 5, L):
         deep = list(range(D - math.ceil(D / 3), D))
         assert list(deep_layers(D)) == deep
@@ -112,8 +114,6 @@ def test_trace_matches_a_dense_forward_by_hand(model, parts, traced, store):
         assert torch.allclose(selector_scores("draft", tr, D, L).double(), want, rtol=1e-4)
         want = sum(ref[li]["probs"][:, N:, :N].mean(dim=(0, 1)) for li in deep) / len(deep)
         assert torch.allclose(selector_scores("draft_attn", tr, D, L).double(), want, rtol=1e-4, atol=1e-7)
-        alone = [naive_forward(model, c) for c in chunks]
-        solo = torch.stack([torch.cat([a[li]["norm"] for a in alone]) for li in range(L)])
         want = sum((ref[li]["norm"][:N] / solo[li]).log().abs() for li in deep) / len(deep)
         got = selector_scores("draft_rel", tr, D, L, [store.features(c) for c in chunks])
         assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-5)
@@ -212,6 +212,9 @@ def test_chunk_features_stored_counted_and_checked(model, parts, tmp_path):
     assert s1.stats["feature_bytes"] == feature_bytes(CHUNK, model.args.n_layers) == 4 * CHUNK * 6
     s2 = ChunkStore(model, root=tmp_path)
     assert torch.equal(s2.features(c), f) and s2.stats["feature_disk_hits"] == 1 and s2.stats["feature_computed"] == 0
+    kv = s1.get(c)                              # filled by the features' pass: a memory hit, prefill_once's K/V
+    assert s1.stats["computed"] == 1 and s1.stats["mem_hits"] == 1
+    assert all(torch.equal(a, b) for pair, ref in zip(kv, prefill_once(model, [c]).kv) for a, b in zip(pair, ref))
     path = next(tmp_path.glob("*.feat.safetensors"))
     path.write_bytes(path.read_bytes()[:-9] + b"corrupted")
     s3 = ChunkStore(model, root=tmp_path)
@@ -357,3 +360,22 @@ def test_a_torn_line_left_by_a_killed_writer_is_cut_before_the_next_append(tmp_p
     assert a.append({"sample_id": "s2", "policy": "p"})
     assert [json.loads(x)["sample_id"] for x in path.read_text().splitlines()] == ["s0", "s2"]
     assert not a.append({"sample_id": "s0", "policy": "p"}) and ResultLog(path).done == {("s0", "p"), ("s2", "p")}
+
+
+def test_rag_ttft_benchmark_smoke(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rag_ttft.py"
+    spec = importlib.util.spec_from_file_location("rag_ttft_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--model", "tiny", "--chunks", "2", "--chunk-len", "32", "--question", "8", "--repeats", "1",
+                    "--draft-layers", "3", "--selectors", "draft", "draft_attn"])
+    names = [r["config"] for r in out["rows"]]
+    assert names == ["full recompute", "draft D=3", "draft_attn D=3"]
+    text = capsys.readouterr().out
+    assert "fingerprint" in text and "twin" in text
+    d3 = out["rows"][1]
+    assert d3["bound"] == pytest.approx(1 / (0.15 + 3 / 30)) and d3["chosen"] == budget_of(0.15, 64)
+    assert out["rows"][2]["twin_ttft_s"] > d3["twin_ttft_s"] > 0             # the attention read is costed

@@ -480,7 +480,10 @@ def run_rag(model: Transformer, tok: TextTokenizer, samples: list[RagSample], pt
         store.mem.clear()                                          # bound memory: one sample's chunks
         store.feat.clear()
         t0 = time.perf_counter()
+        rel = any(p["selector"] == "draft_rel" for p in pts)
         for c in s.chunks:                                         # warm store: TTFT excludes chunk prefill
+            if rel:
+                store.features(c)                                  # one pass: the chunk-alone norms and K/V
             store.get(c)
         store_s = time.perf_counter() - t0
         shared = shared_work(model, s, store, pts)                 # untimed per row: once per question

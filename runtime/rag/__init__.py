@@ -1,6 +1,6 @@
 """RAG chunk K/V reuse with selective recompute (`policy=rag`; the README's "RAG chunk reuse").
 
-store: the chunk K/V store (and chunk-alone features); placement: RoPE re-positioning; trace: one
+store: the chunk K/V store (and chunk-alone features); placement: RoPE re-positioning; tracing: one
 pass recording every signal (norms, K/V deviation, question attention); selectors: which tokens to
 recompute (scores, sinks, recall vs oracle_dev); draft: a separate draft and token alignment;
 prefill: selective recompute, `rag_prefill` and `oracle_set`.

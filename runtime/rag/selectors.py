@@ -33,7 +33,7 @@ from ..kv.base import Step
 from ..model import Transformer
 from .placement import _qkv
 from .store import ChunkKV
-from .trace import Trace, trace  # noqa: F401  (re-exported: the selectors read traces)
+from .tracing import Trace, trace  # noqa: F401  (re-exported: the selectors read traces)
 
 
 def span_complete(scores: torch.Tensor, budget: int, tau_smooth: float = RagPolicyConfig.tau_smooth,

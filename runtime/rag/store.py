@@ -5,7 +5,8 @@ tensors, so a stale, renamed or corrupt file is recomputed, never trusted; write
 
 Beside the K/V, `features(ids)` holds each chunk's chunk-alone hidden-state norms, one float32 per
 token and layer (what selector=draft_rel compares the in-context norms with): computed by a
-trace of the chunk alone when first asked, kept in memory and (disk) in `<key>.feat.safetensors`,
+trace of the chunk alone when first asked (the same pass fills the chunk's K/V when they are not
+held yet: the trace is the chunk's prefill op for op), kept in memory and (disk) in `<key>.feat.safetensors`,
 counted in stats["feature_bytes"] (core.policies.rag.feature_bytes) and their reads' seconds in
 stats["feature_load_s"]."""
 from __future__ import annotations
@@ -129,10 +130,18 @@ class ChunkStore:
             self.stats["feature_disk_hits"] += 1
             self.stats["feature_load_s"] += time.perf_counter() - t0
         else:
-            from .trace import trace
+            from .tracing import trace
 
-            f = trace(self.model, ids, self.model.args.n_layers, len(ids)).norms
+            # the same pass is the chunk's prefill (op for op, kv_dtype auto): its K/V fill the store too
+            share = self.kv_dtype == "auto" and key not in self.mem
+            tr = trace(self.model, ids, self.model.args.n_layers, len(ids), keep_kv=share)
+            f = tr.norms
             self.stats["feature_computed"] += 1
+            if share:
+                self.mem[key] = [(k.to(self.dtype), v.to(self.dtype)) for k, v in tr.kv]
+                self.stats["computed"] += 1
+                if self.disk:
+                    self._write(key, self.mem[key], len(ids))
             if self.disk:
                 self._write_tensors(key + ".feat", {"norms": f.detach().cpu().contiguous()}, len(ids))
         self.stats["feature_bytes"] += feature_bytes(len(ids), self.model.args.n_layers)

@@ -31,6 +31,7 @@ class Trace:
     norms: torch.Tensor                  # (n, T) float32: hidden-state L2 norm after each block
     dev: torch.Tensor | None = None      # (n, N) ||K - K_reused||_2 + ||V - V_reused||_2 (reused given)
     attn: torch.Tensor | None = None     # (n, N) question rows' attention mass on each context token
+    kv: ChunkKV | None = None            # per layer: the prefill's K/V (1, H_kv, T, D) (keep_kv)
 
     @property
     def n_layers(self) -> int:
@@ -38,10 +39,11 @@ class Trace:
 
 
 def trace(model: Transformer, prompt: list[int], n_layers: int, n_ctx: int, reused: ChunkKV | None = None,
-          attn: bool = False) -> Trace:
+          attn: bool = False, keep_kv: bool = False) -> Trace:
     """The first `n_layers` blocks of the model over the whole prompt (causal, full attention:
     the target's own prefill when n_layers = L); see the module docstring. reused: the placed
-    chunk K/V (positions 0..n_ctx-1), for the deviation; attn: record the question's mass."""
+    chunk K/V (positions 0..n_ctx-1), for the deviation; attn: record the question's mass;
+    keep_kv: keep every layer's K/V (what `engine.prefill_once` gives, op for op)."""
     T, N = len(prompt), n_ctx
     dev = model.device
     tokens = torch.tensor([prompt], dtype=torch.long, device=dev)
@@ -75,6 +77,7 @@ def trace(model: Transformer, prompt: list[int], n_layers: int, n_ctx: int, reus
                 s = (q.float() @ Kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])
                 p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)  # (1, H, Q, T)
                 mass[li] = p[0, :, :, :N].mean(dim=(0, 1))
-    return Trace(n_ctx=N, norms=norms, dev=devs, attn=mass)
+    kept = [(layer.k[:, :, :T].clone(), layer.v[:, :, :T].clone()) for layer in cache.layers] if keep_kv else None
+    return Trace(n_ctx=N, norms=norms, dev=devs, attn=mass, kv=kept)
 
 
