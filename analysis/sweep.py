@@ -141,7 +141,8 @@ def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | No
                     "k": p.get("k", math.nan) if p.name == "specache" else (0 if p.name == "kivi" else math.nan),
                     "bits": p.get("bits", math.nan), "prefetch": p.get("prefetch", math.nan),
                     "selector": p.get("selector", ""), "recompute_ratio": p.get("recompute_ratio", math.nan),
-                    "draft_layers": p.get("draft_layers", math.nan) if p.get("selector") == "draft" else math.nan})
+                    "draft_layers": p.get("draft_layers", math.nan) if str(p.get("selector")).startswith("draft")
+                    else math.nan})
         rec = simulate(cfg)
         row.update({m: rec.get(m, math.nan) for m in METRICS})
         row["extrapolated"] = " ".join(rec.get("extrapolated", []))
@@ -195,6 +196,8 @@ def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
         return None
     df = pd.read_csv(path)
     df = df[(df.hops.astype(str) == "all") & df.error.isna() & df.epic_prefix.isna()]
+    if "sink_tokens" in df:                  # sink-token points (`-s<n>`) are not on the sweep's axes
+        df = df[df.sink_tokens.fillna(0) == 0]
     q = df[["selector", "r", "draft_layers", "em", "n"]].rename(
         columns={"r": "recompute_ratio", "em": "rag_em", "n": "rag_n"})
     return q

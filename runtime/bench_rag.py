@@ -13,7 +13,8 @@ from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
 from .kv.rag import RagKV
 from .model import Transformer
-from .rag import ChunkStore, RagResult, check_policy, load_draft, rag_prefill, split_prompt
+from .rag import (ChunkStore, RagResult, check_policy, load_draft, oracle_set, placed_kv, rag_prefill, recall,
+                  split_prompt)
 
 
 def target_tokenizer(model_cfg):
@@ -38,7 +39,8 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     store; nothing of random-token prompts lands on disk), then each repeat times
     rag_prefill and decodes gen_len tokens from its Prefilled under a plain full-precision cache
     (`engine.generate(prefilled=...)`). TTFT = rag_prefill + loading its K/V + the first token.
-    policy_stats: the selection (n_ctx, budget, chosen, recomputed) and the phases' seconds."""
+    policy_stats: the selection (n_ctx, budget, chosen, recomputed), the phases' seconds, and
+    recall_vs_oracle (oracle_dev's set: one full prefill after the timed repeats, untimed)."""
     p, w = cfg.policy, cfg.workload
     if w.batch != 1:
         raise ConfigError(f"workload.batch={w.batch}: policy=rag runs one request at a time in runtime.bench "
@@ -73,6 +75,10 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
                        progress=bool(getattr(cfg, "progress", False)))
         runs.append(_shifted(run, rag_s, mem.peak, res))
     runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
+    n_ctx, budget = res.info["n_ctx"], res.info["budget"]
+    oracle = list(range(n_ctx)) if budget >= n_ctx else \
+        oracle_set(model, [t for c in chunks for t in c] + list(question), placed_kv(model, store, chunks), n_ctx, budget)
+    runs[-1].policy_stats["recall_vs_oracle"] = recall(res.chosen, oracle)
     if scratch:
         scratch.cleanup()
     return runs
@@ -87,6 +93,8 @@ def _shifted(run: BatchResult, rag_s: float, rag_peak: int, res: RagResult) -> B
              "rag_prefill_s": rag_s, **info["time"]}
     if "draft_layers" in info:
         stats["draft_layers"] = info["draft_layers"]
+    if "sinks" in info:
+        stats["sink_tokens"], stats["sinks"] = info["sink_tokens"], info["sinks"]
     return replace(run, requests=reqs, wall_s=run.wall_s + rag_s, prefill_s=run.prefill_s + rag_s,
                    peak_mem_bytes=max(run.peak_mem_bytes, rag_peak), policy_stats=stats)
 

@@ -252,7 +252,8 @@ def test_chunk_longer_than_context(tiny_model, store):
 
 
 def test_selectors_listed():
-    assert set(SELECTORS) == {"full", "reuse", "random", "epic", "cacheblend", "draft"}
+    assert set(SELECTORS) == {"full", "reuse", "random", "epic", "cacheblend", "draft", "draft_dev", "draft_rel",
+                              "draft_attn", "oracle_dev", "oracle_norm"}
 
 
 # ----------------------------------------------------------------------------- EPIC's fixed prefixes
@@ -303,6 +304,7 @@ def _bench_cfg(tmp_path, *extra):
     ("epic", 0.15, ["policy.epic_prefix=8"], 4 * 8),
     ("full", 1.0, [], 128),
     ("random", 0.3, ["policy.store=disk"], math.ceil(0.3 * 128)),
+    ("draft_dev", 0.15, ["policy.sink_tokens=2", "policy.draft_layers=2"], math.ceil(0.15 * 128)),
 ])
 def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
     import json
@@ -322,6 +324,9 @@ def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
     assert data["requests"] == 2 and data["output_tokens"] == 2 * 4 and data["tpot_s"] > 0
     for key in ("place_s", "select_s", "recompute_s"):
         assert ps[key] >= 0
+    assert 0 <= ps["recall_vs_oracle"] <= 1 and (selector != "full" or ps["recall_vs_oracle"] == 1)
+    if "policy.sink_tokens=2" in extra:
+        assert ps["sink_tokens"] == 2 and ps["sinks"] == 4 * 2
     if "policy.store=disk" in extra:      # every timed run read every chunk back from its file
         assert ps["store_disk_hits"] == 2 * 4
     elif selector != "full":             # warm: every timed lookup a memory hit

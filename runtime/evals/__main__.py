@@ -91,7 +91,12 @@ def parser() -> argparse.ArgumentParser:
     rg.add_argument("--hops", nargs="+", type=int, default=[1, 2])
     rg.add_argument("--r", nargs="+", type=float, default=[0, 0.05, 0.15, 0.3, 1])
     rg.add_argument("--selectors", nargs="+", default=["full", "reuse", "random", "epic", "cacheblend", "draft"],
-                    help="also epic<n>: EPIC's fixed n first tokens per chunk (the paper's epic8 epic16 epic32)")
+                    help="full reuse random epic cacheblend draft draft_dev draft_rel draft_attn oracle_dev "
+                         "oracle_norm; also epic<n>: EPIC's fixed n first tokens per chunk (epic8 epic16 epic32)")
+    rg.add_argument("--sink-tokens", nargs="+", type=int, default=[0],
+                    help="policy.sink_tokens values: each n > 0 adds <point>-s<n> for random, cacheblend, draft*, oracle_*")
+    rg.add_argument("--shard", default=None, metavar="K/N",
+                    help="only the questions whose index %% N == K (run N processes on one --out at once)")
     rg.add_argument("--draft-layers", nargs="+", type=int, default=[3, 5, 10])
     rg.add_argument("--draft-model", default=None, help="a separate draft for the draft points (GGUF file or "
                     "transformers folder; its first --draft-layers layers; tokens aligned by character offsets)")
@@ -150,7 +155,8 @@ def run_rag_cmd(a: argparse.Namespace) -> None:
 
     if a.n < 1:
         raise ConfigError(f"--n {a.n} must be >= 1")
-    pts = rag.points(a.selectors, a.r, a.draft_layers, a.chunk_len, a.draft_model)
+    pts = rag.points(a.selectors, a.r, a.draft_layers, a.chunk_len, a.draft_model, a.sink_tokens)
+    shard = rag.parse_shard(a.shard)
     device = resolve_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -162,14 +168,17 @@ def run_rag_cmd(a: argparse.Namespace) -> None:
         depth = load_draft(a.draft_model, model, tok).model.args.n_layers
     else:
         depth = model.args.n_layers
-    bad_d = [D for D in a.draft_layers if "draft" in a.selectors and not 1 <= D <= depth]
+    drafts = any(s.startswith("draft") for s in a.selectors)
+    bad_d = [D for D in a.draft_layers if drafts and not 1 <= D <= depth]
     if bad_d:
         raise ConfigError(f"--draft-layers {bad_d} must be in [1, {depth}] (the draft's layers)")
     samples = rag.rag_samples(tok, a.n, a.seed, a.chunk_len, a.chunks, tuple(a.hops))
     meta = {"n": a.n, "chunks": a.chunks, "chunk_len": a.chunk_len, "hops": a.hops, "seed": a.seed,
-            "max_new_tokens": a.max_new_tokens, **({"draft_model": a.draft_model} if a.draft_model else {})}
+            "max_new_tokens": a.max_new_tokens, "sink_tokens": a.sink_tokens,
+            **({"draft_model": a.draft_model} if a.draft_model else {})}
     path = rag.run_rag(model, tok, samples, pts, a.out, model_name=_model_name(a), kv_dtype=a.kv_dtype,
-                       max_new_tokens=a.max_new_tokens, progress=not a.no_progress, meta=meta, seed=a.seed)
+                       max_new_tokens=a.max_new_tokens, progress=not a.no_progress, meta=meta, seed=a.seed,
+                       shard=shard)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -6,13 +6,16 @@ every policy decodes from a copy of that cache. Exact, not an approximation: eve
 prefill is full-precision attention over the prompt (see `runtime.kv.base.LayerKV`).
 
 Resumable: each (sample, policy) result is one line appended to `<out>/<task>.jsonl` and fsynced
-before the next starts, so a crash loses at most the point in flight. On restart, points with a
+before the next starts, so a crash loses at most the point in flight. Appends are whole lines
+under an exclusive `fcntl.flock`, after reading the lines other processes appended since (so two
+processes on one file, e.g. `rag --shard 0/2` and `--shard 1/2`, neither lose nor duplicate rows). On restart, points with a
 result line are skipped (a sample whose policies are all done is not even prefilled); points
 whose line carries an "error" are tried again, so a grid run before a policy existed fills in
 once it does. A policy that raises records {"error": "..."} for that point and the grid goes on.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -33,37 +36,89 @@ from .specs import parse_spec
 
 
 class ResultLog:
-    """Append-only JSON lines keyed by (sample_id, policy)."""
+    """Append-only JSON lines keyed by (sample_id, policy), safe for several writing processes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_torn_tail()
-        self.done = {(r["sample_id"], r["policy"]) for r in self.records() if "error" not in r}
+        self.done: set = set()
+        self._offset = 0
+        with self._locked() as f:
+            self._drop_torn_tail(f)
+            self._read_new(f)
 
-    def _drop_torn_tail(self) -> None:
+    def _locked(self):
+        """The file opened for append and read, under an exclusive flock (released on close)."""
+        log = self
+
+        class _Lock:
+            def __enter__(self):
+                self.f = open(log.path, "a+b")
+                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+                return self.f
+
+            def __exit__(self, *exc):
+                fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+                self.f.close()
+
+        return _Lock()
+
+    @staticmethod
+    def _drop_torn_tail(f) -> None:
         """A crash mid-write can leave a last line without its newline; cut it off, or the next
-        append would glue a good record onto it."""
-        if not self.path.exists():
+        append would glue a good record onto it (under the lock: no writer is mid-line)."""
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if not size:
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        f.seek(0)
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+    def _read_new(self, f) -> None:
+        """Add the complete lines appended since the last read to `done`."""
+        f.seek(self._offset)
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if "error" not in r:
+                    self.done.add((r["sample_id"], r["policy"]))
+        self._offset += end
+
+    def refresh(self) -> None:
+        """Pick up the rows other processes appended (done grows)."""
+        with self._locked() as f:
+            self._read_new(f)
 
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
 
-    def append(self, rec: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec, allow_nan=True, default=str) + "\n")
+    def append(self, rec: dict) -> bool:
+        """Append one record as a whole line (fsynced); False (nothing written) when a successful
+        row of the same (sample_id, policy) is already in the file."""
+        line = (json.dumps(rec, allow_nan=True, default=str) + "\n").encode()
+        key = (rec["sample_id"], rec["policy"])
+        with self._locked() as f:
+            self._read_new(f)
+            if key in self.done:
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell() > self._offset:          # a writer killed mid-line (no one else writes now)
+                f.truncate(self._offset)
+                f.seek(self._offset)
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
+            self._offset = f.tell()
         if "error" not in rec:
-            self.done.add((rec["sample_id"], rec["policy"]))
+            self.done.add(key)
+        return True
 
 
 @dataclass

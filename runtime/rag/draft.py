@@ -168,10 +168,11 @@ def load_draft(path: str, target: Transformer, target_tok) -> Draft:
     return Draft(model=model, tok=tok, target_tok=target_tok, name=str(path))
 
 
-def separate_draft_select(draft: Draft, prompt: list[int], n_ctx: int, budget: int, D: int, policy
-                          ) -> tuple[list[int], dict]:
+def separate_draft_select(draft: Draft, prompt: list[int], n_ctx: int, budget: int, D: int, policy,
+                          pre: list[int] | None = None) -> tuple[list[int], dict]:
     """SpecCache with a separate draft: score the draft's own tokens, select with span completion
-    in the draft's sequence, and map to target positions (< n_ctx) by character overlap."""
+    in the draft's sequence, and map to target positions (< n_ctx) by character overlap.
+    pre: target positions taken first (the sink tokens), inside the budget."""
     if not 1 <= D <= draft.model.args.n_layers:
         raise ConfigError(f"policy.draft_layers={D} must be in [1, {draft.model.args.n_layers}] "
                           f"(the layers of policy.draft_model={draft.name})")
@@ -190,7 +191,7 @@ def separate_draft_select(draft: Draft, prompt: list[int], n_ctx: int, budget: i
                           f"{max(ids, default=0)}), beyond its context {draft.model.args.max_seq_len} or vocab "
                           f"{draft.model.args.vocab_size}")
     scores = draft_scores(draft.model, ids, D)[:n_d]
-    chosen_d, taken, spans = _greedy_spans(scores, budget, *knobs, cover)
+    chosen_d, taken, spans = _greedy_spans(scores, budget, *knobs, cover, pre)
     chosen = sorted(taken) if cover is not None else sorted(chosen_d)
     top = torch.topk(scores, min(8, n_d)).indices if n_d else torch.zeros(0, dtype=torch.long)
     info = dict(draft_model=draft.name, draft_layers=D, n_spans=len(spans), chosen=chosen,

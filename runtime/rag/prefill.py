@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.errors import ConfigError
-from core.policies.rag import SELECTORS, budget_of, knob
+from core.policies.rag import DRAFT_SELECTORS, ORACLES, SELECTORS, budget_of, knob
 
 from ..engine import Prefilled, sync
 from ..kv.base import sdpa_gqa
@@ -18,17 +18,26 @@ from ..model import Transformer
 from .checks import check_policy
 from .draft import Draft, load_draft, separate_draft_select
 from .placement import _qkv, placed_kv
-from .selectors import _cacheblend_deviation, draft_scores, span_complete
+from .selectors import (Trace, _cacheblend_deviation, recall, selector_scores, sink_positions, span_complete,
+                        top_with_sinks, trace)
 from .store import ChunkKV, ChunkStore
 
 
 def select(selector: str, *, r: float, chunks: list[list[int]], model: Transformer, prompt: list[int],
-           reused: ChunkKV, policy=None, draft: Draft | None = None) -> tuple[list[int], dict]:
+           reused: ChunkKV, policy=None, draft: Draft | None = None, store: ChunkStore | None = None,
+           traced: Trace | None = None) -> tuple[list[int], dict]:
     """Context positions (sorted, < N) to recompute, within ceil(r*N); and what was chosen (log).
-    epic with a fixed `epic_prefix` ignores r: its budget is the prefixes' total."""
+    epic with a fixed `epic_prefix` ignores r: its budget is the prefixes' total.
+
+    policy.sink_tokens (random, cacheblend, draft*, oracle_*): the first n tokens of every chunk
+    are taken first, inside the budget. store: where draft_rel finds the chunk-alone norms.
+    traced: a precomputed `trace` of this prompt with this `reused` (>= the layers the selector
+    reads; dev / attn recorded where it reads them), used instead of running one (the evals
+    trace each question once for every selector; the selection is the same)."""
     lens = [len(c) for c in chunks]
     N = sum(lens)
     B = budget_of(r, N)
+    L = model.args.n_layers
     info: dict = {"selector": selector, "n_ctx": N, "budget": B}
     if selector == "full":
         info["budget"] = N
@@ -44,9 +53,17 @@ def select(selector: str, *, r: float, chunks: list[list[int]], model: Transform
     if selector == "reuse" or B == 0:
         info["budget"] = 0 if selector == "reuse" else B
         return [], info
+    n_sink = int(knob(policy, "sink_tokens") or 0)
+    sinks = sink_positions(lens, n_sink, B) if n_sink and selector not in ("epic",) else []
+    if sinks:
+        info.update(sink_tokens=n_sink, sinks=len(sinks))
     if selector == "random":
         g = torch.Generator().manual_seed(int(knob(policy, "seed")))
-        return sorted(torch.randperm(N, generator=g)[:B].tolist()), info
+        if not sinks:
+            return sorted(torch.randperm(N, generator=g)[:B].tolist()), info
+        sink_set = set(sinks)
+        rest = [p for p in torch.randperm(N, generator=g).tolist() if p not in sink_set][:B - len(sinks)]
+        return sorted(sinks + rest), info
     if selector == "epic":
         cands = []
         off = 0
@@ -56,25 +73,48 @@ def select(selector: str, *, r: float, chunks: list[list[int]], model: Transform
             off += n
         cands.sort()
         return sorted(p for _, _, p in cands[:B]), info
-    if selector == "cacheblend":
-        dev = _cacheblend_deviation(model, prompt, reused, N)
-        top = torch.topk(dev, B).indices
-        info["deviation_top"] = [(int(i), float(dev[i])) for i in top[:8]]
-        return sorted(top.tolist()), info
-    if selector == "draft":
-        D = int(knob(policy, "draft_layers"))
-        if draft is not None:
-            chosen, more = separate_draft_select(draft, prompt, N, B, D, policy)
-            info.update(more)
-            return chosen, info
-        scores = draft_scores(model, prompt, D)[:N]
-        chosen, spans = span_complete(scores, B, float(knob(policy, "tau_smooth")),
-                                      float(knob(policy, "tau_cover")), int(knob(policy, "span_max")))
-        top = torch.topk(scores, min(8, N)).indices
-        info.update(draft_layers=D, n_spans=len(spans), chosen=chosen,
-                    top_scores=[(int(i), float(scores[i])) for i in top])   # attention sinks show up here
+    D = int(knob(policy, "draft_layers"))
+    if selector == "draft" and draft is not None:
+        chosen, more = separate_draft_select(draft, prompt, N, B, D, policy, pre=sinks)
+        info.update(more)
         return chosen, info
-    raise ConfigError(f"policy.selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    if selector not in SELECTORS or selector in ("full", "reuse", "random", "epic"):
+        raise ConfigError(f"policy.selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    if selector == "cacheblend" and traced is None:
+        scores = _cacheblend_deviation(model, prompt, reused, N)
+    else:
+        need = L if selector in ORACLES or selector == "cacheblend" else D
+        tr = traced
+        want_dev, want_attn = selector in ("draft_dev", "oracle_dev", "cacheblend"), selector == "draft_attn"
+        if tr is None or tr.n_layers < need or (want_dev and tr.dev is None) or (want_attn and tr.attn is None):
+            tr = trace(model, prompt, need, N, reused=reused if want_dev else None, attn=want_attn)
+        if selector == "draft_rel" and store is None:
+            raise ValueError("selector=draft_rel reads the chunk-alone norms from the chunk store: pass store=")
+        alone = [store.features(c) for c in chunks] if selector == "draft_rel" else None
+        scores = selector_scores(selector, tr, D, L, alone)
+    top = torch.topk(scores, min(8, N)).indices
+    info["top_scores"] = [(int(i), float(scores[i])) for i in top]    # attention sinks show up here
+    if selector in DRAFT_SELECTORS:
+        chosen, spans = span_complete(scores, B, float(knob(policy, "tau_smooth")), float(knob(policy, "tau_cover")),
+                                      int(knob(policy, "span_max")), pre=sinks)
+        info.update(draft_layers=D, n_spans=len(spans), chosen=chosen)
+        return chosen, info
+    chosen = top_with_sinks(scores, B, sinks)
+    if selector == "cacheblend":
+        info["deviation_top"] = info.pop("top_scores")
+    return chosen, info
+
+
+def oracle_set(model: Transformer, prompt: list[int], reused: ChunkKV, n_ctx: int, budget: int,
+               traced: Trace | None = None) -> list[int]:
+    """oracle_dev's top-`budget` context positions (no sinks): the reference every selector's
+    `recall_vs_oracle` is measured against. A full prefill unless `traced` (L layers, dev) is given."""
+    L = model.args.n_layers
+    if budget <= 0 or n_ctx == 0:
+        return []
+    tr = traced if traced is not None and traced.n_layers >= L and traced.dev is not None else \
+        trace(model, prompt, L, n_ctx, reused=reused)
+    return top_with_sinks(selector_scores("oracle_dev", tr, 1, L), budget, [])
 
 
 def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, recompute: list[int],
@@ -121,12 +161,17 @@ class RagResult:
 
 
 def rag_prefill(model: Transformer, chunks: list[list[int]], question: list[int], policy,
-                store: ChunkStore | None = None, *, draft: Draft | None = None, tokenizer=None) -> RagResult:
+                store: ChunkStore | None = None, *, draft: Draft | None = None, tokenizer=None,
+                traced: Trace | None = None, oracle: list[int] | None = None) -> RagResult:
     """`policy=rag` prefill of prompt = chunks + question; see the module docstring.
 
     draft / tokenizer: with `policy.draft_model` set, a loaded `Draft`, or the target's
     tokenizer to load one with (`load_draft`, cached per process). info["time"] holds the
-    phases' seconds (placing the reused K/V, the selector, the selective recompute)."""
+    phases' seconds (placing the reused K/V, the selector, the selective recompute).
+
+    traced: a precomputed trace of the prompt (see `select`; the evals' shared per-question
+    work, so the selector's own cost is then not in info["time"]). oracle: oracle_dev's set
+    for this budget (`oracle_set`), to record info["recall_vs_oracle"] (untimed)."""
     check_policy(policy, model, separate_draft=draft is not None)
     if not question:
         raise ConfigError("the question is empty; a rag prompt needs at least one token after the chunks")
@@ -158,7 +203,7 @@ def rag_prefill(model: Transformer, chunks: list[list[int]], question: list[int]
     times["place_s"], t = time.perf_counter() - t, time.perf_counter()
     r = float(knob(policy, "recompute_ratio"))
     chosen, info = select(selector, r=r, chunks=chunks, model=model, prompt=prompt, reused=reused, policy=policy,
-                          draft=draft if selector == "draft" else None)
+                          draft=draft if selector == "draft" else None, store=store, traced=traced)
     sync(dev)
     times["select_s"], t = time.perf_counter() - t, time.perf_counter()
     recompute = sorted(chosen) + list(range(N, len(prompt)))
@@ -168,4 +213,6 @@ def rag_prefill(model: Transformer, chunks: list[list[int]], question: list[int]
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     info["store"] = dict(store.stats)
     info["time"] = times
+    if oracle is not None:
+        info["recall_vs_oracle"] = recall(chosen, oracle)
     return RagResult(Prefilled(prompts=[prompt], pad=pad, kv=kv, logits=logits), chosen, recompute, info)

@@ -1,13 +1,21 @@
 """The chunk K/V store: each chunk's per-layer K/V from a prefill of the chunk alone at positions
 0..n-1, held in memory and (store=disk) in safetensors files under the cache root. A file's name
 and metadata carry a content hash of (model identity, K/V dtype, token ids) and a digest of the
-tensors, so a stale, renamed or corrupt file is recomputed, never trusted; writes are atomic."""
+tensors, so a stale, renamed or corrupt file is recomputed, never trusted; writes are atomic.
+
+Beside the K/V, `features(ids)` holds each chunk's chunk-alone hidden-state norms, one float32 per
+token and layer (what selector=draft_rel compares the in-context norms with): computed by a
+trace of the chunk alone when first asked (the same pass fills the chunk's K/V when they are not
+held yet: the trace is the chunk's prefill op for op), kept in memory and (disk) in `<key>.feat.safetensors`,
+counted in stats["feature_bytes"] (core.policies.rag.feature_bytes) and their reads' seconds in
+stats["feature_load_s"]."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,7 +79,9 @@ class ChunkStore:
         self.disk = disk
         self.model_id = model_identity(model)
         self.mem: dict[str, ChunkKV] = {}
-        self.stats = {"mem_hits": 0, "disk_hits": 0, "computed": 0, "stale": 0, "corrupt": 0}
+        self.stats = {"mem_hits": 0, "disk_hits": 0, "computed": 0, "stale": 0, "corrupt": 0,
+                      "feature_computed": 0, "feature_disk_hits": 0, "feature_bytes": 0, "feature_load_s": 0.0}
+        self.feat: dict[str, torch.Tensor] = {}
 
     def key(self, ids: list[int]) -> str:
         h = hashlib.sha256()
@@ -106,6 +116,61 @@ class ChunkStore:
         self.mem[key] = kv
         return kv
 
+    def features(self, ids: list[int]) -> torch.Tensor:
+        """The chunk's chunk-alone hidden-state norms (L, n) float32 (see the module docstring)."""
+        from core.policies.rag import feature_bytes
+
+        ids = list(ids)
+        key = self.key(ids)
+        if key in self.feat:
+            return self.feat[key]
+        t0 = time.perf_counter()
+        f = self._read_features(key, len(ids)) if self.disk else None
+        if f is not None:
+            self.stats["feature_disk_hits"] += 1
+            self.stats["feature_load_s"] += time.perf_counter() - t0
+        else:
+            from .tracing import trace
+
+            # the same pass is the chunk's prefill (op for op, kv_dtype auto): its K/V fill the store too
+            share = self.kv_dtype == "auto" and key not in self.mem
+            tr = trace(self.model, ids, self.model.args.n_layers, len(ids), keep_kv=share)
+            f = tr.norms
+            self.stats["feature_computed"] += 1
+            if share:
+                self.mem[key] = [(k.to(self.dtype), v.to(self.dtype)) for k, v in tr.kv]
+                self.stats["computed"] += 1
+                if self.disk:
+                    self._write(key, self.mem[key], len(ids))
+            if self.disk:
+                self._write_tensors(key + ".feat", {"norms": f.detach().cpu().contiguous()}, len(ids))
+        self.stats["feature_bytes"] += feature_bytes(len(ids), self.model.args.n_layers)
+        self.feat[key] = f
+        return f
+
+    def _read_features(self, key: str, n: int) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        path = self.root / f"{key}.feat.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta.get("format") != FORMAT or meta.get("key") != key + ".feat" or \
+                    meta.get("sha256") != _tensor_digest(tensors):
+                self.stats["corrupt"] += 1
+                return None
+            t = tensors["norms"]
+            if tuple(t.shape) != (self.model.args.n_layers, n) or t.dtype != torch.float32:
+                self.stats["corrupt"] += 1
+                return None
+        except Exception:   # truncated / garbage file: recompute, never trust
+            self.stats["corrupt"] += 1
+            return None
+        return t.to(self.model.device)
+
     def _compute(self, ids: list[int]) -> ChunkKV:
         pre = prefill_once(self.model, [ids], kv_dtype=self.kv_dtype)
         return [(k.to(self.dtype), v.to(self.dtype)) for k, v in pre.kv]
@@ -138,12 +203,15 @@ class ChunkStore:
         return [(k.to(self.model.device), v.to(self.model.device)) for k, v in kv]
 
     def _write(self, key: str, kv: ChunkKV, n: int) -> None:
-        from safetensors.torch import save_file
-
         tensors = {}
         for i, (k, v) in enumerate(kv):
             tensors[f"k.{i}"] = k.detach().contiguous().cpu()
             tensors[f"v.{i}"] = v.detach().contiguous().cpu()
+        self._write_tensors(key, tensors, n)
+
+    def _write_tensors(self, key: str, tensors: dict[str, torch.Tensor], n: int) -> None:
+        from safetensors.torch import save_file
+
         meta = {"format": FORMAT, "key": key, "model_id": self.model_id, "n_tokens": str(n),
                 "sha256": _tensor_digest(tensors)}
         self.root.mkdir(parents=True, exist_ok=True)
