@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import model as model_lib
 from core.config import register
 from .engine import SamplingParams, generate, resolve_device
-from core.errors import ConfigError, cli_errors
+from core.cli import hydra_entry, run_point
+from core.errors import ConfigError
 from core.policies import load_plugin
 from core.provenance import provenance
 from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
@@ -116,11 +117,17 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
+CSV_KEYS = ("throughput_tok_s", "decode_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "prefill_s",
+            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "peak_mem_bytes", "path")
+
+
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with cli_errors("runtime.bench"):
-        record = run(cfg)
-    print(format_table(record))
+def task(cfg: DictConfig) -> None:
+    """One run (or one point of a multirun: recorded in results/measured/sweeps/<sweep>.csv, failed or not)."""
+    return run_point("runtime.bench", cfg, run, format_table, kind="measured", keys=CSV_KEYS)
+
+
+main = hydra_entry("runtime.bench", "bench", task)
 
 
 if __name__ == "__main__":

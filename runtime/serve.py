@@ -38,7 +38,8 @@ from . import model as model_lib
 from core.config import register
 from .engine import (PeakMemory, SamplingParams, generate, left_pad, policy_stats_of, prefill, resolve_device,
                      sample, speculate, sync)
-from core.errors import ConfigError, cli_errors
+from core.cli import hydra_entry, run_point
+from core.errors import ConfigError
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from core.provenance import provenance
@@ -497,11 +498,18 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
+CSV_KEYS = ("throughput_tok_s", "decode_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "goodput_req_s",
+            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "max_batch_reached", "peak_mem_bytes", "path")
+
+
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with cli_errors("runtime.serve"):
-        record = run(cfg)
-    print(format_table(record))
+def task(cfg: DictConfig):
+    """One run (or one point of a multirun: recorded in results/measured/sweeps/<sweep>.csv, failed or not)."""
+    return run_point("runtime.serve", cfg, run, format_table, kind="measured", keys=CSV_KEYS,
+                     objective="goodput_req_s")
+
+
+main = hydra_entry("runtime.serve", "serve", task)
 
 
 if __name__ == "__main__":
