@@ -17,13 +17,13 @@ import csv
 import difflib
 import fcntl
 import math
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import ConfigError, cli_errors
+from core.results import check_writable
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MAX_CHECKED_POINTS = 1000          # a multirun larger than this is checked on its first points only
@@ -284,6 +284,8 @@ def run_point(prog: str, cfg, run: Callable[[Any], dict], table: Callable[[dict]
         return record.get(objective) if objective else None
     path = sweep_csv(cfg, kind)
     overrides = list(hc.overrides.task)
+    with cli_errors(prog):                 # nowhere to record the point: stop the sweep, one line
+        check_writable(path.parent, "results_dir")
     try:
         record = run(cfg)
     except Exception as e:                 # a failing point is recorded, the sweep goes on

@@ -43,7 +43,7 @@ from core.errors import ConfigError
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from core.provenance import provenance
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, check_writable, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -445,6 +445,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
+    check_writable(Path(cfg.results_dir) / "measured")      # before the measurement, not after it
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
@@ -475,7 +476,7 @@ def run(cfg: DictConfig) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = (f"{cfg.experiment or 'serve'}_{cfg.model.name}_{cfg.policy.name}_{w.arrival}_n{record['requests']}_"
             f"p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record))
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record, exclusive=True))
     return record
 
 

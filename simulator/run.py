@@ -24,7 +24,7 @@ from core.config import register
 from core.cli import hydra_entry, run_point
 from core.errors import ConfigError
 from core.provenance import git_revision
-from core.results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, serving_metrics, check_writable, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -169,10 +169,11 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
 def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     """Everything but the CLI: returns the result record (also written to results/simulated/).
     `compute_scale` multiplies every kernel cost (analysis.validate's drift correction)."""
+    check_writable(Path(cfg.results_dir) / "simulated")
     sim, path = build_sim(cfg, compute_scale)
     policy, costs = sim.policy, sim.costs
     t0 = time.perf_counter()
-    reqs = sim.run(cfg.workload)
+    reqs = sim.run(cfg.workload, progress=bool(cfg.get("progress", True)))
     wall = time.perf_counter() - t0
     record = summarize(sim, reqs, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -192,7 +193,7 @@ def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = (f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_"
             f"{cfg.workload.arrival}_{time.strftime('%Y%m%d-%H%M%S')}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record))
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record, exclusive=True))
     return record
 
 
