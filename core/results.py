@@ -135,8 +135,9 @@ def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
     except OSError as e:
         block = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
         if block is not None:
-            raise ConfigError(f"{field}: {block} is a file where the results folder {folder} should be; move it "
-                              f"or set {field}=/a/writable/folder") from None
+            where = "" if block == folder else f" (on the way to {folder})"
+            raise ConfigError(f"{field}: {block} is a file, not a folder{where}; move it or set "
+                              f"{field}=/a/writable/folder") from None
         raise ConfigError(f"{field}: {folder} is not writable ({e.strerror or e}); fix its permissions or "
                           f"set {field}=/a/writable/folder") from None
     clean_orphans(folder)

@@ -3,7 +3,6 @@ prompt is cut into chunks of `chunk_len` and a `question_len`-token question, th
 untimed, TTFT = rag_prefill + the first token, then decoding under a plain full-precision cache."""
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import replace
 
@@ -13,6 +12,7 @@ from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
 from .kv.rag import RagKV
 from .model import Transformer
+from .rag.store import DEFAULT_MAX_BYTES
 from .rag import ChunkStore, RagResult, check_policy, load_draft, rag_prefill, split_prompt
 
 
@@ -50,8 +50,11 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
         draft = load_draft(p.draft_model, model, tokenizer if tokenizer is not None else target_tokenizer(cfg.model))
     decode_policy = policy_spec("full", p.kv_dtype)
     on_disk = getattr(p, "store", "warm") == "disk"
-    scratch = tempfile.TemporaryDirectory(prefix="kvtestbed-rag-") if on_disk else None
-    store = ChunkStore(model, root=scratch.name if scratch else None, kv_dtype=p.kv_dtype, disk=on_disk)
+    # store=disk: the persistent chunk store (<cache root>/chunks, core.machine.cache_root: KVTESTBED_CACHE >
+    # XDG_CACHE_HOME > ~/.cache), its stale/corrupt-entry checks and its size cap (policy.store_max_bytes,
+    # least recently used evicted); cleared by python -m runtime.cache --clear chunks
+    store = ChunkStore(model, kv_dtype=p.kv_dtype, disk=on_disk,
+                       max_bytes=getattr(p, "store_max_bytes", DEFAULT_MAX_BYTES))
     for c in chunks:                                      # fill the store, untimed
         store.get(c)
     if cfg.warmup:                                        # allocator, kernels: a tiny rag prompt, untimed
@@ -73,8 +76,6 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
                        progress=bool(getattr(cfg, "progress", False)))
         runs.append(_shifted(run, rag_s, mem.peak, res))
     runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
-    if scratch:
-        scratch.cleanup()
     return runs
 
 
