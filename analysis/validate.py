@@ -28,7 +28,6 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 from scipy import stats
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -110,20 +109,13 @@ def points_of(cfg: DictConfig) -> list[Point]:
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """conf/<name>.yaml with Hydra overrides; a bad override is one ConfigError line (the
-    halves of a point are composed in-process, so Hydra's own CLI error handling is not there)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """conf/<name>.yaml with Hydra overrides; a bad override is one ConfigError line with the valid
+    choices (core/cli.py, as the Hydra entry points say it: the halves of a point are composed
+    in-process, so Hydra's own CLI error handling is not there)."""
+    from core.cli import compose_or_explain
 
     GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
-        experiments = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-        hint = (f"; experiments: {', '.join(experiments)}" if "experiment" in first else "")
-        raise ConfigError(f"{name} config: {first}{hint}") from None
+    return compose_or_explain(name, list(overrides), CONF)
 
 
 def runtime_entry(cfg: DictConfig) -> str:

@@ -81,7 +81,11 @@ def explain(e: BaseException, overrides: list[str], base_cfg: Callable[[list[str
 
     msg = str(e)
     if isinstance(e, OverrideParseException):
-        return f"cannot parse override {e.override!r}: {_first_line(e)}; write key=value (group=option, a.b=1)"
+        ov = str(e.override)
+        if re.search(r"=\s*\[[^\]]*=", ov):
+            return (f"cannot parse override {ov!r}: a list item with '=' in it must be quoted: "
+                    f"{ov.split('=', 1)[0]}=['a.b=1'] (and the whole argument quoted for the shell: \"...\")")
+        return f"cannot parse override {ov!r}: {_first_line(e)}; write key=value (group=option, a.b=1)"
     if isinstance(e, MissingConfigException) and getattr(e, "missing_cfg_file", None):
         missing = str(e.missing_cfg_file)
         group, _, option = missing.rpartition("/")
@@ -235,8 +239,32 @@ def check_command_line(prog: str, config_name: str, argv: list[str] | None = Non
         return
     name = args.config_name or config_name
     with cli_errors(prog):
-        for point in command_points(list(args.overrides), bool(args.multirun)):
-            compose_or_explain(name, point, conf_dir, hydra_config=True)
+        for i, point in enumerate(command_points(list(args.overrides), bool(args.multirun))):
+            cfg = compose_or_explain(name, point, conf_dir, hydra_config=True)
+            if i == 0 and args.multirun:
+                check_launcher(cfg.hydra.launcher)
+
+
+def check_launcher(launcher) -> None:
+    """The multirun's launcher can start: its plugin is installed, and a Ray launcher aimed at a
+    running cluster does not pass object_store_memory (Ray refuses it there, after the sweep began)."""
+    import importlib
+
+    target = str(launcher.get("_target_", ""))
+    module = target.rpartition(".")[0]
+    if module and not module.startswith("hydra._internal"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"hydra/launcher: {target} cannot be imported ({e}); install its plugin "
+                              "(pip install -e \".[sweep]\" for joblib, \".[ray]\" for Ray)") from None
+    if target.endswith("RayLauncher"):
+        init = launcher.ray.get("init") or {}
+        if init.get("address") is not None and "object_store_memory" not in init:
+            raise ConfigError(f"hydra.launcher.ray.init.address={init.get('address')}: the ray launcher then passes "
+                              "object_store_memory, which Ray refuses for a running cluster; use "
+                              "hydra/launcher=ray_local (conf/hydra/launcher/ray_local.yaml) or add "
+                              "+hydra.launcher.ray.init.object_store_memory=null")
 
 
 # ----------------------------------------------------------------------------- sweep points
