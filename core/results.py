@@ -144,6 +144,16 @@ def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
     return folder
 
 
+def results_folder(results_dir, kind: str) -> Path:
+    """`<results_dir>/<kind>`, checked writable before a run (an empty results_dir is refused, not
+    read as the current folder)."""
+    from core.errors import ConfigError
+
+    if results_dir is None or not str(results_dir).strip():
+        raise ConfigError(f"results_dir={results_dir!r} is empty; set results_dir=PATH (default: results)")
+    return check_writable(Path(str(results_dir)) / kind)
+
+
 def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
     a reader never sees half a file and a crash never leaves one (a killed process may leave a

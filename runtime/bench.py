@@ -28,7 +28,7 @@ from core.policies import load_plugin
 from core.provenance import provenance
 from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
 from .kv import POLICIES
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, check_writable, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, results_folder, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -58,7 +58,7 @@ def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
-    check_writable(Path(cfg.results_dir) / "measured")      # before the measurement, not after it
+    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
     if cfg.repeats < 1:
         raise ConfigError(f"repeats={cfg.repeats} must be >= 1")
     device = resolve_device(cfg.hardware.device)

@@ -34,8 +34,8 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     """`python -m runtime.bench policy=rag`: one request per timed run, the engine's results.
 
     The prompt is cut by `split_prompt` (chunks of policy.chunk_len, a policy.question_len-token
-    question), the chunk store is warmed untimed (host memory: SpecCache's setting is a warm
-    store; nothing of random-token prompts lands on disk), then each repeat times
+    question), the chunk store is warmed untimed (host memory; with store=disk also the persistent
+    store's files under <cache root>/chunks, which every timed repeat reads back), then each repeat times
     rag_prefill and decodes gen_len tokens from its Prefilled under a plain full-precision cache
     (`engine.generate(prefilled=...)`). TTFT = rag_prefill + loading its K/V + the first token.
     policy_stats: the selection (n_ctx, budget, chosen, recomputed) and the phases' seconds."""

@@ -43,7 +43,7 @@ from core.errors import ConfigError
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from core.provenance import provenance
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, check_writable, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, results_folder, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -445,7 +445,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
-    check_writable(Path(cfg.results_dir) / "measured")      # before the measurement, not after it
+    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)

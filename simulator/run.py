@@ -24,7 +24,7 @@ from core.config import register
 from core.cli import hydra_entry, run_point
 from core.errors import ConfigError
 from core.provenance import git_revision
-from core.results import key_value_table, latency_kv_rows, serving_metrics, check_writable, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, serving_metrics, results_folder, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -169,7 +169,7 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
 def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     """Everything but the CLI: returns the result record (also written to results/simulated/).
     `compute_scale` multiplies every kernel cost (analysis.validate's drift correction)."""
-    check_writable(Path(cfg.results_dir) / "simulated")
+    results_folder(cfg.results_dir, "simulated")
     sim, path = build_sim(cfg, compute_scale)
     policy, costs = sim.policy, sim.costs
     t0 = time.perf_counter()
