@@ -122,25 +122,26 @@ def clean_orphans(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[P
 
 
 def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
-    """Before a run: create `folder` and a file in it, or a one-line ConfigError naming `field`, so a
-    measurement is never taken only to be lost when its result cannot be written."""
+    """Before a run: `folder` (or, if it does not exist yet, its deepest existing parent, which the
+    run will create it in) takes a file, or a one-line ConfigError naming `field`, so a measurement
+    is never taken only to be lost when its result cannot be written. Creates nothing."""
     from core.errors import ConfigError
 
     folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "" if existing == folder else f" (on the way to {folder})"
+        raise ConfigError(f"{field}: {existing} is a file, not a folder{where}; move it or set "
+                          f"{field}=/a/writable/folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        block = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
-        if block is not None:
-            where = "" if block == folder else f" (on the way to {folder})"
-            raise ConfigError(f"{field}: {block} is a file, not a folder{where}; move it or set "
-                              f"{field}=/a/writable/folder") from None
-        raise ConfigError(f"{field}: {folder} is not writable ({e.strerror or e}); fix its permissions or "
-                          f"set {field}=/a/writable/folder") from None
-    clean_orphans(folder)
+        raise ConfigError(f"{field}: {folder} is not writable ({e.strerror or e} in {existing}); fix its "
+                          f"permissions or set {field}=/a/writable/folder") from None
+    if existing == folder:
+        clean_orphans(folder)
     return folder
 
 
