@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from core.config import register
 from core.errors import ConfigError, cli_errors
+from core.results import clean_orphans
 from core.policies import spec_of
 
 register()          # the base_* schemas every group option starts from
@@ -444,6 +445,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    clean_orphans(path.parent)            # a killed earlier write's temp file, once an hour old
     return path
 
 

@@ -158,7 +158,7 @@ def results_folder(results_dir, kind: str) -> Path:
 def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
     a reader never sees half a file and a crash never leaves one (a killed process may leave a
-    hidden `.<name>.*.tmp`, which `clean_orphans` removes once it is an hour old).
+    hidden `.<name>.*.tmp`, which the next write in that folder removes once it is an hour old).
 
     exclusive=True never replaces an existing file: if `path` exists (the same config in the same
     second, written by another run) the record goes to `<stem>-2.json`, `-3`, ... and that path is
@@ -180,6 +180,7 @@ def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    clean_orphans(path.parent)
     return path
 
 

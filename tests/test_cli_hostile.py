@@ -223,6 +223,9 @@ def test_orphaned_temp_files_cleaned_and_ignored(tmp_path):
     check_writable(tmp_path)                                          # a run starting here
     assert not old.exists() and fresh.exists()                        # a write in flight is left alone
     assert clean_orphans(tmp_path, max_age_s=0) == [fresh]
+    old.write_text('{"half'), os.utime(old, (past, past))
+    write_json_atomic(tmp_path / "r.json", {"a": 1})                 # any later write there cleans up too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_killed_atomic_write_leaves_no_result(tmp_path):
