@@ -93,9 +93,10 @@ def explain(e: BaseException, overrides: list[str], base_cfg: Callable[[list[str
         if group:
             if not options:
                 return f"{group}={option}: there is no config group {group!r}"
-            hint = ""
-            if group == "hydra/launcher" and option in ("ray", "joblib", "submitit_slurm", "submitit_local"):
-                hint = f" (install its launcher: pip install -e \".[sweep]\" / hydra-{option.split('_')[0]}-launcher)"
+            extra = {"joblib": "sweep", "optuna": "sweep", "ray": "ray", "ray_local": "ray", "submitit": "cluster"}
+            plugin = extra.get(option) or extra.get(option.split("_")[0])
+            hint = (f" (a Hydra plugin that is not installed: pip install -e \".[{plugin}]\")"
+                    if group.startswith("hydra/") and plugin else "")
             return (f"{group}={option}: no such option{hint}; choose one of {', '.join(options)}"
                     f"{nearest(option, options)}")
         return f"config {missing!r} not found: {_first_line(e)}"
