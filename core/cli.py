@@ -32,8 +32,14 @@ MAX_CHECKED_POINTS = 1000          # a multirun larger than this is checked on i
 # ----------------------------------------------------------------------------- one-line errors
 
 def nearest(word: str, choices) -> str:
-    """'; did you mean X?' for a typo of one of `choices`, else ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    """'; did you mean X?' for a typo of one of `choices` (or the choices it starts, `h100` ->
+    h100-pcie or h100-sxm), else ''."""
+    choices = [str(c) for c in choices]
+    word = str(word)
+    starts = [c for c in choices if word and c.startswith(word) and c != word]
+    if starts:
+        return f"; did you mean {' or '.join(starts[:3])}?"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -89,6 +95,10 @@ def explain(e: BaseException, overrides: list[str], base_cfg: Callable[[list[str
     if isinstance(e, MissingConfigException) and getattr(e, "missing_cfg_file", None):
         missing = str(e.missing_cfg_file)
         group, _, option = missing.rpartition("/")
+        for o in overrides:                      # the override as written (an option may hold a '/')
+            k, _, v = o.lstrip("+~").partition("=")
+            if missing == f"{k}/{v}":
+                group, option = k, v
         options = _choices(e.options or [])
         if group:
             if not options:
