@@ -207,7 +207,21 @@ def compose_or_explain(config_name: str, overrides: list[str], conf_dir: Path = 
     if any(o.startswith("+") and not o.startswith("++") for o in overrides):
         _check_appends(overrides, cfg, _safe_base(lambda ov: _compose(config_name, ov, conf_dir, False),
                                                    overrides, None))
+    _check_model_args(cfg)
     return cfg
+
+
+def _check_model_args(cfg) -> None:
+    """model.args is a free-form dict (the ModelArgs shape), so Hydra cannot type it: every value
+    there is a number or a boolean (dim, n_layers, ..., rope_base, tie_embeddings)."""
+    from omegaconf import DictConfig
+
+    model = cfg.get("model") if isinstance(cfg, DictConfig) else None
+    args = model.get("args") if isinstance(model, DictConfig) else None
+    for k, v in (args or {}).items():
+        if not isinstance(v, (int, float)):
+            raise ConfigError(f"model.args.{k}={v!r}: give a number (model.args is the model's shape: dim, "
+                              "n_layers, n_heads, ...)")
 
 
 def command_points(overrides: list[str], multirun: bool) -> list[list[str]]:

@@ -62,6 +62,7 @@ BAD = [
     (["-m", "hydra/launcher=nope", "workload.batch=1,2"], "hydra/launcher=nope: no such option"),
     (["-m", "hydra/launcher=ray", "hydra.launcher.ray.init.address=auto", "workload.batch=1,2"], "ray_local"),
     (["modle=tiny"], "did you mean model?"),
+    (["model=tiny", "model.args.n_layers=two"], "model.args.n_layers='two': give a number"),
 ]
 
 
