@@ -299,7 +299,38 @@ def sweep_csv(cfg, kind: str) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     sweep = Path(HydraConfig.get().sweep.dir)
-    return Path(cfg.results_dir) / kind / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
+    return Path(str(cfg.results_dir)) / kind / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
+
+
+def sweep_csv_of(config, kind: str) -> Path:
+    """The same path as `sweep_csv`, from a config that carries its hydra node (a callback's)."""
+    sweep = Path(str(config.hydra.sweep.dir))
+    return Path(str(config.results_dir)) / kind / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:                       # pragma: no cover  (hydra-core < 1.1)
+    _Callback = object
+
+
+class SweepSummary(_Callback):
+    """hydra.callbacks.sweep_summary (conf/bench.yaml, serve.yaml, simulate.yaml): at the end of a
+    multirun, one line with the sweep CSV's path and how many of its points failed."""
+
+    def __init__(self, kind: str = "simulated"):
+        self.kind = kind
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = sweep_csv_of(config, self.kind)
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError:
+            print(f"sweep CSV: {path} (not written: no point finished)")
+            return
+        failed = sum(1 for r in rows if r.get("error"))
+        print(f"sweep CSV: {path} ({len(rows)} points, {failed} failed)")
 
 
 def sweep_row(path: Path, job: int, overrides: list[str], record: dict | None, error: str | None,

@@ -145,7 +145,8 @@ def test_bad_multirun_point_is_recorded_and_the_rest_run(module, kind, extra, tm
     assert [r["job"] for r in rows] == ["0", "1", "2"]
     assert rows[0]["error"] == "" and rows[2]["error"] == "" and float(rows[2]["throughput_tok_s"]) > 0
     assert "workload.batch=0" in rows[1]["error"] and rows[1]["throughput_tok_s"] == ""
-    assert p.stdout.count("sweep CSV: ") == 3                  # where the CSV is, after every point
+    assert p.stdout.count("sweep CSV: ") == 4                  # where the CSV is: after every point, and at the end
+    assert p.stdout.strip().splitlines()[-1].endswith("(3 points, 1 failed)")
     assert len(list((tmp_path / kind).glob("*.json"))) == 2
 
 
