@@ -28,7 +28,6 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 from scipy import stats
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from core.config import register
 from core.errors import ConfigError, cli_errors
+from core.results import clean_orphans
 from core.policies import spec_of
 
 register()          # the base_* schemas every group option starts from
@@ -110,20 +110,13 @@ def points_of(cfg: DictConfig) -> list[Point]:
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """conf/<name>.yaml with Hydra overrides; a bad override is one ConfigError line (the
-    halves of a point are composed in-process, so Hydra's own CLI error handling is not there)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """conf/<name>.yaml with Hydra overrides; a bad override is one ConfigError line with the valid
+    choices (core/cli.py, as the Hydra entry points say it: the halves of a point are composed
+    in-process, so Hydra's own CLI error handling is not there)."""
+    from core.cli import compose_or_explain
 
     GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
-        experiments = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-        hint = (f"; experiments: {', '.join(experiments)}" if "experiment" in first else "")
-        raise ConfigError(f"{name} config: {first}{hint}") from None
+    return compose_or_explain(name, list(overrides), CONF)
 
 
 def runtime_entry(cfg: DictConfig) -> str:
@@ -452,6 +445,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    clean_orphans(path.parent)            # a killed earlier write's temp file, once an hour old
     return path
 
 

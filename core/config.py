@@ -6,11 +6,12 @@ key or a wrong type fails at compose time with Hydra's message naming the key.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from core.policies import SPECS
 
@@ -103,6 +104,7 @@ class SimulateConfig(RunConfig):
     scheduler: Any = MISSING
     fidelity: str = "fast"             # fast (cached recurrence) | detailed (a SimPy process per op)
     slo: SloConfig = field(default_factory=SloConfig)
+    progress: bool = True              # a tqdm bar of completed requests on runs longer than a second
 
 
 @dataclass
@@ -115,6 +117,11 @@ class ServeConfig(RunConfig):
 
 
 def register() -> None:
+    # ${kvtestbed.pid:} in hydra.run.dir / hydra.sweep.dir (with microseconds): two runs or sweeps
+    # started in the same second get their own folders (and sweep CSVs); cached like ${now:} so a
+    # launcher's jobs resolve the value the sweep started with
+    if not OmegaConf.has_resolver("kvtestbed.pid"):
+        OmegaConf.register_new_resolver("kvtestbed.pid", lambda: str(os.getpid()), use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="base_bench", node=BenchConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)

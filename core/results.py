@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +98,71 @@ def key_value_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
+ORPHAN_AGE_S = 3600.0     # a temp file this old is from a killed write (a write takes milliseconds)
+
+
+def clean_orphans(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove `.<name>.<random>.tmp` files older than `max_age_s` that a killed atomic write left in
+    `folder` (readers ignore them anyway: they never end in .json); returns what was removed."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if e.name.startswith(".") and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+            except OSError:
+                pass            # another process removed or renamed it first
+    return removed
+
+
+def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
+    """Before a run: `folder` (or, if it does not exist yet, its deepest existing parent, which the
+    run will create it in) takes a file, or a one-line ConfigError naming `field`, so a measurement
+    is never taken only to be lost when its result cannot be written. Creates nothing."""
+    from core.errors import ConfigError
+
+    folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "" if existing == folder else f" (on the way to {folder})"
+        raise ConfigError(f"{field}: {existing} is a file, not a folder{where}; move it or set "
+                          f"{field}=/a/writable/folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{field}: {folder} is not writable ({e.strerror or e} in {existing}); fix its "
+                          f"permissions or set {field}=/a/writable/folder") from None
+    if existing == folder:
+        clean_orphans(folder)
+    return folder
+
+
+def results_folder(results_dir, kind: str) -> Path:
+    """`<results_dir>/<kind>`, checked writable before a run (an empty results_dir is refused, not
+    read as the current folder)."""
+    from core.errors import ConfigError
+
+    if results_dir is None or not str(results_dir).strip():
+        raise ConfigError(f"results_dir={results_dir!r} is empty; set results_dir=PATH (default: results)")
+    return check_writable(Path(str(results_dir)) / kind)
+
+
+def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
-    a reader never sees half a file and a crash never leaves one."""
+    a reader never sees half a file and a crash never leaves one (a killed process may leave a
+    hidden `.<name>.*.tmp`, which the next write in that folder removes once it is an hour old).
+
+    exclusive=True never replaces an existing file: if `path` exists (the same config in the same
+    second, written by another run) the record goes to `<stem>-2.json`, `-3`, ... and that path is
+    returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -110,8 +173,33 @@ def write_json_atomic(path: str | Path, obj) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)          # mkstemp makes 0600; results and profiles are for sharing
-        os.replace(tmp, path)
+        if exclusive:
+            path = _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    clean_orphans(path.parent)
     return path
+
+
+def _link_new(tmp: str, path: Path) -> Path:
+    """Give the finished temp file a name nobody holds: a hard link fails if the name exists
+    (atomic, never clobbers); then the temp name goes."""
+    for i in range(1, 10_000):
+        cand = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        try:
+            os.link(tmp, cand)
+        except FileExistsError:
+            continue
+        except OSError:                  # a file system without hard links: claim the name, then replace it
+            try:
+                os.close(os.open(cand, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            os.replace(tmp, cand)
+            return cand
+        os.unlink(tmp)
+        return cand
+    raise FileExistsError(f"{path}: 10,000 results of that name already; clear the folder")

@@ -23,13 +23,13 @@ from . import model as model_lib
 from core.config import register
 from .engine import SamplingParams, generate, resolve_device
 from core.checks import check_config, check_shape
-from core.errors import cli_errors
+from core.cli import hydra_entry, run_point
 from core.feasibility import check_runtime_memory
 from core.policies import load_plugin
 from core.provenance import provenance
 from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
 from .kv import POLICIES
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, results_folder, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -48,6 +48,7 @@ def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
+    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
     check_config(cfg, "runtime.bench")       # the same checks as runtime.serve and simulator.run
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> dict:
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.experiment or 'bench'}_{cfg.model.name}_{cfg.policy.name}_b{w.batch}_p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json"
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record))
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record, exclusive=True))
     return record
 
 
@@ -108,11 +109,17 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
+CSV_KEYS = ("throughput_tok_s", "decode_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "prefill_s",
+            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "peak_mem_bytes", "path")
+
+
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with cli_errors("runtime.bench"):
-        record = run(cfg)
-    print(format_table(record))
+def task(cfg: DictConfig) -> None:
+    """One run (or one point of a multirun: recorded in results/measured/sweeps/<sweep>.csv, failed or not)."""
+    return run_point("runtime.bench", cfg, run, format_table, kind="measured", keys=CSV_KEYS)
+
+
+main = hydra_entry("runtime.bench", "bench", task)
 
 
 if __name__ == "__main__":

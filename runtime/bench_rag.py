@@ -3,7 +3,6 @@ prompt is cut into chunks of `chunk_len` and a `question_len`-token question, th
 untimed, TTFT = rag_prefill + the first token, then decoding under a plain full-precision cache."""
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import replace
 
@@ -13,6 +12,7 @@ from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
 from .kv.rag import RagKV
 from .model import Transformer
+from .rag.store import DEFAULT_MAX_BYTES
 from .rag import (ChunkStore, RagResult, check_policy, load_draft, oracle_set, placed_kv, rag_prefill, recall,
                   split_prompt)
 
@@ -35,8 +35,8 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     """`python -m runtime.bench policy=rag`: one request per timed run, the engine's results.
 
     The prompt is cut by `split_prompt` (chunks of policy.chunk_len, a policy.question_len-token
-    question), the chunk store is warmed untimed (host memory: SpecCache's setting is a warm
-    store; nothing of random-token prompts lands on disk), then each repeat times
+    question), the chunk store is warmed untimed (host memory; with store=disk also the persistent
+    store's files under <cache root>/chunks, which every timed repeat reads back), then each repeat times
     rag_prefill and decodes gen_len tokens from its Prefilled under a plain full-precision cache
     (`engine.generate(prefilled=...)`). TTFT = rag_prefill + loading its K/V + the first token.
     policy_stats: the selection (n_ctx, budget, chosen, recomputed), the phases' seconds, and
@@ -52,8 +52,11 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
         draft = load_draft(p.draft_model, model, tokenizer if tokenizer is not None else target_tokenizer(cfg.model))
     decode_policy = policy_spec("full", p.kv_dtype)
     on_disk = getattr(p, "store", "warm") == "disk"
-    scratch = tempfile.TemporaryDirectory(prefix="kvtestbed-rag-") if on_disk else None
-    store = ChunkStore(model, root=scratch.name if scratch else None, kv_dtype=p.kv_dtype, disk=on_disk)
+    # store=disk: the persistent chunk store (<cache root>/chunks, core.machine.cache_root: KVTESTBED_CACHE >
+    # XDG_CACHE_HOME > ~/.cache), its stale/corrupt-entry checks and its size cap (policy.store_max_bytes,
+    # least recently used evicted); cleared by python -m runtime.cache --clear chunks
+    store = ChunkStore(model, kv_dtype=p.kv_dtype, disk=on_disk,
+                       max_bytes=getattr(p, "store_max_bytes", DEFAULT_MAX_BYTES))
     for c in chunks:                                      # fill the store, untimed
         store.get(c)
     if cfg.warmup:                                        # allocator, kernels: a tiny rag prompt, untimed
@@ -79,8 +82,6 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     oracle = list(range(n_ctx)) if budget >= n_ctx else \
         oracle_set(model, [t for c in chunks for t in c] + list(question), placed_kv(model, store, chunks), n_ctx, budget)
     runs[-1].policy_stats["recall_vs_oracle"] = recall(res.chosen, oracle)
-    if scratch:
-        scratch.cleanup()
     return runs
 
 

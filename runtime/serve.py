@@ -39,11 +39,12 @@ from . import model as model_lib
 from core.config import register
 from .engine import (PeakMemory, SamplingParams, generate, left_pad, policy_stats_of, prefill, resolve_device,
                      sample, speculate, sync)
-from core.errors import ConfigError, cli_errors
+from core.cli import hydra_entry, run_point
+from core.errors import ConfigError
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from core.provenance import provenance
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, results_folder, write_json_atomic
 from .transfer import make_link
 
 register()
@@ -442,6 +443,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
+    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
     check_config(cfg, "runtime.serve")
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
@@ -473,7 +475,7 @@ def run(cfg: DictConfig) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = (f"{cfg.experiment or 'serve'}_{cfg.model.name}_{cfg.policy.name}_{w.arrival}_n{record['requests']}_"
             f"p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record))
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record, exclusive=True))
     return record
 
 
@@ -496,11 +498,18 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
+CSV_KEYS = ("throughput_tok_s", "decode_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "goodput_req_s",
+            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "max_batch_reached", "peak_mem_bytes", "path")
+
+
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    with cli_errors("runtime.serve"):
-        record = run(cfg)
-    print(format_table(record))
+def task(cfg: DictConfig):
+    """One run (or one point of a multirun: recorded in results/measured/sweeps/<sweep>.csv, failed or not)."""
+    return run_point("runtime.serve", cfg, run, format_table, kind="measured", keys=CSV_KEYS,
+                     objective="goodput_req_s")
+
+
+main = hydra_entry("runtime.serve", "serve", task)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ In a multirun a failing point is a CSV row with its error, not the end of the sw
 """
 from __future__ import annotations
 
-import csv
-import fcntl
 import hashlib
 import json
 import math
@@ -23,9 +21,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import register
-from core.errors import ConfigError, cli_errors
+from core.cli import hydra_entry, run_point
+from core.errors import ConfigError
 from core.provenance import git_revision
-from core.results import key_value_table, latency_kv_rows, serving_metrics, write_json_atomic
+from core.results import key_value_table, latency_kv_rows, serving_metrics, results_folder, write_json_atomic
 
 from .costs import Costs, ModelShape
 from .policies import make_policy
@@ -172,10 +171,11 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
 def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     """Everything but the CLI: returns the result record (also written to results/simulated/).
     `compute_scale` multiplies every kernel cost (analysis.validate's drift correction)."""
+    results_folder(cfg.results_dir, "simulated")
     sim, path = build_sim(cfg, compute_scale)
     policy, costs = sim.policy, sim.costs
     t0 = time.perf_counter()
-    reqs = sim.run(cfg.workload)
+    reqs = sim.run(cfg.workload, progress=bool(cfg.get("progress", True)))
     wall = time.perf_counter() - t0
     record = summarize(sim, reqs, cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -195,7 +195,7 @@ def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = (f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_"
             f"{cfg.workload.arrival}_{time.strftime('%Y%m%d-%H%M%S')}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record))
+    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record, exclusive=True))
     return record
 
 
@@ -231,47 +231,15 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
-def sweep_row(cfg: DictConfig, overrides: list[str], record: dict | None, error: str | None) -> None:
-    """Append this point to the sweep's CSV (one per multirun, named after its sweep folder)."""
-    from hydra.core.hydra_config import HydraConfig
-    hc = HydraConfig.get()
-    sweep = Path(hc.sweep.dir)
-    path = Path(cfg.results_dir) / "simulated" / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    row = {"job": hc.job.num, "overrides": " ".join(overrides), "error": error or ""}
-    row.update({k: (record or {}).get(k, "") for k in CSV_KEYS})
-    with path.open("a", newline="") as f:
-        # parallel launchers (joblib) append from several processes: one writer at a time, and
-        # the header only when the file is still empty under the lock
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if f.tell() == 0 and path.stat().st_size == 0:
-                w.writeheader()
-            w.writerow(row)
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        try:
-            record = simulate(cfg)
-        except Exception as e:            # a failing point is recorded, the sweep goes on
-            sweep_row(cfg, list(hc.overrides.task), None, f"{type(e).__name__}: {e}")
-            print(f"simulator.run: point {hc.job.num} failed: {e}")
-            return math.nan               # a sweeper (Optuna) records the point as failed
-        sweep_row(cfg, list(hc.overrides.task), record, None)
-        print(format_table(record))
-        return record["goodput_req_s"]    # the objective an Optuna sweep maximises
-    with cli_errors("simulator.run"):
-        record = simulate(cfg)
-    print(format_table(record))
+def task(cfg: DictConfig) -> float | None:
+    """One run; in a multirun one point, recorded in results/simulated/sweeps/<sweep>.csv (a failing
+    point is a row with its error), returning goodput_req_s: the objective an Optuna sweep maximises."""
+    return run_point("simulator.run", cfg, simulate, format_table, kind="simulated", keys=CSV_KEYS,
+                     objective="goodput_req_s")
+
+
+main = hydra_entry("simulator.run", "simulate", task)
 
 
 if __name__ == "__main__":

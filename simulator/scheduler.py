@@ -56,6 +56,7 @@ class Sim:
         self.waiting = self.admission.waiting
         self.wake = self.env.event()
         self.open = 0                 # arrival processes still sending
+        self.bar = None               # run(progress=True): the tqdm bar of completed requests
 
     # -- requests in
 
@@ -133,6 +134,8 @@ class Sim:
                 running.remove(r)
                 r.done_s = self.env.now
                 self.done.append(r)
+                if self.bar is not None:
+                    self.bar.update(1)
                 for ev in self.admission.release(r):
                     yield ev
                 if hasattr(r, "finished"):
@@ -165,7 +168,12 @@ class Sim:
 
     # -- running a workload
 
-    def run(self, w) -> list[Request]:
+    def run(self, w, progress: bool = False) -> list[Request]:
+        """Serve workload `w`; `progress`: a tqdm bar of completed requests, shown once a run has
+        taken a second (short runs print nothing)."""
+        from tqdm.auto import tqdm
+
+        total = None
         if w.arrival == "closed":
             made = [0]
 
@@ -178,10 +186,18 @@ class Sim:
             lengths = Lengths(w, np.random.default_rng(w.seed))
             for u in range(w.users):
                 self.env.process(self.user(u, w.think_s, make))
+            total = int(w.n_requests)
         else:
-            self.env.process(self.feed(open_arrivals(w)))
+            arrivals = open_arrivals(w)
+            total = len(arrivals)
+            self.env.process(self.feed(arrivals))
         self.env.process(self.serve())
-        self.env.run()
+        self.bar = tqdm(total=total, desc="simulating", unit="req", delay=1.0, disable=not progress, leave=False)
+        try:
+            self.env.run()
+        finally:
+            self.bar.close()
+            self.bar = None
         stuck = len(self.waiting)
         if stuck:
             raise RuntimeError(f"{stuck} requests never ran (simulator bug: the loop ended with work left)")

@@ -61,6 +61,7 @@ class RagPolicyConfig(FullPolicyConfig):
     draft_model: Optional[str] = None   # selector=draft: a separate draft; runtime: GGUF file or transformers folder (tokens aligned by character offsets); simulator: a shape preset of conf/model/ (e.g. llama32_1b_shape); null = the target
     store: str = "warm"             # warm: chunk K/V already in device memory | disk: read from the store's files
     sink_tokens: int = 0            # the first n tokens of every chunk always recomputed, inside the ceil(r N) budget (random, cacheblend, draft*, oracle_*)
+    store_max_bytes: Optional[int] = 4 * 2 ** 30   # store=disk (runtime only): cap of the chunk files under <cache root>/chunks; least recently used evicted past it; null = no cap
     question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
 
     def check(self, head_dim: int | None = None) -> None:
@@ -83,6 +84,9 @@ class RagPolicyConfig(FullPolicyConfig):
             raise ConfigError(f"policy.span_max={self.span_max} must be >= 1")
         if self.question_len < 1:
             raise ConfigError(f"policy.question_len={self.question_len} must be >= 1 (a rag prompt ends with a question)")
+        if self.store_max_bytes is not None and self.store_max_bytes < 1:
+            raise ConfigError(f"policy.store_max_bytes={self.store_max_bytes} must be >= 1 (bytes of chunk files on "
+                              "disk) or null (no cap)")
         if self.epic_prefix is not None and self.epic_prefix < 1:
             raise ConfigError(f"policy.epic_prefix={self.epic_prefix} must be >= 1 (tokens per chunk) or null (= ceil(r * chunk))")
         self._check_selection()

@@ -28,6 +28,7 @@ from ..kv import resolve_kv_dtype
 from ..model import Transformer
 
 FORMAT = "kvtestbed-chunk-v1"
+DEFAULT_MAX_BYTES = 4 * 2 ** 30     # policy.store_max_bytes: the store's files past this are evicted, least recently used first
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +72,11 @@ class ChunkStore:
     """
 
     def __init__(self, model: Transformer, root: str | os.PathLike | None = None, kv_dtype: str = "auto",
-                 disk: bool = True):
+                 disk: bool = True, max_bytes: int | None = DEFAULT_MAX_BYTES):
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"policy.store_max_bytes={max_bytes} must be >= 1 (bytes of chunk files kept on disk) "
+                              "or null (no cap)")
+        self.max_bytes = max_bytes
         self.model = model
         self.root = Path(root) if root is not None else default_cache_dir()
         self.kv_dtype = kv_dtype
@@ -79,9 +84,11 @@ class ChunkStore:
         self.disk = disk
         self.model_id = model_identity(model)
         self.mem: dict[str, ChunkKV] = {}
-        self.stats = {"mem_hits": 0, "disk_hits": 0, "computed": 0, "stale": 0, "corrupt": 0,
+        self.stats = {"mem_hits": 0, "disk_hits": 0, "computed": 0, "stale": 0, "corrupt": 0, "evicted": 0,
                       "feature_computed": 0, "feature_disk_hits": 0, "feature_bytes": 0, "feature_load_s": 0.0}
         self.feat: dict[str, torch.Tensor] = {}
+        if disk and self.root.is_dir():      # a lowered cap (or a killed write's temp file) takes effect now
+            self.stats["evicted"] = len([p for p in evict(self.root, max_bytes) if p.suffix == ".safetensors"])
 
     def key(self, ids: list[int]) -> str:
         h = hashlib.sha256()
@@ -182,6 +189,10 @@ class ChunkStore:
         if not path.is_file():
             return None
         try:
+            os.utime(path)            # recency for the least-recently-used eviction
+        except OSError:
+            pass
+        try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT or meta.get("key") != key:
@@ -223,3 +234,40 @@ class ChunkStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self.stats["evicted"] += len([p for p in evict(self.root, self.max_bytes, keep=self.root / f"{key}.safetensors")
+                                      if p.suffix == ".safetensors"])
+
+
+def evict(root: str | os.PathLike, max_bytes: int | None, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used chunk files (oldest mtime: a read touches its file) until the
+    store holds at most `max_bytes`; `keep` (the file just written) stays even if it alone is larger.
+    Orphaned temp files of killed writes (over an hour old) go too. Returns the deleted files."""
+    from core.results import clean_orphans
+
+    root = Path(root)
+    gone = clean_orphans(root)
+    if max_bytes is None:
+        return gone
+    files = []
+    for p in root.glob("*.safetensors"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue                 # another process evicted it
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files, key=lambda f: f[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and p == keep:
+            continue
+        p.unlink(missing_ok=True)
+        total -= size
+        gone.append(p)
+    return gone
+
+
+def usage(root: str | os.PathLike) -> tuple[int, int]:
+    """(files, bytes) of chunk files under `root`."""
+    files = [p for p in Path(root).glob("*.safetensors") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
