@@ -67,9 +67,15 @@ def _get(node, key, default=None):
     return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
 
 
+def check_threads(v, key: str) -> int | None:
+    """torch's intra-op threads: null (torch's default) or 1..MAX_THREADS (the one rule for
+    hardware.threads and the --threads of runtime.evals)."""
+    return number(v, key, ge=1, le=MAX_THREADS, integer=True, null="torch's default")
+
+
 def check_hardware(hw) -> None:
     """null = unset for every optional hardware number; a zero is refused, not read as unset."""
-    number(_get(hw, "threads"), "hardware.threads", ge=1, le=MAX_THREADS, integer=True, null="torch's default")
+    check_threads(_get(hw, "threads"), "hardware.threads")
     link = _get(hw, "link") or {}
     gbps = number(_get(link, "gbps"), "hardware.link.gbps", gt=0, null="no emulated link")
     if gbps is not None:
