@@ -1,7 +1,7 @@
 """python -m analysis.sweep experiment=sweep_k_bits_r: simulator grids over k x bits x r.
 
     python -m analysis.sweep experiment=sweep_k_bits_r
-    python -m analysis.sweep experiment=sweep_k_bits_r sweep.base=[model=smollm2,hardware=cpu]
+    python -m analysis.sweep experiment=sweep_k_bits_r "sweep.base=['model=smollm2','hardware=cpu']"
 
 An experiment (conf/experiment/sweep_*.yaml) lists grids: overrides shared by a grid and axes
 whose cartesian product are its points. Every point is one `simulator.run` configuration
@@ -442,12 +442,26 @@ def csv_path(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / "sweep" / f"{cfg.experiment or 'sweep'}.csv"
 
 
+def check_sweep_experiment(argv: list[str]) -> None:
+    """experiment=X names a sweep (conf/experiment/X.yaml sets `sweep:`), not a run's experiment
+    (smoke, decode_2k, ... set model / workload, which a sweep has no key for)."""
+    folder = ROOT / "conf" / "experiment"
+    sweeps = sorted(p.stem for p in folder.glob("*.yaml") if re.search(r"^sweep:", p.read_text(), re.M))
+    for a in argv:
+        key, _, name = a.lstrip("+").partition("=")
+        if key == "experiment" and (folder / f"{name}.yaml").is_file() and name not in sweeps:
+            raise ConfigError(f"experiment={name} is not a sweep (it sets a run's config, not sweep.grids); "
+                              f"choose one of {', '.join(sweeps)}, or run it with python -m simulator.run "
+                              f"experiment={name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
     with cli_errors("analysis.sweep"):
+        check_sweep_experiment(argv)
         cfg = compose_config("sweep", argv)
         df = sweep(cfg)
     ok = df[df.status == "ok"]

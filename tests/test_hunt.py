@@ -40,7 +40,7 @@ settings.register_profile("kvtestbed-hunt", max_examples=30, derandomize=True, d
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                   HealthCheck.filter_too_much])
 HUNT = settings.get_profile("kvtestbed-hunt")
-EXAMPLES = {"configs": 36, "results": 10, "traces": 24, "profiles": 24}      # 94 runs per suite run
+EXAMPLES = {"configs": 30, "results": 6, "traces": 14, "profiles": 14}      # 64 runs per suite run
 PROGS = ("runtime.bench", "runtime.serve", "simulator.run")
 
 
@@ -188,10 +188,10 @@ def knob_overrides(draw, prefix: str, knobs: dict, hostile_p: float) -> list[str
 
 @st.composite
 def configs(draw):
-    """(prog, overrides, tag): a command line across the config groups. About a third of the
+    """(prog, overrides, tag): a command line across the config groups. About half of the
     examples draw valid values only; the rest draw each knob hostile with probability ~0.3."""
     prog = draw(st.sampled_from(PROGS))
-    hostile_p = draw(st.sampled_from([0.0, 0.3, 0.3]))
+    hostile_p = draw(st.sampled_from([0.0, 0.0, 0.3, 0.3]))
     policy = draw(st.sampled_from(sorted(POLICY_KNOBS)))
     arrival = "static" if prog == "runtime.bench" else draw(st.sampled_from(["static", "static", "poisson", "closed"]))
     if prog == "runtime.bench" and draw(st.floats(0, 1)) < hostile_p / 3:
@@ -261,7 +261,7 @@ def test_generated_configs_run_or_fail_in_one_line():
 
     prop()
     ran = sum(1 for _, rc in outcomes if rc == 0)
-    assert len(outcomes) >= 30
+    assert len(outcomes) == EXAMPLES["configs"]
     assert ran >= len(outcomes) // 6 and len(outcomes) - ran >= len(outcomes) // 3, outcomes
 
 
