@@ -327,6 +327,9 @@ def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = 
 
 
 def sweep(cfg: DictConfig) -> pd.DataFrame:
+    from core.results import results_folder
+
+    results_folder(cfg.results_dir, "sweep")     # before the points, not after them (the CSV is written last)
     pts = points(cfg)
     paper = cfg.sweep.get("paper")
     if paper not in (None, "specache", "rag"):

@@ -506,3 +506,108 @@ def test_generated_profiles_run_or_fail_in_one_line():
     prop()
     ran = sum(1 for _, rc in outcomes if rc == 0)
     assert ran >= 2 and len(outcomes) - ran >= len(outcomes) // 3, outcomes
+
+
+# ----------------------------------------------------------------------------- what the hunt found
+
+def _one_line(capsys, main, argv, prog):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("hardware.threads=1000000", "hardware.threads=1000000 must be <= 1024"),        # was a segfault
+    ("hardware.link.gbps=1e-300", "hardware.link.gbps=1e-300 must be >= 0.001"),     # was an OverflowError
+    ("hardware.link.latency_us=1e12", "hardware.link.latency_us=1000000000000.0 must be <= 1e+06"),  # hours
+])
+def test_found_hardware_bounds(override, needle):
+    from core.checks import check_config
+    from core.cli import compose_or_explain
+    from core.errors import ConfigError
+
+    for name, runner in (("bench", "runtime.bench"), ("simulate", "simulator.run")):
+        with pytest.raises(ConfigError, match=needle.replace("+", r"\+").replace(".", r"\.")):
+            check_config(compose_or_explain(name, ["model=tiny", override]), runner)
+
+
+def test_found_ragged_profile_table(tmp_path):
+    from core.profile import schema
+
+    p = json.loads(PROFILE.read_text())
+    table = p["models"]["tiny"]["kernels"]["score_topk"]
+    table["p50"][1] = 10 ** 30                          # a number where a row belongs: was a numpy traceback
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(p))
+    with pytest.raises(schema.ProfileError, match=r"score_topk\.p50\[1\] is 1000000000000000000000000000000 where a row"):
+        schema.load(path)
+
+
+def test_found_sampling_nan():
+    from core.errors import ConfigError
+    from runtime.engine import SamplingParams
+
+    for kw, needle in ((dict(temperature=math.nan), "temperature=nan is not a finite number"),
+                       (dict(temperature=math.inf), "temperature=inf"), (dict(top_p=math.nan), "top_p=nan")):
+        with pytest.raises(ConfigError, match=needle):
+            SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--policy", "nope", "Hi"], "policy='nope' is not known"),           # before the model loads
+    (["--temperature", "nan", "Hi"], "temperature=nan is not a finite number"),
+    (["--kv-dtype", "int3", "Hi"], "policy.kv_dtype='int3' is not known"),
+])
+def test_found_generate_checks_before_loading(argv, needle, capsys):
+    from runtime.generate import main
+
+    assert needle in _one_line(capsys, main, argv, "runtime.generate")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--threads", "-1"], "--threads=-1 must be >= 1"),                  # was a RuntimeError traceback
+    (["--threads", "1000000"], "--threads=1000000 must be <= 1024"),      # was an allocation failure
+    (["--seed", "-1"], "--seed=-1 must be >= 0"),                         # was a numpy SeedSequence traceback
+    (["--lengths", "-5"], "--lengths=-5 must be >= 1"),
+    (["--depths", "nan"], "--depths=nan is not a finite number"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+])
+def test_found_evals_numbers(extra, needle, capsys, tmp_path):
+    from runtime.evals.__main__ import main
+
+    argv = ["passkey", "--model", "tiny", "--n", "1", "--no-progress", "--lengths", "300", "--depths", "0.5",
+            "--out", str(tmp_path / "o"), *extra]
+    assert needle in _one_line(capsys, main, argv, "runtime.evals")
+
+
+def test_found_profile_command(capsys, tmp_path):
+    from runtime.profile.__main__ import main
+
+    assert "--repeats=0 must be >= 1" in _one_line(capsys, main, ["--model", "tiny", "--quick", "--repeats", "0",
+                                                                  "--out", str(tmp_path / "p.json")], "runtime.profile")
+    (tmp_path / "list.json").write_text("[]")
+    assert "not a profile" in _one_line(capsys, main, ["--model", "tiny", "--quick", "--out",
+                                                       str(tmp_path / "list.json")], "runtime.profile")
+    assert "is a directory" in _one_line(capsys, main, ["--model", "tiny", "--quick", "--out", str(tmp_path)],
+                                         "runtime.profile")
+
+
+def test_found_cache_env_naming_a_file(capsys, tmp_path, monkeypatch):
+    from runtime.cache import main
+
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setenv("KVTESTBED_CACHE", str(tmp_path / "f"))
+    line = _one_line(capsys, main, [], "runtime.cache")
+    assert "KVTESTBED_CACHE=" in line and "is a file, not a folder" in line
+
+
+def test_found_sweep_arguments(capsys, tmp_path):
+    from analysis.sweep import main
+
+    (tmp_path / "f").write_text("x")
+    line = _one_line(capsys, main, ["experiment=smoke"], "analysis.sweep")
+    assert "experiment=smoke is not a sweep" in line and "sweep_k_bits_r" in line
+    line = _one_line(capsys, main, ["experiment=sweep_k_bits_r", f"results_dir={tmp_path / 'f'}"], "analysis.sweep")
+    assert "is a file, not a folder" in line                  # before the points (was a traceback after them)
