@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def check_args(a: argparse.Namespace) -> None:
-    """The numbers every eval reads, checked before the model loads: whole, finite, in range."""
+    """The numbers every eval reads, checked before the model loads: whole, finite, in range;
+    and --out takes files (a file there, or an unwritable folder, is one line, not a traceback)."""
+    from core.results import check_writable
+
+    check_writable(a.out, "--out")
     number(a.n, "--n", ge=1, integer=True)
     number(a.seed, "--seed", ge=0, integer=True)          # a SeedSequence entry: never negative
     check_threads(a.threads, "--threads")
