@@ -163,13 +163,36 @@ def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | No
 SPEC = re.compile(r"^(?P<name>specache|kivi)(?:-k(?P<k>\d+))?-?b?(?P<bits>\d)(?P<rest>.*)$")
 
 
+def _evals_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A measured-evals CSV, read whole or refused in one line (empty, binary, columns missing)."""
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable evals table ({type(e).__name__}); rerun python -m "
+                          "runtime.evals, or set evals_dir to another folder") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{path} lacks column {missing[0]}; rerun python -m runtime.evals, or set evals_dir "
+                          "to another folder")
+    return df
+
+
+def check_evals_dir(evals_dir) -> Path:
+    """evals_dir is a folder (its tables may be missing: then no quality is joined)."""
+    p = Path(str(evals_dir))
+    if not p.is_dir():
+        raise ConfigError(f"evals_dir={p} is {'a file' if p.exists() else 'not there'}; give the folder of the "
+                          f"measured evals (default {EVALS})")
+    return p
+
+
 def passkey_quality(evals_dir: str | Path) -> pd.DataFrame:
     """Passkey accuracy at the longest evaluated length, per (policy, k, bits, prefetch), for
     the default group size and residual (the sweep's knobs)."""
     path = Path(evals_dir) / "passkey.csv"
     if not path.exists():
         return pd.DataFrame(columns=["policy", "k", "bits", "prefetch", "passkey_accuracy", "passkey_length"])
-    df = pd.read_csv(path)
+    df = _evals_table(path, ("policy", "length", "accuracy"))
     df = df[(df.get("error").isna() if "error" in df else True) & (df.length == df.length.max())]
     rows = []
     for r in df.itertuples():
@@ -194,7 +217,7 @@ def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
     path = Path(evals_dir) / "rag" / "rag.csv"
     if not path.exists():
         return None
-    df = pd.read_csv(path)
+    df = _evals_table(path, ("hops", "error", "epic_prefix", "selector", "r", "draft_layers", "em", "n"))
     df = df[(df.hops.astype(str) == "all") & df.error.isna() & df.epic_prefix.isna()]
     if "sink_tokens" in df:                  # sink-token points (`-s<n>`) are not on the sweep's axes
         df = df[df.sink_tokens.fillna(0) == 0]
@@ -330,6 +353,8 @@ def sweep(cfg: DictConfig) -> pd.DataFrame:
     from core.results import results_folder
 
     results_folder(cfg.results_dir, "sweep")     # before the points, not after them (the CSV is written last)
+    check_evals_dir(cfg.evals_dir)
+    passkey_quality(cfg.evals_dir), rag_quality(cfg.evals_dir)     # a corrupt table: refused before the points
     pts = points(cfg)
     paper = cfg.sweep.get("paper")
     if paper not in (None, "specache", "rag"):
