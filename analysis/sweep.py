@@ -70,6 +70,11 @@ def points(cfg: DictConfig) -> list[tuple[str, list[str]]]:
         if "name" not in g or "axes" not in g or not g.axes:
             raise ConfigError(f"sweep.grids[{i}] needs a `name` and non-empty `axes` ({{key: [values]}})")
         keys = list(g.axes)
+        for k in keys:
+            values = g.axes[k]
+            if isinstance(values, str) or not hasattr(values, "__len__") or not len(values):
+                raise ConfigError(f"sweep.grids[{i}].axes.{k}={values!r}: an axis is a non-empty list of values "
+                                  f"({k}: [v1, v2, ...])")
         for combo in itertools.product(*(list(g.axes[k]) for k in keys)):
             ov = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, combo)]
             out.append((str(g.name), [*cfg.sweep.base, *g.get("overrides", []), *ov]))
@@ -242,7 +247,7 @@ def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
         if len(m):
             out.at[i, "passkey_accuracy"] = float(m.passkey_accuracy.iloc[0])
     rq = rag_quality(evals_dir)
-    if rq is not None:
+    if rq is not None and {"selector", "recompute_ratio", "draft_layers"} <= set(out.columns):
         full = rq[rq.selector == "full"]
         rq = rq[rq.selector != "full"]
         out = out.merge(rq, on=["selector", "recompute_ratio", "draft_layers"], how="left")
@@ -501,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["prompt_len", "policy", "batch", "ttft_s", "ttft_vs_full", "throughput_tok_s", "throughput_vs_full",
                 "max_batch_reached", "bound_engine", "prefill_ops"]
     with pd.option_context("display.width", 160, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
-        print(ok[cols].to_string(index=False))
+        if len(ok):
+            print(ok.reindex(columns=cols).to_string(index=False))
     for r in df[df.status != "ok"].itertuples():
         print(f"FAILED {r.overrides}: {r.status}")
     print(f"\n{csv_path(cfg)}  ({len(ok)} ok, {len(df) - len(ok)} failed)")

@@ -588,3 +588,22 @@ def test_found_sweep_arguments(capsys, tmp_path):
     assert "experiment=smoke is not a sweep" in line and "sweep_k_bits_r" in line
     line = _one_line(capsys, main, ["experiment=sweep_k_bits_r", f"results_dir={tmp_path / 'f'}"], "analysis.sweep")
     assert "is a file, not a folder" in line                  # before the points (was a traceback after them)
+    line = _one_line(capsys, main, ["experiment=sweep_k_bits_r", f"evals_dir={tmp_path / 'f'}"], "analysis.sweep")
+    assert f"evals_dir={tmp_path / 'f'} is a file" in line   # was silently no quality joined
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "passkey.csv").write_bytes(b"\x00\x01garbage")
+    line = _one_line(capsys, main, ["experiment=sweep_k_bits_r", f"evals_dir={tmp_path / 'ev'}",
+                                    f"results_dir={tmp_path / 'r'}"], "analysis.sweep")
+    assert "passkey.csv lacks column policy" in line
+    line = _one_line(capsys, main, ["sweep.grids=[{name:g,axes:{policy.k:[]}}]", "sweep.base=['model=tiny']"],
+                     "analysis.sweep")
+    assert "axes.policy.k=[]: an axis is a non-empty list" in line      # was a KeyError traceback
+
+
+def test_found_sweep_whose_every_point_fails(capsys, tmp_path):
+    from analysis.sweep import main
+
+    main(["sweep.grids=[{name:g,axes:{nokey.x:[1]}}]", "sweep.base=['model=tiny']", f"results_dir={tmp_path}",
+          "progress=false"])                           # was a KeyError traceback after the points
+    out = capsys.readouterr().out
+    assert "FAILED model=tiny nokey.x=1" in out and "(0 ok, 1 failed)" in out
