@@ -1,7 +1,7 @@
 """python -m analysis.sweep experiment=sweep_k_bits_r: simulator grids over k x bits x r.
 
     python -m analysis.sweep experiment=sweep_k_bits_r
-    python -m analysis.sweep experiment=sweep_k_bits_r sweep.base=[model=smollm2,hardware=cpu]
+    python -m analysis.sweep experiment=sweep_k_bits_r "sweep.base=['model=smollm2','hardware=cpu']"
 
 An experiment (conf/experiment/sweep_*.yaml) lists grids: overrides shared by a grid and axes
 whose cartesian product are its points. Every point is one `simulator.run` configuration
@@ -70,6 +70,11 @@ def points(cfg: DictConfig) -> list[tuple[str, list[str]]]:
         if "name" not in g or "axes" not in g or not g.axes:
             raise ConfigError(f"sweep.grids[{i}] needs a `name` and non-empty `axes` ({{key: [values]}})")
         keys = list(g.axes)
+        for k in keys:
+            values = g.axes[k]
+            if isinstance(values, str) or not hasattr(values, "__len__") or not len(values):
+                raise ConfigError(f"sweep.grids[{i}].axes.{k}={values!r}: an axis is a non-empty list of values "
+                                  f"({k}: [v1, v2, ...])")
         for combo in itertools.product(*(list(g.axes[k]) for k in keys)):
             ov = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, combo)]
             out.append((str(g.name), [*cfg.sweep.base, *g.get("overrides", []), *ov]))
@@ -163,13 +168,36 @@ def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | No
 SPEC = re.compile(r"^(?P<name>specache|kivi)(?:-k(?P<k>\d+))?-?b?(?P<bits>\d)(?P<rest>.*)$")
 
 
+def _evals_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A measured-evals CSV, read whole or refused in one line (empty, binary, columns missing)."""
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable evals table ({type(e).__name__}); rerun python -m "
+                          "runtime.evals, or set evals_dir to another folder") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{path} lacks column {missing[0]}; rerun python -m runtime.evals, or set evals_dir "
+                          "to another folder")
+    return df
+
+
+def check_evals_dir(evals_dir) -> Path:
+    """evals_dir is a folder (its tables may be missing: then no quality is joined)."""
+    p = Path(str(evals_dir))
+    if not p.is_dir():
+        raise ConfigError(f"evals_dir={p} is {'a file' if p.exists() else 'not there'}; give the folder of the "
+                          f"measured evals (default {EVALS})")
+    return p
+
+
 def passkey_quality(evals_dir: str | Path) -> pd.DataFrame:
     """Passkey accuracy at the longest evaluated length, per (policy, k, bits, prefetch), for
     the default group size and residual (the sweep's knobs)."""
     path = Path(evals_dir) / "passkey.csv"
     if not path.exists():
         return pd.DataFrame(columns=["policy", "k", "bits", "prefetch", "passkey_accuracy", "passkey_length"])
-    df = pd.read_csv(path)
+    df = _evals_table(path, ("policy", "length", "accuracy"))
     df = df[(df.get("error").isna() if "error" in df else True) & (df.length == df.length.max())]
     rows = []
     for r in df.itertuples():
@@ -194,7 +222,7 @@ def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
     path = Path(evals_dir) / "rag" / "rag.csv"
     if not path.exists():
         return None
-    df = pd.read_csv(path)
+    df = _evals_table(path, ("hops", "error", "epic_prefix", "selector", "r", "draft_layers", "em", "n"))
     df = df[(df.hops.astype(str) == "all") & df.error.isna() & df.epic_prefix.isna()]
     if "sink_tokens" in df:                  # sink-token points (`-s<n>`) are not on the sweep's axes
         df = df[df.sink_tokens.fillna(0) == 0]
@@ -219,7 +247,7 @@ def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
         if len(m):
             out.at[i, "passkey_accuracy"] = float(m.passkey_accuracy.iloc[0])
     rq = rag_quality(evals_dir)
-    if rq is not None:
+    if rq is not None and {"selector", "recompute_ratio", "draft_layers"} <= set(out.columns):
         full = rq[rq.selector == "full"]
         rq = rq[rq.selector != "full"]
         out = out.merge(rq, on=["selector", "recompute_ratio", "draft_layers"], how="left")
@@ -327,6 +355,11 @@ def plot_pareto(df: pd.DataFrame, out: str | Path | None = None, quality: str = 
 
 
 def sweep(cfg: DictConfig) -> pd.DataFrame:
+    from core.results import results_folder
+
+    results_folder(cfg.results_dir, "sweep")     # before the points, not after them (the CSV is written last)
+    check_evals_dir(cfg.evals_dir)
+    passkey_quality(cfg.evals_dir), rag_quality(cfg.evals_dir)     # a corrupt table: refused before the points
     pts = points(cfg)
     paper = cfg.sweep.get("paper")
     if paper not in (None, "specache", "rag"):
@@ -442,12 +475,26 @@ def csv_path(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / "sweep" / f"{cfg.experiment or 'sweep'}.csv"
 
 
+def check_sweep_experiment(argv: list[str]) -> None:
+    """experiment=X names a sweep (conf/experiment/X.yaml sets `sweep:`), not a run's experiment
+    (smoke, decode_2k, ... set model / workload, which a sweep has no key for)."""
+    folder = ROOT / "conf" / "experiment"
+    sweeps = sorted(p.stem for p in folder.glob("*.yaml") if re.search(r"^sweep:", p.read_text(), re.M))
+    for a in argv:
+        key, _, name = a.lstrip("+").partition("=")
+        if key == "experiment" and (folder / f"{name}.yaml").is_file() and name not in sweeps:
+            raise ConfigError(f"experiment={name} is not a sweep (it sets a run's config, not sweep.grids); "
+                              f"choose one of {', '.join(sweeps)}, or run it with python -m simulator.run "
+                              f"experiment={name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
     with cli_errors("analysis.sweep"):
+        check_sweep_experiment(argv)
         cfg = compose_config("sweep", argv)
         df = sweep(cfg)
     ok = df[df.status == "ok"]
@@ -459,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["prompt_len", "policy", "batch", "ttft_s", "ttft_vs_full", "throughput_tok_s", "throughput_vs_full",
                 "max_batch_reached", "bound_engine", "prefill_ops"]
     with pd.option_context("display.width", 160, "display.max_rows", 200, "display.float_format", "{:.4g}".format):
-        print(ok[cols].to_string(index=False))
+        if len(ok):
+            print(ok.reindex(columns=cols).to_string(index=False))
     for r in df[df.status != "ok"].itertuples():
         print(f"FAILED {r.overrides}: {r.status}")
     print(f"\n{csv_path(cfg)}  ({len(ok)} ok, {len(df) - len(ok)} failed)")

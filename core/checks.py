@@ -35,6 +35,11 @@ from core.values import number
 from core.workload import check as check_workload
 
 RUNNERS = ("runtime.bench", "runtime.serve", "simulator.run")
+# the emulated link sleeps bytes / gbps (+ latency) per copy: slower than 1 MB/s or a latency over a
+# second per copy turns a tiny run into hours (and 1e-300 GB/s overflows the sleep)
+MIN_LINK_GBPS = 1e-3
+MAX_LINK_LATENCY_US = 1e6
+MAX_THREADS = 1024     # hardware.threads: torch's intra-op pool; 10^5 threads end in a crash (libgomp, segfault)
 
 
 def _walk(node: Any, prefix: str):
@@ -62,12 +67,20 @@ def _get(node, key, default=None):
     return node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
 
 
+def check_threads(v, key: str) -> int | None:
+    """torch's intra-op threads: null (torch's default) or 1..MAX_THREADS (the one rule for
+    hardware.threads and the --threads of runtime.evals)."""
+    return number(v, key, ge=1, le=MAX_THREADS, integer=True, null="torch's default")
+
+
 def check_hardware(hw) -> None:
     """null = unset for every optional hardware number; a zero is refused, not read as unset."""
-    number(_get(hw, "threads"), "hardware.threads", ge=1, integer=True, null="torch's default")
+    check_threads(_get(hw, "threads"), "hardware.threads")
     link = _get(hw, "link") or {}
-    number(_get(link, "gbps"), "hardware.link.gbps", gt=0, null="no emulated link")
-    number(_get(link, "latency_us", 0.0), "hardware.link.latency_us", ge=0)
+    gbps = number(_get(link, "gbps"), "hardware.link.gbps", gt=0, null="no emulated link")
+    if gbps is not None:
+        number(gbps, "hardware.link.gbps", ge=MIN_LINK_GBPS, null="no emulated link")
+    number(_get(link, "latency_us", 0.0), "hardware.link.latency_us", ge=0, le=MAX_LINK_LATENCY_US)
     number(_get(hw, "kv_budget_bytes"), "hardware.kv_budget_bytes", ge=1, integer=True,
            null="the profile's kv_available_bytes in the simulator, unlimited in runtime.serve")
     number(_get(hw, "host_memory_bytes"), "hardware.host_memory_bytes", ge=1, integer=True, null="unlimited")

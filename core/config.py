@@ -49,15 +49,15 @@ class WorkloadConfig:
 @dataclass
 class LinkConfig:
     """An emulated host<->device link for CPU-only machines (runtime/transfer.py)."""
-    gbps: Optional[float] = None    # null = no emulation (a plain memcpy); meant for 0.5-4 GB/s
-    latency_us: float = 0.0
+    gbps: Optional[float] = None    # null = no emulation (a plain memcpy); meant for 0.5-4 GB/s; >= 0.001 (core/checks.py)
+    latency_us: float = 0.0         # per copy; <= 1e6 (a second)
 
 
 @dataclass
 class HardwareConfig:
     name: str = "auto"
     device: str = "auto"            # auto | cpu | cuda[:N]
-    threads: Optional[int] = None   # torch intra-op threads on CPU; null = torch's default
+    threads: Optional[int] = None   # torch intra-op threads on CPU, 1..1024; null = torch's default
     link: LinkConfig = field(default_factory=LinkConfig)
     profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's committed profile
     kv_budget_bytes: Optional[int] = None   # device bytes for KV: runtime.serve admission and the simulator; null = the profile's kv_available_bytes (simulator) / unlimited (runtime)

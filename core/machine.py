@@ -34,6 +34,9 @@ def cache_root(create: bool = True) -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kvtestbed"
     if create:
+        where = f"{CACHE_ENV}={env}" if env else f"cache folder {root}"
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{where} is a file, not a folder; set {CACHE_ENV}=/a/writable/folder")
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-test-{os.getpid()}"

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.values import number
 from core.machine import resolve_device  # noqa: F401  (runtime.engine.resolve_device, as before)
 
 from .kv import KVCache, Step, make_cache, policy_spec
@@ -38,10 +39,11 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        number(self.max_new_tokens, "max_new_tokens", ge=1, integer=True)
+        number(self.temperature, "temperature")                    # NaN / inf: one line, not a sampling crash
         if self.temperature < 0:
             raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        number(self.top_p, "top_p")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
 

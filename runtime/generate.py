@@ -18,6 +18,7 @@ import torch
 
 from .engine import SamplingParams, generate, resolve_device
 from core.errors import ConfigError, cli_errors
+from core.policies import spec_of
 from .kv import policy_spec
 from .model import load_gguf, load_hf, weight_dtype
 from .tokenizer import from_gguf, from_hf
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     with cli_errors("runtime.generate"):
+        # every argument checked before the model loads (seconds) and before the prompt is echoed
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                top_p=a.top_p, seed=a.seed)
+        spec_of({"name": a.policy, "kv_dtype": a.kv_dtype})          # the declaration's checks
+        spec = policy_spec(a.policy, a.kv_dtype)
         device = resolve_device(a.device)
         model, tok = load(a.model, device)
         text = a.prompt
@@ -56,11 +62,9 @@ def main(argv: list[str] | None = None) -> None:
             msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": text}]
             text = tok.apply_chat_template(msgs)
         ids = tok.encode(text)
-        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                top_p=a.top_p, seed=a.seed)
         if len(ids) + params.max_new_tokens > model.args.max_seq_len:
             raise ConfigError(f"prompt ({len(ids)} tokens) + --max-new-tokens {params.max_new_tokens} exceeds the "
-                              f"model's context of {model.args.max_seq_len}; shorten the prompt")
+                              f"model's context of {model.args.max_seq_len}; shorten the prompt or lower --max-new-tokens")
 
         if not a.chat:
             print(a.prompt, end="", flush=True)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                 shown = now
 
         t = time.perf_counter()
-        r = generate(model, [ids], params, policy_spec(a.policy, a.kv_dtype), on_token=stream)
+        r = generate(model, [ids], params, spec, on_token=stream)
         dt = time.perf_counter() - t
         req = r.requests[0]
         print(flush=True)

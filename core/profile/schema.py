@@ -75,6 +75,22 @@ def _leaves(values, depth: int):
         yield from _leaves(v, depth - 1)
 
 
+def _misshapen(values, want: list[int], at: str = "") -> str | None:
+    """Where a nested list first departs from the shape `want` (every row, not only the first:
+    a ragged row or a number in place of a row), as '[i][j] holds N items, the axes say M'; else None."""
+    if not want:
+        return None if not isinstance(values, list) else f"{at} is a list where a number belongs"
+    if not isinstance(values, list):
+        return f"{at or ' itself'} is {values!r} where a row of {want[0]} belongs"
+    if len(values) != want[0]:
+        return f"{at or ' itself'} holds {len(values)} items, the axes say {want[0]}"
+    for i, v in enumerate(values):
+        bad = _misshapen(v, want[1:], f"{at}[{i}]")
+        if bad:
+            return bad
+    return None
+
+
 def _num(v, where: str, path, *, gt: float | None = None, ge: float | None = None) -> float:
     """A profile number: finite (JSON's NaN / Infinity refused), within its bound."""
     if not finite(v):
@@ -111,6 +127,9 @@ def validate_table(t, where: str, path) -> None:
         got = _shape_of(t[key], len(want))
         if got != want:
             raise ProfileError(f"{path}: {where}.{key} has shape {got}, axes {list(axes)} say {want}")
+        bad = _misshapen(t[key], want)
+        if bad:
+            raise ProfileError(f"{path}: {where}.{key}{bad.strip()}; re-profile or fix the file")
         for v in _leaves(t[key], len(want)):
             _num(v, f"{where}.{key} value", path, ge=0)
     for key in ("row_bytes", "context"):

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from ..engine import resolve_device
+from core.checks import check_threads
 from core.errors import ConfigError, cli_errors
+from core.values import number
 from ..model import ModelArgs, load_gguf, random_init
 from . import data
 from . import rag as _rag  # noqa: F401 - registers the rag task with report.TASKS
@@ -120,9 +122,28 @@ def main(argv: list[str] | None = None) -> None:
             print(table.drop(columns=["error"]).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """The numbers every eval reads, checked before the model loads: whole, finite, in range;
+    and --out takes files (a file there, or an unwritable folder, is one line, not a traceback)."""
+    from core.results import check_writable
+
+    check_writable(a.out, "--out")
+    number(a.n, "--n", ge=1, integer=True)
+    number(a.seed, "--seed", ge=0, integer=True)          # a SeedSequence entry: never negative
+    check_threads(a.threads, "--threads")
+    for key in ("lengths", "hops", "draft_layers", "sink_tokens"):
+        for v in getattr(a, key, None) or []:
+            number(v, f"--{key.replace('_', '-')}", ge=0 if key == "sink_tokens" else 1, integer=True)
+    for key in ("max_new_tokens", "chunks", "chunk_len", "context", "last"):
+        if getattr(a, key, None) is not None:
+            number(getattr(a, key), f"--{key.replace('_', '-')}", ge=1, integer=True)
+    for key in ("depths", "r"):
+        for v in getattr(a, key, None) or []:
+            number(v, f"--{key}", ge=0, le=1)
+
+
 def run(a: argparse.Namespace) -> None:
-    if a.n < 1:
-        raise ConfigError(f"--n {a.n} must be >= 1")
+    check_args(a)
     specs = expand(a.policies)
     device = resolve_device(a.device)
     if a.threads:
@@ -153,8 +174,7 @@ def run(a: argparse.Namespace) -> None:
 def run_rag_cmd(a: argparse.Namespace) -> None:
     from . import rag
 
-    if a.n < 1:
-        raise ConfigError(f"--n {a.n} must be >= 1")
+    check_args(a)
     pts = rag.points(a.selectors, a.r, a.draft_layers, a.chunk_len, a.draft_model, a.sink_tokens)
     shard = rag.parse_shard(a.shard)
     device = resolve_device(a.device)

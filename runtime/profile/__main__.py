@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import resolve_device
+from core.values import number
 from core.errors import ConfigError, cli_errors
 from ..model import weight_dtype
 from core.provenance import REPO, provenance
@@ -89,6 +90,7 @@ def main(argv=None) -> None:
                     help="print how far two profiles are apart, per table (repeatability, roofline vs measured)")
     a = ap.parse_args(argv)
     with cli_errors("runtime.profile"):
+        number(a.repeats, "--repeats", ge=1, integer=True)         # 0: no timing to take a percentile of
         if a.compare:
             print(format_comparison(*a.compare))
             return
@@ -104,11 +106,16 @@ def main(argv=None) -> None:
             # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
             out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
             existing = None
+            if out.is_dir():
+                raise ProfileError(f"--out {out} is a directory; give the profile's file name (a .json path)")
             if out.exists():
                 try:
                     existing = json.loads(out.read_text())
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                     raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
+                if not isinstance(existing, dict):
+                    raise ProfileError(f"{out}: exists but is not a profile (not a JSON object); move it away or "
+                                       "pass --out")
                 if existing.get("device", {}).get("fingerprint") != facts["fingerprint"]:
                     print(f"runtime.profile: {out} profiles another machine "
                           f"({existing.get('device', {}).get('fingerprint') or 'unfingerprinted'}); its tables are "
