@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     chunks = [ids[i * a.chunk_len:(i + 1) * a.chunk_len] for i in range(a.chunks)]
     question = ids[a.chunks * a.chunk_len:]
     prompt = ids
-    print("\n".join(f"before: {x}" for x in machine_lines(device)), flush=True)
+    before = machine_lines(device)
+    print("\n".join(f"before: {x}" for x in before), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ChunkStore(model, root=tmp)
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if rnd:
                     times[name].append(time.perf_counter() - t0)
 
-    print("\n".join(f"after: {x}" for x in machine_lines(device)))
+    after = machine_lines(device)
+    print("\n".join(f"after: {x}" for x in after))
     full_t = times["full recompute"]
     print(f"device={device} model={a.model} L={L} prompt={len(prompt)} ({a.chunks}x{a.chunk_len} + {a.question}) "
           f"r={a.r} rounds={a.repeats} (median [min, max])")
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"twin: {rows[0]['profile']}" + (" (the shipped model's shape: not comparable with --model tiny)"
                                            if a.model == "tiny" else ""))
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "rows": rows,
-           "times_s": times}
+           "times_s": times, "machine": {"before": before, "after": after}}
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
     return out
