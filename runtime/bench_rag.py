@@ -79,8 +79,7 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
         runs.append(_shifted(run, rag_s, mem.peak, res))
     runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
     n_ctx, budget = res.info["n_ctx"], res.info["budget"]
-    oracle = list(range(n_ctx)) if budget >= n_ctx else \
-        oracle_set(model, [t for c in chunks for t in c] + list(question), placed_kv(model, store, chunks), n_ctx, budget)
+    oracle = oracle_set(model, list(prompt), placed_kv(model, store, chunks), n_ctx, budget)
     runs[-1].policy_stats["recall_vs_oracle"] = recall(res.chosen, oracle)
     return runs
 

@@ -112,6 +112,8 @@ def oracle_set(model: Transformer, prompt: list[int], reused: ChunkKV, n_ctx: in
     L = model.args.n_layers
     if budget <= 0 or n_ctx == 0:
         return []
+    if budget >= n_ctx:                  # every context token: no prefill needed to rank them
+        return list(range(n_ctx))
     tr = traced if traced is not None and traced.n_layers >= L and traced.dev is not None else \
         trace(model, prompt, L, n_ctx, reused=reused)
     return top_with_sinks(selector_scores("oracle_dev", tr, 1, L), budget, [])
