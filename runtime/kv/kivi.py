@@ -16,8 +16,9 @@ Attention never builds a dequantized copy of the cache. With keys per channel,
 q . k_t = sum_d (q_d s_gd) c_td + sum_d q_d z_gd: the scales fold into the query once per group
 and the zero points into one small product. With values per token,
 sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t z_t: the scales fold into the probabilities.
-The unpacked codes are a transient of the unpack (uint8 -> float for the matmul); a fused
-kernel would read the packed bytes directly.
+On the CPU, `lowbit_cpu` runs both as fused kernels that read the packed bytes directly (built
+with the machine's C compiler on first use); elsewhere, or without a compiler, the torch path
+below unpacks the codes to a float transient for the matmuls (same math, other summation order).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from core.errors import ConfigError  # noqa: F401
 from core.policies import knobs_of
 from core.policies.kivi import BITS, ONE_BIT_RULES, KiviPolicyConfig, value_group  # noqa: F401
 
+from . import lowbit_cpu
 from .base import CacheShape, LayerKV, Step, grow_columns
 
 
@@ -196,6 +198,9 @@ class KiviKV(LayerKV):
         ng = self.kq // self.G
         if ng == 0:
             return qf.new_zeros(B, H, n, 0)
+        s = lowbit_cpu.scores(qf, self.k_codes, self.k_scale, self.k_zero, self.kq, self.G, self.bits)
+        if s is not None:
+            return s
         codes = unpack_float(self.k_codes[:, :, : self.kq], self.bits, self.dtype)
         codes = codes.view(B, H, ng, self.G, D)
         scale, zero = self.k_scale[:, :, :ng], self.k_zero[:, :, :ng]         # (B, H, ng, D)
@@ -209,6 +214,9 @@ class KiviKV(LayerKV):
         B, H, n, vq = p.shape
         if vq == 0:
             return p.new_zeros(B, H, n, self.D)
+        o = lowbit_cpu.values(p, self.v_codes, self.v_scale, self.v_zero, vq, self.G, self.bits)
+        if o is not None:
+            return o
         nc = self.D // self.cg
         codes = unpack_float(self.v_codes[:, :, :vq], self.bits, self.dtype)
         codes = codes.view(B, H, vq, nc, self.cg).permute(0, 1, 3, 2, 4)      # (B, H, nc, vq, cg)
