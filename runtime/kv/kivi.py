@@ -249,7 +249,14 @@ class KiviKV(LayerKV):
         self._append(k, v, step)
         qf = fold(q.to(self.dtype), self.k_res.shape[1])
         k_res, v_res = self.residual_kv(k, v, step)
-        scores = torch.cat([self.lowbit_scores(qf), (qf @ k_res.transpose(-1, -2)) / math.sqrt(self.D)], -1)
+        B, H, n, _ = qf.shape
+        # one (B, H_kv, n, kq + residual) buffer: the fused kernel writes the low-bit columns in
+        # place, so the scores are never concatenated (a copy of all of them per layer per step)
+        scores = qf.new_empty(B, H, n, self.kq + k_res.shape[2])
+        if self.kq and lowbit_cpu.scores(qf, self.k_codes, self.k_scale, self.k_zero, self.kq, self.G, self.bits,
+                                         out=scores) is None:
+            scores[..., : self.kq] = self.lowbit_scores(qf)
+        scores[..., self.kq :] = (qf @ k_res.transpose(-1, -2)) / math.sqrt(self.D)
         p = masked_softmax(scores, step, q.shape[1] // k_res.shape[1])
         o = self.lowbit_values(p[..., : self.vq]) + p[..., self.vq :] @ v_res
         return unfold(o, q.shape[1]).to(q.dtype)
