@@ -14,12 +14,15 @@ minutes on 2 cores) and runs `--steps` greedy decode steps, timed per step (ours
 step times; transformers: timestamps inside one `generate`). Sides run interleaved (A B C, then
 C B A, ...) over `--repeats`; printed: median step with [min, max] over repeats, ratios to our
 first policy paired per repeat, and the goals for `kivi 2-bit` (<= 1.3x our `full`; faster than
-transformers' 2-bit QuantizedCache: interval of the paired ratio below 1). The default grid
+transformers' 2-bit QuantizedCache: interval of the paired ratio below 1). `--policies full "kivi 2-bit"
+"kivi 2-bit (torch path)"` adds the same kivi with the fused CPU kernels off (runtime/kv/lowbit_cpu.py),
+the before/after of those kernels in one run. The default grid
 takes ~8 min on a quiet 2-core box; while iterating: --batch 4 16 --context 2048 --repeats 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 import sys
 import statistics
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, machine_lines, med_ci,
                    ours_prefilled, parse_mixed, synthetic)
 from runtime.engine import SamplingParams, generate
-from runtime.kv import CacheShape, Step, make_cache
+from runtime.kv import CacheShape, Step, lowbit_cpu, make_cache
 from runtime.model import load_gguf, shipped_gguf_path
 from core.provenance import cpu_name
 
@@ -45,6 +48,8 @@ POLICIES = {
     "offload": NS(name="offload", kv_dtype="auto"),
     "kivi 2-bit": NS(name="kivi", bits=2, **KIVI),
     "kivi 4-bit": NS(name="kivi", bits=4, **KIVI),
+    # the same policy with the fused CPU kernels off (runtime/kv/lowbit_cpu.py): the before/after
+    "kivi 2-bit (torch path)": NS(name="kivi", bits=2, **KIVI),
     "specache k=64 2-bit": NS(name="specache", bits=2, k=64, prefetch=True, **KIVI),
     "specache k=64 2-bit no prefetch": NS(name="specache", bits=2, k=64, prefetch=False, **KIVI),
 }
@@ -75,10 +80,18 @@ def kv_ratio_table(n: int = 4096) -> None:
         print(f"{label:<24} {ratio:>16.4f} {est:>24.4f} {('<= ' + str(goal)) if goal else '':>6} {ok}")
 
 
-def our_step_s(model, pr, pad, k, v, lg, policy, steps: int) -> tuple[float, dict]:
-    """Median decode step (s) of our engine from the synthetic prefilled cache, and policy stats."""
-    r = generate(model, pr, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), policy,
-                 prefilled=ours_prefilled(model, pr, pad, k, v, lg))
+def our_step_s(model, pr, pad, k, v, lg, policy, steps: int, torch_path: bool = False) -> tuple[float, dict]:
+    """Median decode step (s) of our engine from the synthetic prefilled cache, and policy stats.
+    torch_path: with the fused low-bit CPU kernels switched off for this run."""
+    old = os.environ.get(lowbit_cpu.ENV)
+    if torch_path:
+        os.environ[lowbit_cpu.ENV] = "0"
+    try:
+        r = generate(model, pr, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), policy,
+                     prefilled=ours_prefilled(model, pr, pad, k, v, lg))
+    finally:
+        if torch_path:
+            os.environ.pop(lowbit_cpu.ENV) if old is None else os.environ.__setitem__(lowbit_cpu.ENV, old)
     return statistics.median(r.steps), r.policy_stats
 
 
@@ -153,7 +166,7 @@ def main(argv=None):
     pr, pad, k, v, lg = synthetic(model, [128, 128], a.seed)
     for lab, kind in sides:
         if kind == "ours":
-            our_step_s(model, pr, pad, k, v, lg, POLICIES[lab], 2)
+            our_step_s(model, pr, pad, k, v, lg, POLICIES[lab], 2, "torch path" in lab)
         else:
             try:
                 hf_step_s(hf, pr, pad, k, v, lg, makers[lab](), 2)
@@ -170,7 +183,7 @@ def main(argv=None):
             order = sides if r % 2 == 0 else sides[::-1]       # interleaved: A B C, C B A, ...
             for lab, kind in order:
                 if kind == "ours":
-                    med, st = our_step_s(model, pr, pad, k, v, lg, POLICIES[lab], a.steps)
+                    med, st = our_step_s(model, pr, pad, k, v, lg, POLICIES[lab], a.steps, "torch path" in lab)
                     notes[lab] = ", ".join(f"{key} {val:.2f}" for key, val in st.items()
                                            if key in ("topk_recall", "guess_accuracy"))
                 else:
