@@ -2,25 +2,27 @@
 from the packed codes.
 
 Why: the torch path (`KiviKV.lowbit_scores` / `lowbit_values`) unpacks every packed byte into a
-float transient as large as a float32 cache, then runs a batched matmul over groups of 64
-tokens: about twice the memory traffic of `full`'s one SDPA call plus ~20 small ops per layer.
-Here each thread unpacks one 64-token group (or 256-token chunk) at a time into a D-float row
-on its stack and uses it at once, so the only stream from memory is the packed codes
-(D * bits / 8 bytes per token) and the per-group scales.
+float transient as large as a float32 cache, then runs batched matmuls over groups of 64 tokens
+(~20 small ops per layer, twice the memory traffic of `full`'s one SDPA call): 1.8-2.6x `full`'s
+decode step on this project's 2-core VM. Here each task unpacks one key group (or 64 value rows)
+into a tile on its own stack and uses it at once, so the only stream from memory is the packed
+codes (D * bits / 8 bytes per token) and the scales: below SDPA over a float32 cache at 2K-4K.
 
 Same math as the torch path, term by term (keys per channel: q . k_t = (q * s_g) . c_t + q . z_g;
-values per token: sum_t p_t (s_t c_t + z_t)); only the order of float additions differs.
+values per token: sum_t p_t s_t c_t + sum_t p_t z_t); only the order of float additions differs.
 
-Built on first use with the machine's C compiler (`$CC`, else `cc`), `-O3 -march=native
--fopenmp`, into `<cache root>/kernels/` (one file per source, flags and CPU), then loaded with
-ctypes; a second process reuses the file. The shared library needs OpenMP's runtime
-`libgomp.so.1`: torch's CPU wheel has already loaded one by that name, so the kernels run in
-torch's thread pool (one OpenMP runtime in the process, not two fighting over the cores).
+Built on first use, once per shape (query rows, head_dim, group, bits, value group: compile-time
+constants, so every loop has a fixed trip count), with the machine's C compiler (`$CC`, else
+`cc`; `-O3 -march=native -fopenmp`, ~0.5 s) into `<cache root>/kernels/`, keyed by source, flags,
+compiler and CPU, then loaded with ctypes; later processes reuse the file. The library needs
+OpenMP's `libgomp.so.1`: torch's CPU wheel has already loaded one by that name, so the kernels
+run in torch's thread pool with `torch.get_num_threads()` threads (one OpenMP runtime in the
+process, not two fighting over the cores).
 
-Where the kernel cannot run (no compiler, a CUDA tensor, a dtype other than float32, more than
-`MAX_ROWS` query rows) the callers keep the torch path; `KVTESTBED_LOWBIT_KERNEL=0` forces the
-torch path everywhere (A/B timing, tests). A failed build warns once, with the compiler's first
-error line, and never fails a run.
+Where the kernels cannot serve a call (no compiler, a CUDA tensor, a dtype other than float32,
+more than `MAX_ROWS` query rows, a head or group beyond `MAX_DIM` / `MAX_GROUP`) the callers keep
+the torch path; `KVTESTBED_LOWBIT_KERNEL=0` forces the torch path everywhere (A/B timing, tests).
+A failed build warns once, with the compiler's first error line, and never fails a run.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from core.policies.kivi import value_group
 
 ENV = "KVTESTBED_LOWBIT_KERNEL"
 MAX_ROWS = 64          # query rows per KV head (GQA group x new tokens) the kernel handles
-MAX_DIM = 512          # head_dim; both bound the per-thread stack arrays
+MAX_DIM = 512          # head_dim
+MAX_GROUP = 256        # key group (tokens); the three bound the per-thread stack arrays
 VALUE_CHUNK = 256      # tokens per task of the value kernel (partial sums, added in torch)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
@@ -269,8 +272,8 @@ def library(rows: int, head_dim: int, group: int, bits: int, value_group: int):
     return _libs[shape]
 
 
-def _usable(tensors, rows: int, head_dim: int) -> bool:
-    if not enabled() or rows > MAX_ROWS or head_dim > MAX_DIM:
+def _usable(tensors, rows: int, head_dim: int, group: int) -> bool:
+    if not enabled() or rows > MAX_ROWS or head_dim > MAX_DIM or group > MAX_GROUP:
         return False
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.uint8) for t in tensors)
 
@@ -292,7 +295,7 @@ def scores(qf, codes, scale, zero, kq: int, group: int, bits: int, out: torch.Te
     a (B, H_kv, n, >= kq) float32 buffer whose rows are contiguous, when given), or None when the
     kernel cannot serve the call (the caller keeps the torch path)."""
     B, H, n, D = qf.shape
-    if not _usable((qf, codes, scale, zero), n, D):
+    if not _usable((qf, codes, scale, zero), n, D, group):
         return None
     cs, ss = _bh_stride(codes), _bh_stride(scale)
     if cs < 0 or ss < 0 or zero.stride() != scale.stride():
@@ -315,7 +318,7 @@ def values(p, codes, scale, zero, vq: int, group: int, bits: int):
     D*bits/8); scale, zero (B, H_kv, cap, D / value_group). Returns (B, H_kv, n, D), or None."""
     B, H, n = p.shape[:3]
     D = codes.shape[-1] * 8 // bits
-    if not _usable((p, codes, scale, zero), n, D):
+    if not _usable((p, codes, scale, zero), n, D, group):
         return None
     cs, ss = _bh_stride(codes), _bh_stride(scale)
     if cs < 0 or ss < 0 or zero.stride() != scale.stride():
