@@ -60,8 +60,11 @@ def quant_params(x: torch.Tensor, dim: int, bits: int, one_bit_rule: str = "spec
         zero, scale = (3 * lo + hi) / 4, (hi - lo) / 2
     else:
         zero, scale = lo, (hi - lo) / (2 ** bits - 1)
-    # a constant group has scale 0; any positive scale decodes it exactly to `zero`
-    return scale.clamp(min=torch.finfo(x.dtype).tiny), zero
+    # a constant group (or one made only of padding) has scale 0; any positive scale decodes it
+    # exactly to `zero`. 1, not the smallest float: a scale near finfo.tiny makes q * scale a
+    # denormal, and denormal arithmetic is ~100x slower on x86 (a left-padded batch's pad-only
+    # key groups made every decode step 2.5x slower). Ranges below 2^-100 count as constant.
+    return torch.where(scale >= 2.0 ** -100, scale, torch.ones_like(scale)), zero
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -52,6 +52,16 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+/* flush denormals to zero in this thread (FTZ + DAZ): attention over values near 1e-38 is no
+   different from zero, and denormal arithmetic is ~100x slower; restored on the way out */
+#define FTZ_ON unsigned int csr_saved_ = _mm_getcsr(); _mm_setcsr(csr_saved_ | 0x8040);
+#define FTZ_OFF _mm_setcsr(csr_saved_);
+#else
+#define FTZ_ON
+#define FTZ_OFF
+#endif
 
 /* Built once per shape: KN query rows per KV head, KD head_dim, KG key group (tokens), KBITS,
    KCG value group (channels) are compile-time constants, so every loop has a fixed trip count
@@ -83,7 +93,10 @@ void kivi_scores(const float *q, const uint8_t *codes, long cs_bh, const float *
                  const float *zero, long ss_bh, float *out, long ld, int BH, int kq, float sqrt_d,
                  int nthreads) {
     int ng = kq / G;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    #pragma omp parallel num_threads(nthreads)
+    {
+    FTZ_ON
+    #pragma omp for collapse(2) schedule(static)
     for (int bh = 0; bh < BH; bh++) {
         for (int g = 0; g < ng; g++) {
             float qs[N * D], qz[N], S[N * G], x[G];
@@ -119,6 +132,8 @@ void kivi_scores(const float *q, const uint8_t *codes, long cs_bh, const float *
             }
         }
     }
+    FTZ_OFF
+    }
 }
 
 /* part[bh][c][i][:] = sum over t in chunk c of (p_t s_t,grp) c_t + p_t z_t,grp, per channel group
@@ -132,7 +147,10 @@ void kivi_values(const float *p, long p_bh, long p_row, const uint8_t *codes, lo
                  int chunk, int nthreads) {
     int nchunk = (vq + chunk - 1) / chunk;
     const int blocked = NB % 16 == 0 && (NC == 1 || GL % 16 == 0);
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    #pragma omp parallel num_threads(nthreads)
+    {
+    FTZ_ON
+    #pragma omp for collapse(2) schedule(static)
     for (int bh = 0; bh < BH; bh++) {
         for (int c = 0; c < nchunk; c++) {
             float acc[N * D], zs[N * NC], tile[TILE * D], wv[NB];
@@ -189,6 +207,8 @@ void kivi_values(const float *p, long p_bh, long p_row, const uint8_t *codes, lo
                     for (int k = 0; k < PER; k++)
                         dst[i * D + j * PER + k] = acc[i * D + k * NB + j] + zs[i * NC + j / GL];
         }
+    }
+    FTZ_OFF
     }
 }
 """
