@@ -13,7 +13,8 @@ Every top-level aten op (one not called from inside another aten op) is put in o
 
   projections   nn.Linear inside the layers (q/k/v, o, gate/up, down) and the vocabulary head
   attention     SDPA, or the matmuls/softmax of an attention written out (HF eager); kivi: all
-                of its decode but the append (unpack, low-bit scores and values, softmax)
+                of its decode but the append (the fused low-bit kernels of runtime/kv/lowbit_cpu.py,
+                or the torch path's unpack and matmuls; the residual window; softmax)
   masks/padding building attention masks (ours: Step.mask; HF: create_causal_mask)
   cache writes  storing the new K/V (ours: the in-place column write, kivi: append + quantize;
                 HF: DynamicCache.update)
@@ -45,6 +46,7 @@ from runtime.engine import decode_step, load_prefilled
 from runtime.kv import base as kv_base, make_cache, policy_spec
 from runtime.kv import full as kv_full
 from runtime.kv import kivi as kv_kivi
+from runtime.kv import lowbit_cpu
 from runtime.model import load_gguf, shipped_gguf_path
 from core.provenance import cpu_name
 
@@ -144,6 +146,10 @@ def breakdown(run_step, steps: int) -> tuple[dict[str, float], float]:
         wall = time.perf_counter() - t
     fam = dict.fromkeys(FAMILIES, 0.0)
     for ev in prof.events():
+        if ev.name == lowbit_cpu.PROFILE_NAME:
+            # the fused low-bit CPU kernels (ctypes calls, no aten op inside): attention
+            fam["attention"] += ev.cpu_time_total / 1e3
+            continue
         if not ev.name.startswith("aten::"):
             continue
         f = family_of(ev)

@@ -39,10 +39,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from core.policies.kivi import value_group
 
 ENV = "KVTESTBED_LOWBIT_KERNEL"
+PROFILE_NAME = "kvt::lowbit_kernel"   # the kernels' scope in torch.profiler traces
 MAX_ROWS = 64          # query rows per KV head (GQA group x new tokens) the kernel handles
 MAX_DIM = 512          # head_dim
 MAX_GROUP = 256        # key group (tokens); the three bound the per-thread stack arrays
@@ -328,8 +330,9 @@ def scores(qf, codes, scale, zero, kq: int, group: int, bits: int, out: torch.Te
     if lib is None:
         return None
     qf = qf.contiguous()
-    lib.kivi_scores(qf.data_ptr(), codes.data_ptr(), cs, scale.data_ptr(), zero.data_ptr(), ss, out.data_ptr(),
-                    out.stride(2), B * H, kq, math.sqrt(D), torch.get_num_threads())
+    with record_function(PROFILE_NAME):          # a named op for torch.profiler (decode_profile.py)
+        lib.kivi_scores(qf.data_ptr(), codes.data_ptr(), cs, scale.data_ptr(), zero.data_ptr(), ss, out.data_ptr(),
+                        out.stride(2), B * H, kq, math.sqrt(D), torch.get_num_threads())
     return out[..., :kq]
 
 
@@ -351,6 +354,7 @@ def values(p, codes, scale, zero, vq: int, group: int, bits: int):
     p_bh = p.stride(1) if H > 1 else p.stride(0)
     nchunk = -(-vq // VALUE_CHUNK)
     part = torch.empty(B, H, nchunk, n, D, dtype=torch.float32)
-    lib.kivi_values(p.data_ptr(), p_bh, p.stride(2), codes.data_ptr(), cs, scale.data_ptr(), zero.data_ptr(), ss,
-                    part.data_ptr(), B * H, vq, VALUE_CHUNK, torch.get_num_threads())
+    with record_function(PROFILE_NAME):
+        lib.kivi_values(p.data_ptr(), p_bh, p.stride(2), codes.data_ptr(), cs, scale.data_ptr(), zero.data_ptr(),
+                        ss, part.data_ptr(), B * H, vq, VALUE_CHUNK, torch.get_num_threads())
     return part[:, :, 0] if nchunk == 1 else part.sum(2)
