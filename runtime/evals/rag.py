@@ -556,7 +556,8 @@ def _curve(sel, d, e, sink) -> str:
 
 def rag_figure(table: pd.DataFrame, path: Path) -> None:
     """Left: EM vs r per selector (each draft variant: one line per D; sink-token points their
-    own lines); full (r=1) and reuse (r=0) as reference lines, since they ignore r. Right: EM vs
+    own lines); full (r=1) and reuse (r=0) as reference lines, since they ignore r; a grid with a
+    single r gets EM per selector, sorted, instead. Right: EM vs
     recall of oracle_dev's set, one point per (selector, D, r), marker size by r."""
     import matplotlib
     matplotlib.use("Agg")
@@ -570,7 +571,20 @@ def rag_figure(table: pd.DataFrame, path: Path) -> None:
     curves = t[~t.selector.isin(["full", "reuse"])]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
     ax = axes[0]
-    if len(curves):
+    if len(curves) and curves.r.nunique() == 1:
+        # one budget (e.g. the larger grid at r = 0.15 only): EM per selector, sorted, with its
+        # interval; a line over a single x would stack every point on top of the others
+        g = curves.sort_values("em")
+        ax.errorbar(g.em, range(len(g)), xerr=[g.em - g.em_lo, g.em_hi - g.em], fmt="o", capsize=2, lw=1, ms=4)
+        ax.set_yticks(range(len(g)), list(g.curve), fontsize=8)
+        for sel, style in (("full", "-"), ("reuse", "--")):
+            row = t[t.selector == sel]
+            if len(row):
+                ax.axvline(float(row.em.iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row.em.iloc[0]:.2f})")
+        ax.set_xlabel(f"EM (95% CI) at r = {float(g.r.iloc[0]):g}")
+        ax.set_xlim(-0.05, 1.05)
+        ax.legend(fontsize=7)
+    elif len(curves):
         styles = {c: ("-" if " D=" not in c else {"3": "--", "5": "-", "10": ":"}.get(c.split(" D=")[1].split()[0], "-."))
                   for c in curves.curve.unique()}
         palette = dict(zip(sorted(curves.variant.unique()), sns.color_palette("tab20", curves.variant.nunique())))
@@ -578,14 +592,15 @@ def rag_figure(table: pd.DataFrame, path: Path) -> None:
             g = g.sort_values("r")
             ax.errorbar(g.r, g.em, yerr=[g.em - g.em_lo, g.em_hi - g.em], fmt="o", ls=styles[c], capsize=2, lw=1,
                         ms=3, color=palette[g.variant.iloc[0]], label=c)
-    for sel, style in (("full", "-"), ("reuse", "--")):
-        row = t[t.selector == sel]
-        if len(row):
-            ax.axhline(float(row.em.iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row.em.iloc[0]:.2f})")
-    ax.set_xlabel("recompute ratio r")
-    ax.set_ylabel("EM (95% CI)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=6, ncol=2)
+    if not (len(curves) and curves.r.nunique() == 1):
+        for sel, style in (("full", "-"), ("reuse", "--")):
+            row = t[t.selector == sel]
+            if len(row):
+                ax.axhline(float(row.em.iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row.em.iloc[0]:.2f})")
+        ax.set_xlabel("recompute ratio r")
+        ax.set_ylabel("EM (95% CI)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=6, ncol=2)
     ax = axes[1]
     pts = curves[curves.recall_vs_oracle.notna()] if "recall_vs_oracle" in curves else curves.iloc[:0]
     if len(pts):
