@@ -32,7 +32,7 @@ def _loaded(bits, G, D, B=2, H=2, T=150, pad=(0, 7), seed=0):
 
 
 # shapes: blocked value path (D 64, G 64; D 128 with two channel groups of 64) and the generic
-# one (D 16; 1-bit with 8 bytes per row; channel groups of 8 and 32), GQA rows 1 / 3 / 6
+# one (D 16; 1-bit with 8 bytes per row; several channel groups), GQA rows 1 / 3 / 6
 CASES = [(2, 64, 64, 3), (1, 64, 64, 3), (4, 64, 64, 6), (8, 64, 64, 1), (2, 128, 64, 3), (4, 128, 32, 3),
          (2, 16, 8, 2), (1, 16, 8, 3), (4, 16, 16, 1), (8, 32, 8, 4), (1, 128, 64, 6)]
 
@@ -139,3 +139,37 @@ def test_folded_rows_match_per_head_scores():
     for h in range(6):
         want = (q[:, h] @ K[:, h // 3, : layer.kq].transpose(-1, -2)) / 4.0   # (2, 1, kq)
         torch.testing.assert_close(s[:, h // 3, h % 3], want[:, 0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,G,D", [(2, 6, 12), (4, 3, 12), (1, 4, 16)])
+def test_value_groups_that_split_a_byte_keep_the_torch_path(bits, G, D):
+    """A value group of fewer channels than a byte holds (or not a multiple of them) would put one
+    byte in two groups: the kernels decline (they used to give wrong values, or trap on 1-bit
+    groups of 4), and the layer's answer is still attention over the dequantized cache."""
+    layer, g = _loaded(bits, G, D, T=60)
+    p = torch.softmax(torch.randn(2, 2, 3, layer.vq, generator=g), -1)
+    assert lowbit_cpu.values(p, layer.v_codes, layer.v_scale, layer.v_zero, layer.vq, G, bits) is None
+    _, V = _naive_dequantized_cache(layer)
+    torch.testing.assert_close(layer.lowbit_values(p).double(), p.double() @ V[:, :, : layer.vq].double(),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_constant_groups_get_a_normal_scale_in_every_dtype(dtype):
+    from runtime.kv.kivi import quant_params, quantize, dequantize
+    x = torch.full((1, 1, 8, 4), 0.75, dtype=dtype)
+    scale, zero = quant_params(x, 2, 2)
+    assert bool((scale == 1).all())                 # not 0 (NaN codes) and not a denormal
+    codes = quantize(x, scale, zero, 2)
+    assert bool((codes == 0).all()) and bool((dequantize(codes, scale, zero) == x).all())
+
+
+def test_value_chunks_and_single_batch_row():
+    """More than one 256-token value chunk (partial sums added in torch) and B = 1 with H > 1."""
+    _kernels_or_skip(3, 64, 64, 2)
+    layer, g = _loaded(2, 64, 64, B=1, H=3, T=700, pad=(0,))
+    assert layer.vq > 2 * lowbit_cpu.VALUE_CHUNK
+    _, V = _naive_dequantized_cache(layer)
+    p = torch.softmax(torch.randn(1, 3, 3, layer.vq, generator=g), -1)
+    o = lowbit_cpu.values(p, layer.v_codes, layer.v_scale, layer.v_zero, layer.vq, 64, 2)
+    torch.testing.assert_close(o.double(), p.double() @ V[:, :, : layer.vq].double(), atol=1e-5, rtol=1e-4)

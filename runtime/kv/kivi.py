@@ -64,7 +64,8 @@ def quant_params(x: torch.Tensor, dim: int, bits: int, one_bit_rule: str = "spec
     # exactly to `zero`. 1, not the smallest float: a scale near finfo.tiny makes q * scale a
     # denormal, and denormal arithmetic is ~100x slower on x86 (a left-padded batch's pad-only
     # key groups made every decode step 2.5x slower). Ranges below 2^-100 count as constant.
-    return torch.where(scale >= 2.0 ** -100, scale, torch.ones_like(scale)), zero
+    # (compared in float32: in float16, 2^-100 rounds to 0 and a zero scale would pass)
+    return torch.where(scale.float() >= 2.0 ** -100, scale, torch.ones_like(scale)), zero
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ run in torch's thread pool with `torch.get_num_threads()` threads (one OpenMP ru
 process, not two fighting over the cores).
 
 Where the kernels cannot serve a call (no compiler, a CUDA tensor, a dtype other than float32,
-more than `MAX_ROWS` query rows, a head or group beyond `MAX_DIM` / `MAX_GROUP`) the callers keep
+more than `MAX_ROWS` query rows, a head or group beyond `MAX_DIM` / `MAX_GROUP`, a value group
+that is not a whole number of packed bytes) the callers keep
 the torch path; `KVTESTBED_LOWBIT_KERNEL=0` forces the torch path everywhere (A/B timing, tests).
 A failed build warns once, with the compiler's first error line, and never fails a run.
 """
@@ -228,10 +229,12 @@ def _cpu_key() -> str:
     """The CPU the library is built for (-march=native): model name and flags."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(keep)
     except OSError:
-        return platform.processor() or platform.machine()
+        lines = []
+    # x86 names the CPU in "model name" / "flags"; arm64 in "CPU implementer" / "CPU part" / "Features"
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+    keep = sorted({ln.strip() for ln in lines if ln.startswith(keys)})
+    return "\n".join([platform.machine(), platform.processor(), *keep])
 
 
 def _compiler() -> tuple[str, str]:
@@ -294,9 +297,11 @@ def library(rows: int, head_dim: int, group: int, bits: int, value_group: int):
     return _libs[shape]
 
 
-def _usable(tensors, rows: int, head_dim: int, group: int) -> bool:
+def _usable(tensors, rows: int, head_dim: int, group: int, bits: int) -> bool:
     if not enabled() or rows > MAX_ROWS or head_dim > MAX_DIM or group > MAX_GROUP:
         return False
+    if value_group(group, head_dim) % (8 // bits):
+        return False     # a packed byte would straddle two value groups: the kernels assume it never does
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.uint8) for t in tensors)
 
 
@@ -317,7 +322,7 @@ def scores(qf, codes, scale, zero, kq: int, group: int, bits: int, out: torch.Te
     a (B, H_kv, n, >= kq) float32 buffer whose rows are contiguous, when given), or None when the
     kernel cannot serve the call (the caller keeps the torch path)."""
     B, H, n, D = qf.shape
-    if not _usable((qf, codes, scale, zero), n, D, group):
+    if not _usable((qf, codes, scale, zero), n, D, group, bits):
         return None
     cs, ss = _bh_stride(codes), _bh_stride(scale)
     if cs < 0 or ss < 0 or zero.stride() != scale.stride():
@@ -341,7 +346,7 @@ def values(p, codes, scale, zero, vq: int, group: int, bits: int):
     D*bits/8); scale, zero (B, H_kv, cap, D / value_group). Returns (B, H_kv, n, D), or None."""
     B, H, n = p.shape[:3]
     D = codes.shape[-1] * 8 // bits
-    if not _usable((p, codes, scale, zero), n, D, group):
+    if not _usable((p, codes, scale, zero), n, D, group, bits):
         return None
     cs, ss = _bh_stride(codes), _bh_stride(scale)
     if cs < 0 or ss < 0 or zero.stride() != scale.stride():
