@@ -196,13 +196,14 @@ class KiviKV(LayerKV):
 
     # -- attention pieces (shared with specache)
 
-    def lowbit_scores(self, qf: torch.Tensor) -> torch.Tensor:
-        """qf (B, H_kv, n, D) folded queries -> q . K_lowbit / sqrt(D) over [0, kq): (B, H_kv, n, kq)."""
+    def lowbit_scores(self, qf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """qf (B, H_kv, n, D) folded queries -> q . K_lowbit / sqrt(D) over [0, kq): (B, H_kv, n, kq).
+        out: a (B, H_kv, n, >= kq) buffer whose columns [0, kq) receive the scores (the view is returned)."""
         B, H, n, D = qf.shape
         ng = self.kq // self.G
         if ng == 0:
             return qf.new_zeros(B, H, n, 0)
-        s = lowbit_cpu.scores(qf, self.k_codes, self.k_scale, self.k_zero, self.kq, self.G, self.bits)
+        s = lowbit_cpu.scores(qf, self.k_codes, self.k_scale, self.k_zero, self.kq, self.G, self.bits, out=out)
         if s is not None:
             return s
         codes = unpack_float(self.k_codes[:, :, : self.kq], self.bits, self.dtype)
@@ -211,7 +212,11 @@ class KiviKV(LayerKV):
         qs = qf[:, :, None] * scale[:, :, :, None]                            # (B, H, ng, n, D)
         s = qs @ codes.transpose(-1, -2)                                      # (B, H, ng, n, G)
         s = s + (qf @ zero.transpose(-1, -2)).transpose(-1, -2)[..., None]    # + q . z per group
-        return s.permute(0, 1, 3, 2, 4).reshape(B, H, n, self.kq) / math.sqrt(D)
+        s = s.permute(0, 1, 3, 2, 4).reshape(B, H, n, self.kq) / math.sqrt(D)
+        if out is None:
+            return s
+        out[..., : self.kq] = s
+        return out[..., : self.kq]
 
     def lowbit_values(self, p: torch.Tensor) -> torch.Tensor:
         """p (B, H_kv, n, vq) attention weights of the quantized values -> sum_t p_t v_t: (B, H_kv, n, D)."""
@@ -257,9 +262,7 @@ class KiviKV(LayerKV):
         # one (B, H_kv, n, kq + residual) buffer: the fused kernel writes the low-bit columns in
         # place, so the scores are never concatenated (a copy of all of them per layer per step)
         scores = qf.new_empty(B, H, n, self.kq + k_res.shape[2])
-        if self.kq and lowbit_cpu.scores(qf, self.k_codes, self.k_scale, self.k_zero, self.kq, self.G, self.bits,
-                                         out=scores) is None:
-            scores[..., : self.kq] = self.lowbit_scores(qf)
+        self.lowbit_scores(qf, out=scores)
         scores[..., self.kq :] = (qf @ k_res.transpose(-1, -2)) / math.sqrt(self.D)
         p = masked_softmax(scores, step, q.shape[1] // k_res.shape[1])
         o = self.lowbit_values(p[..., : self.vq]) + p[..., self.vq :] @ v_res
