@@ -231,8 +231,9 @@ def rag_quality(evals_dir: str | Path) -> pd.DataFrame | None:
     return q
 
 
-def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
-    pk = passkey_quality(evals_dir)
+def join_quality(df: pd.DataFrame, pk: pd.DataFrame, rq: pd.DataFrame | None) -> pd.DataFrame:
+    """The sweep's rows with measured quality joined in: pk from `passkey_quality`, rq from
+    `rag_quality` (None: no RAG table)."""
     out = df.copy()
     out["passkey_accuracy"] = np.nan
     for i, r in out.iterrows():
@@ -246,7 +247,6 @@ def join_quality(df: pd.DataFrame, evals_dir: str | Path) -> pd.DataFrame:
                 m = m[m.prefetch == r.prefetch]
         if len(m):
             out.at[i, "passkey_accuracy"] = float(m.passkey_accuracy.iloc[0])
-    rq = rag_quality(evals_dir)
     if rq is not None and {"selector", "recompute_ratio", "draft_layers"} <= set(out.columns):
         full = rq[rq.selector == "full"]
         rq = rq[rq.selector != "full"]
@@ -359,7 +359,8 @@ def sweep(cfg: DictConfig) -> pd.DataFrame:
 
     results_folder(cfg.results_dir, "sweep")     # before the points, not after them (the CSV is written last)
     check_evals_dir(cfg.evals_dir)
-    passkey_quality(cfg.evals_dir), rag_quality(cfg.evals_dir)     # a corrupt table: refused before the points
+    # read once, before the points: a corrupt table is refused before any work, not after it
+    pk, rq = passkey_quality(cfg.evals_dir), rag_quality(cfg.evals_dir)
     pts = points(cfg)
     paper = cfg.sweep.get("paper")
     if paper not in (None, "specache", "rag"):
@@ -372,7 +373,7 @@ def sweep(cfg: DictConfig) -> pd.DataFrame:
         write_csv_atomic(df, csv_path(cfg))
         plot_paper(df, paper, csv_path(cfg).with_suffix(".png"))
         return df
-    df = join_quality(df, cfg.evals_dir)
+    df = join_quality(df, pk, rq)
     write_csv_atomic(df, csv_path(cfg))
     return df
 
