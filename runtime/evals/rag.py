@@ -571,19 +571,15 @@ def rag_figure(table: pd.DataFrame, path: Path) -> None:
     curves = t[~t.selector.isin(["full", "reuse"])]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
     ax = axes[0]
-    if len(curves) and curves.r.nunique() == 1:
+    single = bool(len(curves)) and curves.r.nunique() == 1
+    if single:
         # one budget (e.g. the larger grid at r = 0.15 only): EM per selector, sorted, with its
         # interval; a line over a single x would stack every point on top of the others
         g = curves.sort_values("em")
         ax.errorbar(g.em, range(len(g)), xerr=[g.em - g.em_lo, g.em_hi - g.em], fmt="o", capsize=2, lw=1, ms=4)
         ax.set_yticks(range(len(g)), list(g.curve), fontsize=8)
-        for sel, style in (("full", "-"), ("reuse", "--")):
-            row = t[t.selector == sel]
-            if len(row):
-                ax.axvline(float(row.em.iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row.em.iloc[0]:.2f})")
         ax.set_xlabel(f"EM (95% CI) at r = {float(g.r.iloc[0]):g}")
         ax.set_xlim(-0.05, 1.05)
-        ax.legend(fontsize=7)
     elif len(curves):
         styles = {c: ("-" if " D=" not in c else {"3": "--", "5": "-", "10": ":"}.get(c.split(" D=")[1].split()[0], "-."))
                   for c in curves.curve.unique()}
@@ -592,15 +588,16 @@ def rag_figure(table: pd.DataFrame, path: Path) -> None:
             g = g.sort_values("r")
             ax.errorbar(g.r, g.em, yerr=[g.em - g.em_lo, g.em_hi - g.em], fmt="o", ls=styles[c], capsize=2, lw=1,
                         ms=3, color=palette[g.variant.iloc[0]], label=c)
-    if not (len(curves) and curves.r.nunique() == 1):
-        for sel, style in (("full", "-"), ("reuse", "--")):
-            row = t[t.selector == sel]
-            if len(row):
-                ax.axhline(float(row.em.iloc[0]), color="black", ls=style, lw=1, label=f"{sel} ({row.em.iloc[0]:.2f})")
+    for sel, style in (("full", "-"), ("reuse", "--")):     # they ignore r: reference lines
+        row = t[t.selector == sel]
+        if len(row):
+            (ax.axvline if single else ax.axhline)(float(row.em.iloc[0]), color="black", ls=style, lw=1,
+                                                   label=f"{sel} ({row.em.iloc[0]:.2f})")
+    if not single:
         ax.set_xlabel("recompute ratio r")
         ax.set_ylabel("EM (95% CI)")
         ax.set_ylim(-0.05, 1.05)
-        ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7 if single else 6, ncol=1 if single else 2)
     ax = axes[1]
     pts = curves[curves.recall_vs_oracle.notna()] if "recall_vs_oracle" in curves else curves.iloc[:0]
     if len(pts):
