@@ -28,6 +28,7 @@ import sys
 import statistics
 import time
 import warnings
+from unittest import mock
 from types import SimpleNamespace as NS
 
 import torch
@@ -83,15 +84,9 @@ def kv_ratio_table(n: int = 4096) -> None:
 def our_step_s(model, pr, pad, k, v, lg, policy, steps: int, torch_path: bool = False) -> tuple[float, dict]:
     """Median decode step (s) of our engine from the synthetic prefilled cache, and policy stats.
     torch_path: with the fused low-bit CPU kernels switched off for this run."""
-    old = os.environ.get(lowbit_cpu.ENV)
-    if torch_path:
-        os.environ[lowbit_cpu.ENV] = "0"
-    try:
+    with mock.patch.dict(os.environ, {lowbit_cpu.ENV: "0"} if torch_path else {}):
         r = generate(model, pr, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), policy,
                      prefilled=ours_prefilled(model, pr, pad, k, v, lg))
-    finally:
-        if torch_path:
-            os.environ.pop(lowbit_cpu.ENV) if old is None else os.environ.__setitem__(lowbit_cpu.ENV, old)
     return statistics.median(r.steps), r.policy_stats
 
 
