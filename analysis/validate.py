@@ -38,6 +38,8 @@ from core.errors import ConfigError, cli_errors
 from core.results import clean_orphans
 from core.policies import spec_of
 
+from analysis import phases as P
+
 register()          # the base_* schemas every group option starts from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +160,7 @@ def differing_keys(a: DictConfig, b: DictConfig) -> list[str]:
 def config_hash(run_cfg: DictConfig, sim_cfg: DictConfig) -> str:
     both = {"runtime": OmegaConf.to_container(run_cfg, resolve=True), "simulator": OmegaConf.to_container(sim_cfg, resolve=True)}
     for half in both.values():
-        for key in ("results_dir", "progress", "experiment"):
+        for key in ("results_dir", "progress", "experiment", "phases", "timeline"):   # not what is measured
             half.pop(key, None)
         half["hardware"].pop("profile", None)   # where the profile lies (GPU box vs here) is not the config
     return hashlib.sha1(json.dumps(both, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -286,6 +288,7 @@ class Job:
     indices: list[float] = field(default_factory=list)
     flagged: bool = False
     failed: bool = False
+    phases: dict = field(default_factory=dict)   # this point's row of the phases CSV (analysis/phases.py)
     done: bool = False           # resumed from the CSV: nothing left to do
 
 
@@ -337,7 +340,7 @@ def measure_job(job: Job, speed: Speed, threshold: float) -> None:
     job.flagged |= drifted(d, threshold)
     job.drifts.append(d)
     job.indices += [before, after]
-    job.samples.append({"wall": wall, "path": meas["path"],
+    job.samples.append({"wall": wall, "path": meas["path"], "phases": meas.get("phases"),
                         **{m: decode_tok_s(meas) if m == "decode_tok_s" else meas.get(m, math.nan) for m in METRICS}})
 
 
@@ -356,8 +359,9 @@ def measured_columns(job: Job, fp: str, repeats: int) -> dict:
     return row
 
 
-def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str) -> dict:
-    """Raw and drift-corrected predictions, errors, within-noise flags."""
+def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str, phases: dict | None = None) -> dict:
+    """Raw and drift-corrected predictions, errors, within-noise flags; the prediction's phase
+    columns go into `phases` (the point's row of the phases CSV) when given."""
     from runtime.profile import load as load_profile
 
     out = {"profile_path": profile}
@@ -368,6 +372,8 @@ def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str) -> dict:
     pred = predict(sim_cfg)
     out["sim_wall_s"] = time.perf_counter() - t
     out["simulated_path"] = pred["path"]
+    if phases is not None:
+        phases.update(P.predicted_phase_columns(pred))
     scale = out["profile_speed_index"] / row.get("speed_index", math.nan) if row.get("speed_index") else math.nan
     out["compute_scale"] = scale
     corr = predict(sim_cfg, compute_scale=scale) if np.isfinite(scale) else None
@@ -526,11 +532,12 @@ def format_summary(df: pd.DataFrame) -> str:
 
 def format_points(df: pd.DataFrame) -> str:
     lines = [f"{'point':<28} {'split':<11} {'TTFT meas/pred ms':>20} {'TPOT meas/pred ms':>19} {'tok/s meas/pred':>17}"]
-    for r in df[df.status == "ok"].itertuples():
-        f = lambda a, b, k=1e3: f"{a * k:8.1f} /{b * k:8.1f}"
-        lines.append(f"{r.id:<28} {r.split:<11} {f(r.measured_ttft_s, r.predicted_ttft_s):>20} "
-                     f"{f(r.measured_tpot_s, r.predicted_tpot_s):>19} "
-                     f"{f(r.measured_throughput_tok_s, r.predicted_throughput_tok_s, 1):>17}")
+    for r in df[df.status == "ok"].to_dict("records"):
+        # a half may be missing (halves=runtime into a CSV without predictions): blank, not an error
+        v = lambda side, m: r.get(f"{side}_{m}", math.nan)  # noqa: E731
+        f = lambda m, k=1e3: f"{v('measured', m) * k:8.1f} /{v('predicted', m) * k:8.1f}"  # noqa: E731
+        lines.append(f"{r['id']:<28} {r['split']:<11} {f('ttft_s'):>20} {f('tpot_s'):>19} "
+                     f"{f('throughput_tok_s', 1):>17}")
     return "\n".join(lines)
 
 
@@ -636,6 +643,9 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     path = csv_path(cfg)
     old = {r["id"]: r for r in load(path).to_dict("records")} if path.exists() else {}   # a corrupt one: one line
     rows = dict(old)
+    ppath = P.phases_path(path)
+    old_ph = {r["id"]: r for r in P.load_phases(ppath).to_dict("records")} if ppath.exists() else {}
+    ph_rows = dict(old_ph)
     order = [q.id for q in points_of(OmegaConf.merge(cfg, {"only": None}))]   # the CSV keeps the file's order
     jobs = [prepare(p, cfg) for p in points]
     live = [j for j in jobs if not j.failed]
@@ -646,6 +656,9 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     def save():
         df = pd.DataFrame([rows[i] for i in order if i in rows])
         write_csv_atomic(df, path)             # after every measurement: a crash loses little
+        ph = [ph_rows[i] for i in order if i in ph_rows]
+        if ph:
+            write_csv_atomic(pd.DataFrame(ph), ppath)
 
     # resume: the same config measured on this machine with as many repeats
     for j in live:
@@ -654,6 +667,7 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
                 and prev.get("config_hash") == j.row["config_hash"] and prev.get("machine_fingerprint") == fp \
                 and prev.get("repeats") == repeats:
             j.row, j.done = prev, True
+            j.phases = old_ph.get(j.p.id, {})
     todo = [j for j in live if not j.done]
     if todo and cfg.halves in ("both", "simulator"):
         profiles_for(todo, cfg, device, fp)
@@ -670,6 +684,9 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
                 try:
                     measure_job(j, speed, cfg.validation.drift_threshold)
                     j.row.update(measured_columns(j, fp, repeats))
+                    j.phases = {"id": pid, "split": j.p.split, "policy": j.row.get("policy"),
+                                "gen_len": j.row.get("gen_len"), **P.measured_phase_columns(j.samples)}
+                    ph_rows[pid] = j.phases
                 except Exception as e:          # recorded, and the sweep goes on
                     fail(j, e)
                 rows[pid] = j.row
@@ -686,12 +703,19 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
             j.row.update({k: v for k, v in prev.items() if k.startswith("measured_") or k.endswith("_noise") or k in (
                 "runtime_wall_s", "host", "machine_fingerprint", "repeats", "speed_drift", "drift_flagged",
                 "speed_index", "interval", "measured_path")})
+            # the measured phases come over too (none in a CSV written before phases existed)
+            j.phases = {k: v for k, v in old_ph.get(j.p.id, {}).items() if not k.startswith("predicted_")} \
+                or {"id": j.p.id, "split": j.p.split, "policy": j.row.get("policy"), "gen_len": j.row.get("gen_len")}
     if cfg.halves in ("both", "simulator"):
         for j in todo:
             if j.failed:
                 continue
             try:
-                j.row.update(predicted_columns(j.row, j.sim_cfg, j.sim_cfg.hardware.profile or str(simulator_profile(j.sim_cfg.hardware))))
+                if not j.phases:
+                    j.phases = {"id": j.p.id, "split": j.p.split, "policy": j.row.get("policy"), "gen_len": j.row.get("gen_len")}
+                j.row.update(predicted_columns(j.row, j.sim_cfg, j.sim_cfg.hardware.profile or str(simulator_profile(j.sim_cfg.hardware)),
+                                               j.phases))
+                ph_rows[j.p.id] = j.phases
             except Exception as e:
                 fail(j, e)
     for j in jobs:
@@ -703,6 +727,8 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     df = load(path)
     if cfg.figure and (df.status == "ok").any():
         plot_fidelity(df, path.with_suffix(".png"))
+        if ppath.exists():
+            P.plot_phases(P.load_phases(ppath), P.phases_path(path).with_suffix(".png"))
     return df
 
 
@@ -731,7 +757,15 @@ def main(argv: list[str] | None = None) -> None:
     print(format_points(df))
     print()
     print(format_summary(df))
-    print(f"\n{path}" + (f"\n{path.with_suffix('.png')}" if cfg.figure and (df.status == 'ok').any() else ""))
+    ppath = P.phases_path(path)
+    why = P.explain(df, P.load_phases(ppath), HEADLINE) if ppath.exists() else []
+    if why:
+        print("\npoints off by more than their noise, and the phase that accounts for most of the error "
+              "(measured -> predicted per step):")
+        print("\n".join(why))
+    print(f"\n{path}" + (f"\n{ppath}" if ppath.exists() else "")
+          + (f"\n{path.with_suffix('.png')}" if cfg.figure and (df.status == 'ok').any() else "")
+          + (f"\n{ppath.with_suffix('.png')}" if cfg.figure and ppath.exists() and (df.status == 'ok').any() else ""))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,12 @@ class RunConfig:
     experiment: Optional[str] = None   # name recorded in results; set by conf/experiment/*.yaml
     results_dir: str = "results"
     allow_extrapolation: bool = False  # simulator: read measured tables beyond their shape / grid margin (recorded in `extrapolated`)
+    # where a step's time goes (core/phases.py): the runtime's phase timers (perf_counter / CUDA
+    # events) and the simulator's critical-path attribution write `phases` into the result
+    phases: bool = True
+    # a Chrome trace-event JSON of the run (steps, ops per engine, requests) beside the result,
+    # its path in the result as `timeline_path`; open it in Perfetto (ui.perfetto.dev)
+    timeline: bool = False
 
 
 @dataclass
