@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.phases import PARTS, PHASES, STAGES, UNACCOUNTED, columns
+from core.phases import PARTS, PHASES, STAGES, UNACCOUNTED, columns, phases_csv
 
 # the stage whose step a headline metric is made of (throughput: both, see `stage_of`)
 METRIC_STAGE = {"ttft_s": "prefill", "tpot_s": "decode"}
@@ -25,7 +25,7 @@ ID_COLUMNS = ("id", "split", "policy")
 
 def phases_path(csv: Path) -> Path:
     """`<experiment>.phases.csv` beside `<experiment>.csv`."""
-    return csv.with_name(csv.stem + ".phases.csv")
+    return phases_csv(csv)
 
 
 def measured_phase_columns(records: list[dict]) -> dict[str, float]:
@@ -144,11 +144,14 @@ def explain(df: pd.DataFrame, phases: pd.DataFrame, metrics: tuple[str, ...]) ->
 def plot_phases(phases: pd.DataFrame, out: str | Path) -> Path | None:
     """Per point and stage: the measured step (left bar) beside the predicted one (right bar),
     stacked by phase; ms per step."""
-    from analysis.validate import _plt
-
     if phases is None or not len(phases):
         return None
-    plt, sns = _plt()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
     stages = [s for s in STAGES if col(s, "step", "measured") in phases or col(s, "step", "predicted") in phases]
     if not stages:
         return None

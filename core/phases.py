@@ -89,6 +89,11 @@ def stage_record(totals: dict[str, float], step_s_total: float, steps: int,
     return {"steps": int(steps), "step_s": step, "phases": out, "parts": prt}
 
 
+def phases_csv(csv):
+    """`<experiment>.phases.csv` beside a validation CSV `<experiment>.csv` (a pathlib.Path)."""
+    return csv.with_name(csv.stem + ".phases.csv")
+
+
 def columns(record: dict | None, side: str) -> dict[str, float]:
     """Flat CSV columns of a result's `phases` (None / {} -> no columns): `<side>_phase_<stage>_<p>_s`
     for every phase, `unaccounted` and part, plus `<side>_phase_<stage>_step_s`. `side` is

@@ -157,7 +157,34 @@ def gather_modes(rows) -> None:
                  f"device {t['gather_device']['p50'][big] * 1e3:.2f} ms"))
 
 
-STEPS = [install, identity, gpu_tests, profile, gather_modes, validate, bench, identity_end]
+def phase_breakdown(rows) -> None:
+    """Where each validate_gpu point's steps go on this GPU (the runtime half's phases, CUDA
+    events): $OUT/phases.txt, one line per point and stage; the simulator half is compared on
+    the CPU box (`analysis.validate experiment=validate_gpu halves=simulator`)."""
+    import pandas as pd
+
+    from core.phases import PHASES, STAGES, UNACCOUNTED, phases_csv
+
+    path = phases_csv(OUT / "results" / "validation" / "validate_gpu.csv")
+    if not path.exists():
+        rows.append(("phase-breakdown", "skipped", 0.0, f"no {path.name} (validate-gpu failed?)"))
+        return
+    df = pd.read_csv(path)
+    lines = []
+    for r in df.to_dict("records"):
+        for st in STAGES:
+            step = r.get(f"measured_phase_{st}_step_s")
+            if step is None or not step == step:
+                continue
+            parts = [f"{p} {100 * r[c] / step:.0f}%" for p in (*PHASES, UNACCOUNTED)
+                     if (c := f"measured_phase_{st}_{p}_s") in r and r[c] == r[c] and abs(r[c]) >= 0.005 * step]
+            lines.append(f"{r['id']:<32} {st:<8} {step * 1e3:9.2f} ms: " + ", ".join(parts))
+    (OUT / "phases.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    rows.append(("phase-breakdown", "ok", 0.0, f"{len(lines)} stage rows -> phases.txt"))
+
+
+STEPS = [install, identity, gpu_tests, profile, gather_modes, validate, phase_breakdown, bench, identity_end]
 
 
 def main(argv: list[str] | None = None) -> None:
