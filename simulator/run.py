@@ -8,6 +8,12 @@
 Same config tree as runtime.bench (conf/, primary conf/simulate.yaml), same results schema
 (core/results.py), plus max batch reached, engine utilisation and goodput under `slo`.
 In a multirun a failing point is a CSV row with its error, not the end of the sweep.
+
+`phases=true` (default): the result's `phases` = {"prefill": ..., "decode": ...}, each
+core/phases.py's stage record (mean seconds per step of each phase and layer part, from the
+critical-path attribution of simulator/hardware.py); `timeline=true`: a Chrome trace-event JSON
+of the run beside the result (`<result stem>.timeline.json`, its path in `timeline_path`): one
+event per iteration, the ops of the first iterations per engine, each request's span.
 """
 from __future__ import annotations
 
@@ -23,12 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from core.config import register
 from core.cli import hydra_entry, run_point
 from core.errors import ConfigError
+from core.phases import STAGES
 from core.provenance import git_revision
 from core.results import key_value_table, latency_kv_rows, serving_metrics, results_folder, write_json_atomic
 
 from .costs import Costs, ModelShape
-from .policies import make_policy
-from .scheduler import Sim
+from .policies import ENGINES, make_policy
+from .scheduler import TIMELINE_OP_ITERATIONS, Sim
 from core.checks import check_config, check_shape
 from core.feasibility import check_simulation
 
@@ -164,7 +171,8 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     host = cfg.hardware.get("host_memory_bytes")
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
-              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host))
+              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host),
+              phases=bool(cfg.get("phases", True)), timeline=bool(cfg.get("timeline", False)))
     return sim, path
 
 
@@ -192,11 +200,82 @@ def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
                        **machine_note(costs, cfg.hardware.get("device", "cpu")), "compute_scale": compute_scale,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     })
+    if sim.phases:
+        record["phases"] = {stage: sim.stages[stage].record() for stage in STAGES}
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = (f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_"
             f"{cfg.workload.arrival}_{time.strftime('%Y%m%d-%H%M%S')}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "simulated" / name, record, exclusive=True))
+    target = Path(cfg.results_dir) / "simulated" / name
+    if sim.timeline:
+        record["timeline_path"] = str(timeline_file(target))
+    path = write_json_atomic(target, record, exclusive=True)
+    if sim.timeline:
+        if path != target:              # the name was taken (same config, same second): `-2`, ...
+            record["timeline_path"] = str(timeline_file(path))
+            write_json_atomic(path, record)
+        write_json_atomic(record["timeline_path"], timeline_trace(sim, reqs, record))
+    record["path"] = str(path)
     return record
+
+
+def timeline_file(result: Path) -> Path:
+    """Where a result's timeline goes: beside it, `<stem>.timeline.json`."""
+    return result.with_name(result.stem + ".timeline.json")
+
+
+# ops beyond this many events in all are left out too (each is ~250 bytes of indented JSON)
+TIMELINE_OP_EVENTS = 200_000
+_DEVICE, _REQUESTS = 1, 2           # trace pids: the simulated device (a track per engine), the requests
+
+
+def timeline_trace(sim: Sim, reqs, record: dict | None = None) -> dict:
+    """The run as a Chrome trace-event JSON object (ui.perfetto.dev, chrome://tracing); ts and
+    dur are microseconds of simulated time. Device (pid 1): every iteration an X event on the
+    `compute` track, and for the first iterations each op an X event on its engine's track
+    (compute, h2d, d2h; cat = its phase). Requests (pid 2): each an async span (b/e, cat
+    `request`, id = request id) from arrival to done, with instants (n) when admitted and at its
+    first token."""
+    us = 1e6
+    tid = {e: i + 1 for i, e in enumerate(ENGINES)}
+    ev: list[dict] = [
+        {"name": "process_name", "ph": "M", "pid": _DEVICE, "args": {"name": "simulated device"}},
+        {"name": "process_name", "ph": "M", "pid": _REQUESTS, "args": {"name": "requests"}},
+        *({"name": "thread_name", "ph": "M", "pid": _DEVICE, "tid": t, "args": {"name": e}} for e, t in tid.items()),
+        *({"name": "thread_sort_index", "ph": "M", "pid": _DEVICE, "tid": t, "args": {"sort_index": t}}
+          for t in tid.values()),
+    ]
+    with_ops, n_op = 0, 0
+    for n, (stage, t0, dur, batch, ops) in enumerate(sim.steps):
+        ts, end = t0 * us, (t0 + dur) * us
+        ev.append({"name": stage, "cat": "iteration", "ph": "X", "pid": _DEVICE, "tid": tid["compute"],
+                   "ts": ts, "dur": dur * us, "args": {"iteration": n, "batch": batch}})
+        if ops is None or n_op + len(ops) > TIMELINE_OP_EVENTS:
+            continue
+        with_ops += 1
+        n_op += len(ops)
+        for name, engine, phase, a, b in ops:
+            start = ts + a * us
+            ev.append({"name": name, "cat": phase, "ph": "X", "pid": _DEVICE, "tid": tid.get(engine, 0),
+                       "ts": start, "dur": max(min(ts + b * us, end) - start, 0.0)})
+    for r in reqs:
+        common = {"cat": "request", "id": r.id, "pid": _REQUESTS, "tid": 0}
+        name = f"request {r.id}"
+        ev.append({**common, "name": name, "ph": "b", "ts": r.arrival_s * us,
+                   "args": {"prompt_len": r.prompt_len, "gen_len": r.gen_len}})
+        if r.admitted_s is not None:
+            ev.append({**common, "name": "admitted", "ph": "n", "ts": r.admitted_s * us})
+        if r.first_token_s is not None:
+            ev.append({**common, "name": "first token", "ph": "n", "ts": r.first_token_s * us})
+        ev.append({**common, "name": name, "ph": "e", "ts": r.done_s * us})
+    its = len(sim.steps)
+    meta = {"kind": "simulated", "clock": "simulated seconds (ts, dur in microseconds)", "iterations": its,
+            "op_iterations": with_ops,
+            "note": (f"every iteration is an event; so are the ops of the first {with_ops} of the {its} iterations "
+                     f"(ops are kept for at most {TIMELINE_OP_ITERATIONS} iterations and {TIMELINE_OP_EVENTS} events)")}
+    if record is not None:
+        meta.update({k: record.get(k) for k in ("model", "policy", "hardware", "experiment")})
+        meta["fidelity"] = (record.get("provenance") or {}).get("fidelity")
+    return {"traceEvents": ev, "displayTimeUnit": "ms", "metadata": meta}
 
 
 def sha256(path: Path) -> str:
@@ -224,11 +303,42 @@ def format_table(r: dict) -> str:
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, goodput {r['goodput_req_s']:.3g} req/s"),
         *latency_kv_rows(r),
         ("utilisation compute / h2d / d2h", f"{r['util_compute']:.2f} / {r['util_h2d']:.2f} / {r['util_d2h']:.2f}"),
+        *phase_rows(r),
         ("predicts", r["provenance"].get("predicts", "")),
         ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
         ("result", r["path"]),
     ]
     return key_value_table(rows)
+
+
+def phase_line(stage: str, st: dict, floor: float = 0.005) -> str:
+    """One stage's record as `decode step 85.1 ms: layer 78% (mlp 31%, attention 20%, ...),
+    lm_head 9%, overhead 2%`: phases by share of the step, largest first, the layer's parts
+    (shares of the step) after it; shares under `floor` left out."""
+    pct = lambda x: f"{100 * x:.0f}%"    # noqa: E731
+    parts = sorted(((p, v["share"]) for p, v in (st.get("parts") or {}).items() if v["share"] >= floor),
+                   key=lambda x: -x[1])
+    out = []
+    for p, v in sorted(st["phases"].items(), key=lambda x: -x[1]["share"]):
+        if abs(v["share"]) < floor:
+            continue
+        text = f"{p} {pct(v['share'])}"
+        if p == "layer" and parts:
+            text += " (" + ", ".join(f"{q} {pct(x)}" for q, x in parts) + ")"
+        out.append(text)
+    ms = st["step_s"] * 1e3
+    size = f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+    return f"{stage} step {size} ms: " + ", ".join(out)
+
+
+def phase_rows(r: dict) -> list[tuple[str, str]]:
+    """The closing table's "where a step goes" rows, one per stage that ran (none without `phases`)."""
+    rows = []
+    for stage in STAGES:
+        st = (r.get("phases") or {}).get(stage) or {}
+        if st.get("steps"):
+            rows.append(("where a step goes" if not rows else "", phase_line(stage, st)))
+    return rows
 
 
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")

@@ -4,6 +4,12 @@ Each iteration is either one prefill of the requests just admitted or one decode
 running request; which requests are admitted, and which iteration comes next, is
 core/admission.py (shared with runtime.serve), over `Hardware.kv` / `Hardware.host`. A request
 larger than the whole memory is an error, not a wait forever.
+
+Where the time goes (`phases`): every iteration's StepTime carries its phases and layer parts
+(simulator/hardware.py's critical-path attribution); `Sim.stages` sums them per stage (prefill,
+decode) with the steps' seconds, and `StageSum.record()` is core/phases.py's stage record (means
+per step). `timeline`: every iteration's start, length and stage, and its ops' start and end for
+the first TIMELINE_OP_ITERATIONS iterations (simulator/run.py writes them as a Chrome trace).
 """
 from __future__ import annotations
 
@@ -15,13 +21,43 @@ import simpy
 
 from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
 from core.errors import ConfigError
+from core.phases import PHASES, STAGES, stage_record
 
 from .costs import Costs, ModelShape
-from .hardware import Hardware, solve
+from .hardware import Hardware, StepTime, solve
 from .policies import Twin
 from core.workload import Lengths, Request, open_arrivals
 
 FIDELITIES = ("fast", "detailed")
+# timeline=true: the first this many iterations carry their ops (each an event per engine); later
+# ones only the iteration itself, so a 10k-request run writes megabytes, not gigabytes
+TIMELINE_OP_ITERATIONS = 2000
+
+
+@dataclass
+class StageSum:
+    """The phases, layer parts and seconds of one stage's steps, summed."""
+    steps: int = 0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
+    parts_known: bool = True          # False once a step with layer time had no parts (no tables)
+
+    def add(self, st: StepTime) -> None:
+        self.steps += 1
+        self.seconds += st.seconds
+        for k, v in st.phases.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
+        if st.parts:
+            for k, v in st.parts.items():
+                self.parts[k] = self.parts.get(k, 0.0) + v
+        elif st.phases.get("layer", 0.0) > 0:
+            self.parts_known = False
+
+    def record(self) -> dict:
+        """core/phases.py stage_record: mean seconds per step of each phase and part."""
+        return stage_record(self.phases, self.seconds, self.steps,
+                            self.parts if self.parts_known and self.parts else None)
 
 
 @dataclass
@@ -36,11 +72,16 @@ class Sim:
     ctx_bucket: int = 16
     max_seq_len: int | None = None
     host_capacity: int | None = None    # hardware.host_memory_bytes: host KV admission (None: unlimited)
+    phases: bool = True                 # attribute each step's time to phases (core/phases.py): `stages`
+    timeline: bool = False              # keep each iteration (and its first iterations' ops): `steps`
     # results
     done: list[Request] = field(default_factory=list)
     max_batch_reached: int = 0
     iterations: int = 0
     kv_peak: tuple[int, int, int] = (0, 0, 0)      # (device, host, tokens) at the largest holding
+    stages: dict[str, StageSum] = field(default_factory=lambda: {s: StageSum() for s in STAGES})
+    # timeline: (stage, start_s, seconds, batch, ops or None) per iteration; ops = StepTime.ops
+    steps: list[tuple] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -141,23 +182,42 @@ class Sim:
                 if hasattr(r, "finished"):
                     r.finished.succeed()
 
-    def _step(self, phase: str, *args):
+    def _step(self, stage: str, *args):
         self.iterations += 1
-        if phase == "decode":
+        if stage == "decode":
             b, ctx = args
             ctx = math.ceil(ctx / self.ctx_bucket) * self.ctx_bucket
             key, build = ("decode", b, ctx), lambda: self.policy.decode_graph(self.costs, self.shape, b, ctx)
+            batch = b
         else:
             key, build = ("prefill", tuple(args[0])), lambda: self.policy.prefill_graph(self.costs, self.shape, args[0])
+            batch = len(args[0])
+        trace = self.timeline and len(self.steps) < TIMELINE_OP_ITERATIONS
+        t0 = self.env.now
         if self.fidelity == "detailed":
-            yield self.env.process(self.hw.run_step(build()))
-            return
-        st = self._cache.get(key)
-        if st is None:
-            st = self._cache[key] = solve(build())
-        for k, v in st.busy.items():
-            self.hw.busy[k] += v
-        yield self.env.timeout(st.seconds)
+            st = yield self.env.process(self.hw.run_step(self._checked(build()), self.phases, trace))
+        else:
+            st = self._cache.get(key)
+            if st is None:
+                st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
+            for k, v in st.busy.items():
+                self.hw.busy[k] += v
+            yield self.env.timeout(st.seconds)
+        if self.phases:
+            self.stages[stage].add(st)
+        if self.timeline:
+            self.steps.append((stage, t0, st.seconds, batch, st.ops if trace else None))
+
+    def _checked(self, ops):
+        """A graph whose ops all have a phase of core/phases.py (a plugin twin's free op name is
+        refused here, naming it, rather than as an unknown phase at the end of the run)."""
+        if self.phases:
+            bad = [op.name for op in ops if op.phase not in PHASES]
+            if bad:
+                raise ConfigError(f"policy={self.policy.name}: op {bad[0]!r} of its step graph has no phase of "
+                                  f"core/phases.py PHASES ({', '.join(PHASES)}); name it <phase><layer> or pass "
+                                  "Op(phase=...)")
+        return ops
 
     def _account(self, running: list[Request]) -> None:
         """KV held after this iteration (the newest token is not stored yet), kept at its peak."""

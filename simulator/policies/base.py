@@ -8,21 +8,114 @@ KV bytes) plus the graphs; the README's "Simulator" section explains the cost ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from core.errors import ConfigError
+from core.phases import PARTS, PHASES, phase_of
 from core.policies import SPECS, ModelShape, knobs_of, load_plugin
 
-from ..costs import Costs
+from ..costs import EXTRAPOLATION_MARGIN, Costs
 
 ENGINES = ("compute", "h2d", "d2h")
 
 
 @dataclass(frozen=True)
 class Op:
+    """One operation of a step: `seconds` on `engine` after `deps` (and after the op issued before
+    it on the same engine). `phase` (core/phases.py PHASES) says what the runtime's timers would
+    call its time; default: phase_of(name) (`layer3` -> layer, `fetch0_next` -> fetch), "" for a
+    free name that maps to none (a hand-built graph's `k`; the simulator's twins name all theirs).
+    `parts`: a `layer` op's seconds split into core/phases.py PARTS ((part, seconds), ...; they sum
+    to `seconds`), () where the profile has no tables for it (roofline)."""
     name: str
     engine: str            # compute | h2d | d2h
     seconds: float
     deps: tuple[str, ...] = ()
+    phase: str = ""
+    parts: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        if not self.phase:
+            try:
+                object.__setattr__(self, "phase", phase_of(self.name))
+            except ValueError:
+                pass
+        elif self.phase not in PHASES:
+            raise ValueError(f"op {self.name!r}: phase {self.phase!r} is not one of core/phases.py PHASES {PHASES}")
+
+
+def read_quiet(c: Costs, name: str, *x: float) -> float | None:
+    """A measured table at a point, for a breakdown only: None where the profile lacks the table or
+    the point lies beyond what it may read (EXTRAPOLATION_MARGIN, unless allow_extrapolation);
+    never refuses the run nor enters `Costs.extrapolated` (that records what a *prediction* read)."""
+    try:
+        t = c.table(name)
+    except ConfigError:
+        return None
+    over: list[bool] = []
+    saved = getattr(t, "beyond", None)
+    t.beyond = lambda where, axis, v, hi: over.append(v > hi * EXTRAPOLATION_MARGIN)
+    try:
+        v = float(t(*x))
+    finally:
+        t.beyond = saved
+    return None if any(over) and not c.allow_extrapolation else v
+
+
+def part_costs(c: Costs, tokens: Sequence[float], attention: tuple | None = None) -> dict[str, float] | None:
+    """What a layer's parts cost by the profile's own tables: `projections` and `mlp` summed over
+    sequences of `tokens` tokens each (decode: one sequence of its query rows; prefill: each
+    prompt), and `attention` = (table, *point) read at that point (None: no attention table, as in
+    prefill). None on a roofline profile (formulas, not these tables), or where a table is
+    missing or read beyond its grid: then a step has no parts rather than guessed ones."""
+    if c.analytic:
+        return None
+    out = {"projections": 0.0, "mlp": 0.0}
+    for t in tokens:
+        if t <= 0:
+            continue
+        for part in ("projections", "mlp"):
+            v = read_quiet(c, part, t)
+            if v is None:
+                return None
+            out[part] += v
+    if attention is not None:
+        v = read_quiet(c, *attention)
+        if v is None:
+            return None
+        out["attention"] = v
+    return out
+
+
+def split_parts(seconds: float, base: dict[str, float] | None, attention: float = 0.0) -> tuple[tuple[str, float], ...]:
+    """A layer op's `seconds` as PARTS: `base` (part_costs) plus `attention` seconds of the policy's
+    own attention work (SpeCache's replace, a copy's issue on the compute thread), `other` the
+    rest (norms, residuals, glue; a copy's slowdown of the GEMMs). Parts that exceed the op are
+    scaled down to it (other = 0). () where base is None (no tables). Without an attention table
+    and no attention seconds (prefill) the split is projections, mlp, other."""
+    if base is None or seconds <= 0:
+        return ()
+    p = {**base}
+    if attention or "attention" in p:           # prefill: no attention table, the part is left out
+        p["attention"] = p.get("attention", 0.0) + attention
+    named = sum(p.values())
+    if named > seconds:
+        scale = seconds / named
+        p = {k: v * scale for k, v in p.items()}
+        p["other"] = 0.0
+    else:
+        p["other"] = seconds - named
+    return tuple((k, p[k]) for k in PARTS if k in p)
+
+
+def attention_point(c: Costs, table: str, batch: float, ctx: float, rows: float) -> tuple:
+    """Where Costs.decode_layer reads a decode's attention table: (batch, ctx) with a measured
+    (batch, context) `decode_layer`, (rows, ctx) with the older (batch) form."""
+    try:
+        two = len(c.table("decode_layer").axes) == 2
+    except (ConfigError, AttributeError):
+        two = True
+    return (table, batch, ctx) if two else (table, rows, ctx)
 
 
 def beside(d: float, c: float, s: float) -> float:
@@ -47,16 +140,28 @@ class Twin:
     def prefill_graph(self, c: Costs, s: ModelShape, prompts: list[int]) -> list[Op]:
         n = len(prompts)
         # the runtime prefills a batch left-padded to its longest prompt: every row costs that
-        per_layer = n * c.table("prefill_layer")(max(prompts)) + self.prefill_extra(c, prompts)
+        compute = n * c.table("prefill_layer")(max(prompts))
+        extra = self.prefill_extra(c, prompts)          # KIVI: quantize-and-pack, an op of phase store
+        per_layer = compute + extra
         stored = self.prefill_store_bytes(s, prompts)
         store = c.d2h(stored)                  # per layer, to put the prompt's K/V in host memory
+        issue = c.issue_cost(stored)           # the compute thread's share of that store (emulated link)
+        base = part_costs(c, [max(prompts)] * n)
         ops = [Op("overhead", "compute", c.table("step_overhead")(n))]
         prev = "overhead"
         for i in range(s.n_layers):
             d = beside(per_layer, store, c.gemm_slowdown) if (i > 0 and store) else per_layer
-            d += c.issue_cost(stored)
-            ops.append(Op(f"layer{i}", "compute", d, (prev,)))
+            # the layer's own compute (+ a copy's slowdown of it); what the layer op held before
+            # the split (KIVI's quantize, the store's issue) follows it as ops of phase store
+            layer = compute + (d - per_layer) if (extra or issue) else d
+            ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=split_parts(layer, base)))
             prev = f"layer{i}"
+            if extra:
+                ops.append(Op(f"quantize{i}", "compute", extra, (prev,), phase="store"))
+                prev = f"quantize{i}"
+            if issue:
+                ops.append(Op(f"store_issue{i}", "compute", issue, (prev,), phase="store"))
+                prev = f"store_issue{i}"
             if store:
                 ops.append(Op(f"store{i}", c.engine("d2h"), store, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(n), (prev,)))
@@ -72,13 +177,20 @@ class Twin:
     def layer_compute(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> float:
         return c.decode_layer(batch, ctx, self.attn_table, rows=self.query_rows(batch))
 
+    def layer_part_costs(self, c: Costs, batch: int, ctx: float) -> dict[str, float] | None:
+        """part_costs of one decode layer: projections and MLP over the step's query rows, the
+        policy's attention table at its point."""
+        rows = self.query_rows(batch)
+        return part_costs(c, [rows], attention_point(c, self.attn_table, batch, ctx, rows))
+
     def decode_graph(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> list[Op]:
         """One decode step of `batch` requests whose contexts average `ctx` tokens."""
         layer = self.layer_compute(c, s, batch, ctx)
+        parts = split_parts(layer, self.layer_part_costs(c, batch, ctx))
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
         prev = "overhead"
         for i in range(s.n_layers):
-            ops.append(Op(f"layer{i}", "compute", layer, (prev,)))
+            ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=parts))
             prev = f"layer{i}"
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(self.query_rows(batch)), (prev,)))
         return ops
@@ -105,4 +217,5 @@ def make_policy(cfg) -> Twin:
     return pol
 
 
-__all__ = ["ENGINES", "Op", "SPECS", "TWINS", "Twin", "beside", "make_policy", "twin"]
+__all__ = ["ENGINES", "Op", "SPECS", "TWINS", "Twin", "attention_point", "beside", "make_policy", "part_costs",
+           "read_quiet", "split_parts", "twin"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from core.policies.offload import OffloadPolicyConfig
 
-from .base import Op, beside, twin
+from .base import Op, beside, split_parts, twin
 from .full import Full
 
 
@@ -24,6 +24,8 @@ class Offload(OffloadPolicyConfig, Full):
         layer = self.layer_compute(c, s, batch, ctx)
         fetch = c.h2d(2 * batch * ctx * s.kv_row)
         back = c.d2h(2 * batch * s.kv_row)                 # this step's token, written back
+        issue = c.issue_cost(2 * batch * (ctx + 1) * s.kv_row)
+        base = self.layer_part_costs(c, batch, ctx)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
         prev = "overhead"
         for i in range(s.n_layers):
@@ -31,8 +33,10 @@ class Offload(OffloadPolicyConfig, Full):
             nxt = (i + 1) % s.n_layers
             # the slot of layer i+1 frees when layer i-1 is done: the fetch waits for it
             ops.append(Op(f"fetch{nxt}" if nxt else "fetch0_next", c.engine("h2d"), fetch, (prev,)))
-            d = beside(layer, fetch, c.gemm_slowdown) + c.issue_cost(2 * batch * (ctx + 1) * s.kv_row)
-            ops.append(Op(f"layer{i}", "compute", d, deps))
+            # phase layer: issuing the copies (an emulated link's memcpy on the compute thread) is
+            # part of the layer's attention call in the runtime; the wait for the fetch is `fetch`
+            d = beside(layer, fetch, c.gemm_slowdown) + issue
+            ops.append(Op(f"layer{i}", "compute", d, deps, parts=split_parts(d, base, attention=issue)))
             prev = f"layer{i}"
             ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(batch), (prev,)))

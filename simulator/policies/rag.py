@@ -29,7 +29,7 @@ from core.errors import ConfigError
 from core.policies.rag import DRAFT_SELECTORS, ORACLES, RagPolicyConfig, feature_bytes
 
 from ..costs import Costs
-from .base import Op, twin
+from .base import Op, part_costs, split_parts, twin
 from .full import Full
 
 
@@ -113,8 +113,10 @@ class Rag(RagPolicyConfig, Full):
         if not early and sel:
             ops.append(Op("select", "compute", sel, (prev,)))
             prev = "select"
+        # the selective recompute's projections and MLP run over the recomputed tokens only
+        parts = split_parts(recompute, part_costs(c, [self.recomputed(n, q) for n, q in split]))
         for i in range(L):
-            ops.append(Op(f"layer{i}", "compute", recompute, (prev,)))
+            ops.append(Op(f"layer{i}", "compute", recompute, (prev,), parts=parts))
             prev = f"layer{i}"
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(len(prompts)), (prev,)))
         return ops

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from core.policies.specache import SpecachePolicyConfig
 from core.profile.schema import bits_table
 
-from .base import Op, beside, twin
+from .base import Op, beside, split_parts, twin
 from .kivi import Kivi
 
 
@@ -30,28 +30,39 @@ class Specache(SpecachePolicyConfig, Kivi):
             return Kivi.decode_graph(self, c, s, batch, ctx)
         rows = self.query_rows(batch)
         k = self.k_eff(ctx)
-        attend = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size) \
-            + c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
-        replace = c.replace(rows, k, s, self.bits)
+        layer = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size)
+        score = c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
+        attend = layer + score
+        # attending with the fetched rows and issuing the copies (an emulated link's memcpy on the
+        # compute thread): phase layer, all of it the attention part
+        replace = c.replace(rows, k, s, self.bits) + c.issue_cost(2 * batch * (k + 1) * s.kv_row)
         fetch = c.gather(2 * batch * k * s.kv_row, self.gather)
         back = c.d2h(2 * batch * s.kv_row)
+        base = self.layer_part_costs(c, batch, ctx)
+        plain = split_parts(layer, base)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
         prev = "overhead"
         for i in range(s.n_layers):
             if self.prefetch:
                 # rows for this step were fetched during the previous one; this layer's guess
-                # picks the next step's rows, fetched beside the next layer's compute
-                d = attend + replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row)
-                ops.append(Op(f"layer{i}", "compute", beside(d, fetch, c.gemm_slowdown) if i else d, (prev,)))
-                prev = f"layer{i}"
+                # picks the next step's rows, fetched beside the next layer's compute (whose
+                # slowdown is the layer's `other`)
+                d = attend + replace
+                own = layer + (beside(d, fetch, c.gemm_slowdown) - d) if i else layer
+                ops.append(Op(f"layer{i}", "compute", own, (prev,), parts=split_parts(own, base) if i else plain))
+                ops.append(Op(f"score{i}", "compute", score, (f"layer{i}",)))
+                ops.append(Op(f"replace{i}", "compute", replace, (f"score{i}",), phase="layer",
+                              parts=(("attention", replace),)))
+                prev = f"replace{i}"
                 ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
             else:
                 # score -> fetch -> attend with the rows: the fetch is on the critical path
-                ops.append(Op(f"score{i}", "compute", attend, (prev,)))
+                ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=plain))
+                ops.append(Op(f"score{i}", "compute", score, (f"layer{i}",)))
                 ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (f"score{i}",)))
-                ops.append(Op(f"layer{i}", "compute", replace + c.issue_cost(2 * batch * (k + 1) * s.kv_row),
-                              (f"fetch{i}",)))
-                prev = f"layer{i}"
+                ops.append(Op(f"replace{i}", "compute", replace, (f"fetch{i}",), phase="layer",
+                              parts=(("attention", replace),)))
+                prev = f"replace{i}"
             ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
         ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))
         return ops
