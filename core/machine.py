@@ -16,6 +16,10 @@ import torch
 from .errors import ConfigError
 
 CACHE_ENV = "KVTESTBED_CACHE"
+# a first-use profile is bracketed by the speed index (runtime/profile/lookup.py ensure): when
+# after / before moved by more than this (either way) the machine changed speed while it was
+# measured, and the profile is measured again (once; a second move: used, not cached)
+PROFILE_SPEED_DRIFT = 0.20
 ISA_FLAGS = re.compile(r"^(avx2|avx512\w*|amx\w*|fma|f16c)$")
 # facts that name the same machine state; `torch_threads` is in: 1 or 2 threads is another speed
 FINGERPRINT_KEYS = ("type", "cpu_model", "physical_cores", "logical_cores", "torch_threads", "l2_bytes",
@@ -46,6 +50,12 @@ def cache_root(create: bool = True) -> Path:
             raise ConfigError(f"cache folder {root} is not writable ({e.strerror or e}); "
                               f"set {CACHE_ENV}=/a/writable/folder") from None
     return root
+
+
+def speed_moved(before: float, after: float, limit: float = PROFILE_SPEED_DRIFT) -> bool:
+    """Whether a speed index went from `before` to `after` by more than `limit` (either way):
+    |after / before - 1| > limit."""
+    return not (before > 0 and after > 0) or abs(after / before - 1.0) > limit
 
 
 # ----------------------------------------------------------------------------- facts

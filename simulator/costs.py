@@ -3,17 +3,26 @@
 A profile table (core/profile/schema.py) is a function measured (or derived) on a grid. Each
 is turned into one interpolator, built once, with one rule for every table:
 
-- inside the grid: linear interpolation of the p50 value over the *logarithm* of each axis
-  (the grids are geometric: 16, 64, 256 ...), with scipy's RegularGridInterpolator;
-- below the grid: the first grid value (nearest; a fixed cost does not vanish for tiny sizes);
 - measured noise: every table is first made non-decreasing along each axis (a running max);
+- inside the grid: core/profile/interp.py's rule, the one the profiler uses too. Per axis a
+  quadratic in the *raw* axis value through three neighbouring grid points (the mean of the two
+  such quadratics where the cell has neighbours on both sides; an axis of two points: linear in
+  the raw value; of one point: constant), clamped to the range of the bracketing cell's grid
+  values. Over two axes each axis' rule, read on its profile (the table summed over the other
+  axis), gives how far across its cell the point lies, and the cell's four corner values are
+  blended multilinearly at those fractions. Costs are a + b x (transfers, GEMMs, decode
+  attention) or a + b x + c x^2 (prefill attention): the rule reads both exactly between the
+  points of a geometric grid (16, 64, 256 ...), where linear over log(x) read a + b x up to 25%
+  high and c x^2 112% high at a 4x grid's geometric midpoints; over two axes it is exact for a +
+  b batch + c context + d batch x context; the clamp keeps a noisy point from being overshot, and
+  a non-decreasing table stays non-decreasing along every axis;
+- below the grid: the first grid value (nearest; a fixed cost does not vanish for tiny sizes);
 - above the grid: linear extrapolation in the raw axis value, with the slope of the last grid
   segment (transfers and kernels grow linearly in bytes / tokens / rows once past their fixed
-  costs; extrapolating in log space would flatten them), clamped at zero; only up to
-  EXTRAPOLATION_MARGIN x the grid's last point. Beyond that a measured table is refused in one
-  line naming the table, the axis and the command that measures it; with the top-level
-  `allow_extrapolation=true` it is read anyway and the axis is recorded (`Costs.extrapolated`,
-  the result's `extrapolated` field).
+  costs), clamped at zero; only up to EXTRAPOLATION_MARGIN x the grid's last point. Beyond that
+  a measured table is refused in one line naming the table, the axis and the command that
+  measures it; with the top-level `allow_extrapolation=true` it is read anyway and the axis is
+  recorded (`Costs.extrapolated`, the result's `extrapolated` field).
 
 Measured tables are keyed by the shape they were measured for (`models.<model>.shape`): a run
 whose per-layer shape (SHAPE_KEYS) differs is refused the same way (`shape:<key>` when allowed).
@@ -32,24 +41,32 @@ the transfers) is multiplied by it, the profile's speed index over the one measu
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
 
 from core.errors import ConfigError
 from core.policies import KV_ELEMENT_BYTES, ModelShape  # noqa: F401  (simulator.costs.ModelShape, as before)
 from core.profile.schema import load as load_profile
 from core.profile.analytic import SHAPE_KEYS, Roofline
 from core.profile.analytic import Shape as AnalyticShape
-from core.profile.schema import BITS_KERNELS, TRANSFERS, bits_table
+from core.profile.interp import Grid
+from core.profile.schema import (BITS_KERNELS, LOWBIT_KERNEL_ENV, TRANSFERS, bits_table, current_code_path,
+                                 recorded_code_path)
 
 # a measured grid is read (linearly extrapolated) up to this factor above its last point; beyond
 # it a run is refused unless allow_extrapolation=true (then the axis is recorded)
 EXTRAPOLATION_MARGIN = 2.0
 GATHERS = ("host", "device")
+_WARNED: set = set()       # (profile, model) pairs already warned about (code paths of an older schema)
+
+
+class CodePathWarning(UserWarning):
+    """A table of a profile older than schema 3 (no code_path: read as torch) where the runtime
+    takes another path now (Costs._check_code_path)."""
 
 
 class Table:
@@ -77,10 +94,10 @@ class Table:
         if not self._live:
             self._const = float(vals)
             return
-        self._interp = RegularGridInterpolator([np.log(self.axes[i]) for i in self._live], vals, method="linear")
-        self._lo = [self.axes[i][0] for i in self._live]
-        self._hi = [self.axes[i][-1] for i in self._live]
-        self._prev = [self.axes[i][-2] for i in self._live]
+        self._grid = Grid([self.axes[i] for i in self._live], vals)     # core/profile/interp.py's rule
+        self._lo = [float(self.axes[i][0]) for i in self._live]
+        self._hi = [float(self.axes[i][-1]) for i in self._live]
+        self._prev = [float(self.axes[i][-2]) for i in self._live]
 
     def __call__(self, *x: float) -> float:
         if len(x) != len(self.axes):
@@ -89,14 +106,14 @@ class Table:
             return self._const
         x = [float(x[i]) for i in self._live]
         clip = [min(max(v, lo), hi) for v, lo, hi in zip(x, self._lo, self._hi)]
-        f = float(self._interp([np.log(clip)])[0])
+        f = self._grid.inside(clip)
         for j, (v, hi, prev) in enumerate(zip(x, self._hi, self._prev)):
             if v > hi:                                   # last segment's slope, raw axis
                 if self.beyond is not None:
                     self.beyond(self.where, self.names[self._live[j]], v, hi)
                 at_prev = list(clip)
                 at_prev[j] = prev
-                slope = (f - float(self._interp([np.log(at_prev)])[0])) / (hi - prev)
+                slope = (self._grid.inside(clip) - self._grid.inside(at_prev)) / (hi - prev)
                 f += (v - hi) * slope
         return max(f, 0.0)
 
@@ -204,11 +221,43 @@ class Costs:
                     raise ConfigError(f"{self.path}: no {bits.removesuffix('bit')}-bit table '{where}' (policy.bits="
                                       f"{bits.removesuffix('bit')}); re-profile: python -m runtime.profile --model {self.model}")
                 raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
+            if not transfer:
+                self._check_code_path(name, t, where)
             if not transfer and self.compute_scale != 1.0:
                 t = {**t, **{q: (np.asarray(t[q], dtype=float) * self.compute_scale).tolist()
                              for q in ("p10", "p50", "p90") if q in t}}
             self.tables[name] = Table(t, where, beyond=self._beyond_measured)
         return self.tables[name]
+
+    def _check_code_path(self, name: str, t: dict, where: str) -> None:
+        """A kernel table timed on another code path than the runtime takes now for it
+        (core/profile/schema.py current_code_path: fused low-bit CPU kernels, torch, CUDA) is
+        refused in one line naming the re-measure command; a profile older than schema 3 does
+        not say which path it timed (read as `torch`): a CodePathWarning, one line on stderr
+        naming the profile and its tables, once per profile and model, and read (the committed
+        profiles are schema 1)."""
+        now = current_code_path(self.profile["device"].get("type", "cpu"), name)
+        timed = recorded_code_path(t)
+        if timed == now:
+            return
+        hint = {"fused_cpu": f" (the fused low-bit CPU kernels are on; {LOWBIT_KERNEL_ENV}=0 takes the torch path)",
+                "torch": f" ({LOWBIT_KERNEL_ENV}=0, or no C compiler for the fused kernels)" if timed == "fused_cpu"
+                else ""}.get(now, "")
+        why = f"{where} was timed on the {timed} code path; the runtime takes {now} now{hint}"
+        if int(self.profile.get("schema_version", 0)) >= 3:
+            raise ConfigError(f"{self.path}: {why}; re-measure it with {self.measure_command()}")
+        key = (str(self.path), self.model)
+        if key not in _WARNED:           # once per profile and model, naming every such table
+            _WARNED.add(key)
+            dev = self.profile["device"].get("type", "cpu")
+            others = [n for n, u in self.profile["models"][self.model]["kernels"].items()
+                      if isinstance(u, dict) and "axes" in u and recorded_code_path(u) != current_code_path(dev, n)]
+            # one line on stderr, attributed to the profile file (line 0: no source line under it)
+            warnings.warn_explicit(f"schema {self.profile.get('schema_version')} (no code_path: read as torch): "
+                                   f"models.{self.model}.kernels.{{{', '.join(others)}}} were timed on the {timed} "
+                                   f"code path; the runtime takes {now} now{hint}; predictions may not be this "
+                                   f"runtime's; re-measure with {self.measure_command()}",
+                                   CodePathWarning, str(self.path), 0)
 
     def need(self, *names: str) -> None:
         """Fail early, naming the first table a policy needs that the profile lacks."""

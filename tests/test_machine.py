@@ -32,14 +32,25 @@ def cache(tmp_path, monkeypatch):
 
 
 def this_machine_profile(index: float = 100.0) -> dict:
-    """The committed profile's tables, relabelled as a schema-2 profile of this machine."""
+    """The committed profile's tables, relabelled as a profile of this machine of this schema,
+    every kernel table timed on the code path the runtime takes now."""
+    from core.profile.schema import current_code_path
     from runtime.profile.measure import device_facts
 
     prof = json.loads(COMMITTED.read_text())
     prof["schema_version"] = SCHEMA_VERSION
     prof["device"] = device_facts(CPU)
     prof["speed_index"] = {"index": index, "gemm_s": 0.01, "memcpy_s": 0.01, "attention_s": 0.01}
+    for m in prof["models"].values():
+        for name, t in m["kernels"].items():
+            if isinstance(t, dict) and "axes" in t:
+                t["code_path"] = current_code_path("cpu", name)
     return prof
+
+
+def steady_speed(monkeypatch, index: float) -> None:
+    """`ensure`'s speed probe (the bracket's before) reads `index`, as the fake profiles do."""
+    monkeypatch.setattr(lookup, "speed_now", lambda device, shape: index)
 
 
 # ----------------------------------------------------------------------------- identity and cache
@@ -148,6 +159,7 @@ def test_corrupt_or_foreign_cached_profile_is_re_measured_atomically(cache, monk
         prof["models"] = {m: prof["models"][m] for m in models}
         return prof
     monkeypatch.setattr(P, "measured_profile", fake_measure)
+    steady_speed(monkeypatch, 5.0)
     path = lookup.cached_path(CPU)
     path.write_text('{"schema_version": 2, "device": {"fingerp')          # truncated
     need = lookup.Need(batch=4, context=1056, tokens=1024, bits={2})
@@ -173,6 +185,7 @@ def test_a_failed_first_use_measurement_leaves_no_profile(cache, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(P, "measured_profile", boom)
+    steady_speed(monkeypatch, 100.0)
     with pytest.raises(KeyboardInterrupt):
         lookup.ensure(CPU, "smollm2", lookup.Need(), progress=False)
     assert not [p for p in (cache / "profiles").glob("*") if p.is_file()]
@@ -444,6 +457,7 @@ def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
         covers_seen.append((cover, tuple(bits), rag))
         return this_machine_profile()
     monkeypatch.setattr(P, "measured_profile", fake_measure)
+    steady_speed(monkeypatch, 100.0)
     write_json_atomic(lookup.cached_path(CPU), this_machine_profile())      # 2-bit tables only
     had = lookup.coverage(this_machine_profile(), "smollm2")
     lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64, bits={4}), progress=False)
@@ -464,3 +478,161 @@ def test_gpu_suite_help_and_dry_run_run_nothing(tmp_path, monkeypatch, capsys):
     gpu_suite.main(["--dry-run"])
     assert ran == [] and not (tmp_path / "out").exists()
     assert "1. <lambda>" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- exact lengths, code paths, speed bracket
+
+def test_need_keeps_the_static_points_exact_values_and_the_grids_hold_them():
+    from omegaconf import OmegaConf
+
+    from runtime.profile.measure import kernel_axes, model_args
+
+    def cfg(batch, prompt, gen, policy, arrival="static"):
+        return OmegaConf.create({"workload": {"arrival": arrival, "batch": batch, "prompt_len": prompt, "gen_len": gen,
+                                              "n_requests": 8},
+                                 "policy": policy, "scheduler": {"max_batch": 256}})
+    full = {"name": "full"}
+    spec = {"name": "specache", "bits": 2, "k": 64, "prefetch": True}
+    n = lookup.need_of(cfg(1, 512, 32, full))
+    assert (n.at_batch, n.at_context, n.at_tokens) == ({1}, {544}, {512})
+    n = n.merge(lookup.need_of(cfg(1, 1024, 32, spec))).merge(lookup.need_of(cfg(4, 1024, 32, full)))
+    poisson = lookup.need_of(cfg(1, 256, 16, full, arrival="poisson"))
+    assert (poisson.at_batch, poisson.at_context, poisson.at_tokens) == (set(), set(), set())   # maxima only
+    n = n.merge(poisson)
+    assert (n.batch, n.context, n.tokens) == (8, 1056, 1024)
+    assert (n.at_batch, n.at_context, n.at_tokens) == ({1, 2, 4}, {544, 1056}, {512, 1024})
+    assert "prefill at 512, 1024" in n.describe()
+    axes = kernel_axes(model_args("smollm2"), True, CPU, cover=n.cover(), bits=(2,), rag=False)
+    assert axes["prefill_layer"]["tokens"] == [16, 64, 256, 512, 1024]
+    assert axes["quantize"]["tokens"] == [16, 64, 256, 512, 1024]
+    assert axes["decode_attention_full"] == {"batch": [1, 2, 4, 8], "context": [256, 544, 1024, 1056, 2048]}
+    assert axes["decode_attention_kivi"] == axes["decode_attention_full"]
+    assert axes["lm_head_sample"]["batch"] == [1, 2, 4, 8]
+    assert kernel_axes(model_args("smollm2"), True, CPU)["prefill_layer"]["tokens"] == [16, 64, 256, 1024]
+    # a cached profile is reused only when the exact values are grid points
+    prof = this_machine_profile()          # the committed full grids: tokens 16..8192, batch 1..16 (decode_layer 1, 2, 4)
+    assert lookup.covers(prof, "smollm2", lookup.Need(batch=4, context=1056, tokens=1024, at_tokens={512}, at_batch={2}))
+    assert not lookup.covers(prof, "smollm2", lookup.Need(batch=4, context=1056, tokens=1024, at_tokens={500}))
+    assert not lookup.covers(prof, "smollm2", lookup.Need(batch=4, context=1056, tokens=1024, at_batch={3}))
+    assert not lookup.covers(prof, "smollm2", lookup.Need(batch=4, context=1056, tokens=1024, at_context={544}))
+    assert lookup.covers(prof, "smollm2", lookup.Need(batch=4, context=1056, tokens=1024, at_context={1024}))
+    # a re-measure for more keeps the exact values the cached profile was measured for
+    prof["models"]["smollm2"]["first_use_at"] = {"batch": [2], "context": [544], "tokens": [512]}
+    had = lookup.coverage(prof, "smollm2")
+    assert (had.at_batch, had.at_context, had.at_tokens) == ({2}, {544}, {512})
+
+
+def test_code_path_rule_lives_in_core_and_the_runtime_reads_its_switch(monkeypatch):
+    from core.profile.schema import current_code_path
+    from runtime.kv import lowbit_cpu
+
+    monkeypatch.delenv("KVTESTBED_LOWBIT_KERNEL", raising=False)
+    assert current_code_path("cpu", "decode_attention_kivi", True) == "fused_cpu"
+    assert current_code_path("cpu", "score_topk_1bit", True) == "fused_cpu"
+    assert current_code_path("cpu", "gather_replace_4bit", False) == "torch"         # no compiler / failed build
+    assert current_code_path("cpu", "quantize", True) == "torch"                     # packs in torch always
+    assert current_code_path("cpu", "prefill_layer", True) == "torch"
+    assert current_code_path("cuda", "decode_attention_kivi") == current_code_path("cuda", "mlp") == "cuda"
+    assert lowbit_cpu.enabled() and lowbit_cpu.ENV == "KVTESTBED_LOWBIT_KERNEL"
+    monkeypatch.setenv("KVTESTBED_LOWBIT_KERNEL", "0")
+    assert current_code_path("cpu", "decode_attention_kivi", True) == "torch" and not lowbit_cpu.enabled()
+
+
+def test_a_profile_timed_on_another_code_path(cache, monkeypatch):
+    """schema 3: refused by the simulator in one line naming the re-measure command, not found by
+    the lookup (re-measured); an older schema (no code_path: torch) is read with one stderr line."""
+    from core.profile.schema import current_code_path
+    from core.results import write_json_atomic
+    from simulator import costs as C
+
+    monkeypatch.delenv("KVTESTBED_LOWBIT_KERNEL", raising=False)
+    prof = this_machine_profile()
+    k = prof["models"]["smollm2"]["kernels"]
+    other = "torch" if current_code_path("cpu", "decode_attention_kivi") == "fused_cpu" else "fused_cpu"
+    k["decode_attention_kivi"]["code_path"] = other
+    validate(prof, "p.json")
+    assert not lookup.covers(prof, "smollm2", None)
+    write_json_atomic(lookup.cached_path(CPU), prof)
+    notes: list[str] = []
+    assert lookup.find(CPU, "smollm2", None, notes) is None
+    assert "timed on another code path" in notes[0] and "decode_attention_kivi" in notes[0]
+    c = C.Costs(COMMITTED, prof, "smollm2")
+    c.table("decode_attention_full")                                      # same path: read
+    with pytest.raises(ConfigError) as e:
+        c.table("decode_attention_kivi")
+    msg = str(e.value)
+    assert "\n" not in msg and f"timed on the {other} code path" in msg and "python -m runtime.profile --model smollm2" in msg
+    # an older schema: no code_path, read as torch; where the runtime takes fused_cpu now, one
+    # warning (one line, naming the profile and its tables), once per profile and model
+    import warnings
+
+    monkeypatch.setattr(C, "_WARNED", set())
+    old = json.loads(COMMITTED.read_text())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            C.Costs(COMMITTED, old, "smollm2").table("decode_attention_kivi")
+            C.Costs(COMMITTED, old, "smollm2").table("score_topk")
+    seen = [w for w in seen if issubclass(w.category, C.CodePathWarning)]
+    if current_code_path("cpu", "decode_attention_kivi") == "fused_cpu":
+        assert len(seen) == 1 and seen[0].filename == str(COMMITTED) and seen[0].lineno == 0
+        msg = str(seen[0].message)
+        assert "\n" not in msg and "no code_path: read as torch" in msg and "python -m runtime.profile" in msg
+        assert "{decode_attention_kivi, score_topk, gather_replace}" in msg
+    else:
+        assert seen == []
+    monkeypatch.setenv("KVTESTBED_LOWBIT_KERNEL", "0")                    # the torch path: nothing to say
+    monkeypatch.setattr(C, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        C.Costs(COMMITTED, old, "smollm2").table("decode_attention_kivi")
+    assert not [w for w in seen if issubclass(w.category, C.CodePathWarning)]
+
+
+def test_schema_3_tables_say_their_code_path_and_older_schemas_still_load():
+    prof = this_machine_profile()
+    assert SCHEMA_VERSION == 3
+    validate(prof, "p.json")
+    bad = copy.deepcopy(prof)
+    del bad["models"]["smollm2"]["kernels"]["mlp"]["code_path"]
+    with pytest.raises(ProfileError, match="mlp lacks 'code_path'"):
+        validate(bad, "p.json")
+    bad["models"]["smollm2"]["kernels"]["mlp"]["code_path"] = "opencl"
+    with pytest.raises(ProfileError, match="code_path='opencl'"):
+        validate(bad, "p.json")
+    for ver in (1, 2):            # the committed profiles are older: no code_path, read as torch
+        old = copy.deepcopy(prof)
+        old["schema_version"] = ver
+        for t in old["models"]["smollm2"]["kernels"].values():
+            t.pop("code_path", None)
+        validate(old, "p.json")
+
+
+def test_first_use_profile_is_bracketed_by_the_speed_index(cache, monkeypatch, capsys):
+    import runtime.profile.__main__ as P
+
+    def run(afters):
+        calls = []
+
+        def fake_measure(models, quick, device, repeats, existing, cover=None, bits=(2,), rag=True, progress=True):
+            calls.append(1)
+            return this_machine_profile(afters[len(calls) - 1])
+        monkeypatch.setattr(P, "measured_profile", fake_measure)
+        got = lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64), progress=False)
+        return got, len(calls), capsys.readouterr().err
+
+    steady_speed(monkeypatch, 100.0)
+    got, n, err = run([119.0])                                   # within 20%: measured once, cached
+    assert n == 1 and got == lookup.cached_path(CPU) and "measuring it again" not in err
+    lookup.cached_path(CPU).unlink()
+    got, n, err = run([130.0, 140.0])                            # moved, then steady: measured twice, cached
+    assert n == 2 and got == lookup.cached_path(CPU) and "measuring it again" in err
+    brackets = json.loads(got.read_text())["provenance"]["first_use"]["speed_brackets"]
+    assert [(b["before"], b["after"]) for b in brackets] == [(100.0, 130.0), (130.0, 140.0)]
+    lookup.cached_path(CPU).unlink()
+    got, n, err = run([70.0, 100.0])                             # moved twice: used for this run, not cached
+    assert n == 2 and got != lookup.cached_path(CPU) and got.is_file()
+    assert not lookup.cached_path(CPU).exists()
+    lines = [ln for ln in err.splitlines() if "not cached" in ln]
+    assert len(lines) == 1 and str(got) in lines[0]
+    got.unlink()

@@ -94,6 +94,11 @@ def test_measured_profile_of_tiny_model(tmp_path, small_grids):
     k = prof["models"]["tiny"]["kernels"]
     assert all(p10 <= p50 <= p90 for p10, p50, p90 in zip(k["mlp"]["p10"], k["mlp"]["p50"], k["mlp"]["p90"]))
     assert prof["models"]["tiny"]["memory"]["kv_available_bytes"] > 0
+    # schema 3: every kernel table says which code path it timed, the one the runtime takes now
+    from core.profile.schema import SCHEMA_VERSION, current_code_path
+    assert prof["schema_version"] == SCHEMA_VERSION == 3
+    tables = {n: t for n, t in k.items() if isinstance(t, dict) and "axes" in t}
+    assert tables and all(t["code_path"] == current_code_path("cpu", n) for n, t in tables.items())
     assert prof["transfers"]["emulated_link"]["achieved_gbps"][0] == pytest.approx(0.5, rel=0.25)
     # a second run adds to the file: another model's tables stay
     prof["models"]["other"] = {**prof["models"]["tiny"], "shape": {**prof["models"]["tiny"]["shape"], "dim": 1}}
@@ -161,3 +166,26 @@ def test_gpu_suite_bench_commands_compose():
             check_shape(cfg, "runtime.bench", head_dim=args.head_dim, max_seq_len=args.max_seq_len,
                         n_layers=args.n_layers)
             assert cfg.hardware.device == "cuda", name
+
+
+def test_whole_model_prefill_times_the_exact_prompt_lengths():
+    """The whole/alone ratio is measured at the need's exact prompt lengths (plus the quick
+    grid's 256), and read between them by core/profile/interp.py's rule, flat past the ends."""
+    from core.profile.interp import curve
+    from core.profile.schema import table
+    from runtime.model import ModelArgs, random_init
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, max_seq_len=512)
+    m = random_init(args, 0)
+    toks = [16, 64, 96, 256]
+    alone = table({"tokens": toks}, [1e-4 * (1 + t / 64) for t in toks])
+    zero = table({"batch": [1]}, [0.0])
+    timer = measure.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=0.05)
+    with torch.inference_mode():
+        out = measure.whole_model_prefill(m, timer, torch.device("cpu"), alone, lambda T: (lambda: None), zero, zero,
+                                          True, tokens_at=[96, 100, 64])      # 100: not a grid point, skipped
+    w = out["whole_model"]
+    assert w["tokens"] == [64, 96, 256] and len(w["ratio_to_alone"]) == 3 and all(3 <= r <= 5 for r in w["alternations"])
+    ratio = curve(w["tokens"], w["ratio_to_alone"], toks)
+    assert out["p50"] == pytest.approx([a * r for a, r in zip(alone["p50"], ratio)])
+    assert ratio[0] == w["ratio_to_alone"][0]                                  # flat below 64

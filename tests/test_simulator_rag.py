@@ -71,7 +71,9 @@ def test_draft_speedup_near_bound(cpu, D):
     r, L = 0.15, sh.n_layers
     speedup = full_ttft(c, sh) / ttft(c, sh, selector="draft", recompute_ratio=r, draft_layers=D)
     bound = 1 / (r + D / L)
-    assert 0.5 * bound < speedup <= 1.05 * bound
+    # up to 1.1x: read by the quadratic rule (core/profile/interp.py), the lone-layer selective_prefill
+    # at m = 647 costs 0.13 of the whole-model-scaled prefill_layer (x1.07 past 2K), not r_eff = 0.157
+    assert 0.5 * bound < speedup <= 1.1 * bound
 
 
 def hand_sum(c, sh, sel, r=0.15, D=5, store="warm") -> float:

@@ -4,8 +4,11 @@ first use is runtime/profile/lookup.py `ensure`).
 Where: `<cache root>/profiles/` first (core/machine.py cache_root; first-use profiles are
 written there as `<slug>-<fingerprint>.json`), then the repo's `profiles/`. A profile matches
 when it is measured, of this schema, its `device.fingerprint` is this machine's, it has the
-model, and (for analysis.validate) its grids cover what the points read (`Need`). The committed
-CPU profile has no fingerprint: it never matches, it predicts the machine it was measured on.
+model, its kernel tables were timed on the code paths the runtime takes now (fused low-bit CPU
+kernels, torch, CUDA: core/profile/schema.py current_code_path), and (for analysis.validate)
+its grids cover what the points read (`Need`: the largest values, and the static points' exact
+prompt lengths, batches and contexts as grid points). The committed CPU profile has no
+fingerprint: it never matches, it predicts the machine it was measured on.
 
 `simulator.run` only finds (`find`); `analysis.validate` finds or measures (`ensure`).
 """
@@ -20,7 +23,8 @@ import torch
 from core.machine import cache_root, this_fingerprint
 from core.policies import spec_of
 from core.provenance import REPO
-from core.profile.schema import SCHEMA_VERSION, ProfileError, bits_table, validate
+from core.profile.schema import (SCHEMA_VERSION, ProfileError, bits_table, current_code_path, recorded_code_path,
+                                 validate)
 
 REPO_PROFILES = REPO / "profiles"
 
@@ -28,50 +32,93 @@ REPO_PROFILES = REPO / "profiles"
 @dataclass
 class Need:
     """What a set of points reads from a model's tables: the largest batch (query rows), context
-    and prefill tokens, the low-bit widths, and whether RAG's tables are needed."""
+    and prefill tokens, the low-bit widths, whether RAG's tables are needed, and the exact values
+    the static points read (`at_batch`: batch sizes and query rows; `at_context`: prompt + new
+    tokens; `at_tokens`: prompt lengths). A first-use profile puts the exact values on its grids
+    (runtime/profile/measure.py kernel_axes), so a point's own prompt length is timed, not read
+    between two grid points; `covers` reuses a cached profile only when they are grid points."""
     batch: int = 1
     context: int = 1
     tokens: int = 1
     bits: set[int] = field(default_factory=set)
     rag: bool = False
+    at_batch: set[int] = field(default_factory=set)
+    at_context: set[int] = field(default_factory=set)
+    at_tokens: set[int] = field(default_factory=set)
 
     def merge(self, o: "Need") -> "Need":
         return Need(max(self.batch, o.batch), max(self.context, o.context), max(self.tokens, o.tokens),
-                    self.bits | o.bits, self.rag or o.rag)
+                    self.bits | o.bits, self.rag or o.rag, self.at_batch | o.at_batch,
+                    self.at_context | o.at_context, self.at_tokens | o.at_tokens)
 
     def cover(self) -> dict:
-        return {"batch": self.batch, "context": self.context, "tokens": self.tokens}
+        """kernel_axes' `cover`: the largest value each axis must reach, and (`at`) the exact
+        values it must hold."""
+        return {"batch": self.batch, "context": self.context, "tokens": self.tokens,
+                "at": {"batch": sorted(self.at_batch), "context": sorted(self.at_context),
+                       "tokens": sorted(self.at_tokens)}}
 
     def describe(self) -> str:
+        at = "; ".join(f"{k} at {', '.join(map(str, sorted(v)))}" for k, v in
+                       (("batch", self.at_batch), ("context", self.at_context), ("prefill", self.at_tokens)) if v)
         return (f"batch <= {self.batch}, context <= {self.context}, prefill <= {self.tokens} tokens"
-                + (f", bits {sorted(self.bits)}" if self.bits else "") + (", RAG" if self.rag else ""))
+                + (f", bits {sorted(self.bits)}" if self.bits else "") + (", RAG" if self.rag else "")
+                + (f" ({at})" if at else ""))
 
 
 def need_of(cfg) -> Need:
-    """The Need of one composed simulate config (analysis.validate's simulator half)."""
+    """The Need of one composed simulate config (analysis.validate's simulator half). A static
+    batch reads its own batch (and query rows), prompt length and context exactly; open
+    arrivals batch and decode at whatever the scheduler makes of them: maxima only."""
     w, spec = cfg.workload, spec_of(cfg.policy, check=False)
     batch = int(w.batch) if w.arrival == "static" else int(min(w.n_requests, cfg.scheduler.max_batch))
     batch = min(batch, spec.requests_per_prefill() or batch)
-    return Need(spec.query_rows(batch), int(w.prompt_len) + int(w.gen_len), int(w.prompt_len), spec.profile_bits(),
-                spec.reads_rag_tables())
+    prompt, context = int(w.prompt_len), int(w.prompt_len) + int(w.gen_len)
+    n = Need(spec.query_rows(batch), context, prompt, spec.profile_bits(), spec.reads_rag_tables())
+    if w.arrival == "static":
+        n.at_batch, n.at_context, n.at_tokens = {batch, spec.query_rows(batch)}, {context}, {prompt}
+    return n
+
+
+def _grid(k: dict, name: str, axis: str) -> list:
+    return list(k[name]["axes"].get(axis, [])) if name in k and "axes" in k[name] else []
+
+
+# the tables whose grids must hold a Need's exact values (kernel_axes puts them there), and those
+# of the low-bit tables at the bits a Need reads (EXACT_IN_LOWBIT). decode_layer's contexts are
+# whole-model steps, 1-3 s a point on the 2-core box: maxima only (read by the rule between
+# them; a decode layer is linear in its context), its batches exact.
+EXACT_IN = {"tokens": ("prefill_layer",), "batch": ("decode_layer", "decode_attention_full", "lm_head_sample"),
+            "context": ("decode_attention_full",)}
+EXACT_IN_LOWBIT = {"tokens": ("quantize",), "batch": ("decode_attention_kivi",), "context": ("decode_attention_kivi",)}
 
 
 def coverage(prof: dict, model: str) -> Need | None:
-    """What a profile's tables for `model` cover (None: it has no such model)."""
+    """What a profile's tables for `model` cover (None: it has no such model); its exact values
+    are those a first-use profile was measured for (`models.<model>.first_use_at`, kept when it
+    is re-measured for more)."""
     m = prof["models"].get(model)
     if m is None:
         return None
     k = m["kernels"]
     last = lambda name, axis: int(k[name]["axes"][axis][-1]) if name in k and axis in k[name]["axes"] else 1  # noqa: E731
     bits = {b for b in (1, 2, 4, 8) if bits_table("decode_attention_kivi", b) in k}
+    at = m.get("first_use_at") or {}
     return Need(min(last("decode_layer", "batch"), last("decode_attention_full", "batch")),
                 last("decode_attention_full", "context"), last("prefill_layer", "tokens"), bits,
-                "selective_prefill" in k)
+                "selective_prefill" in k, {int(v) for v in at.get("batch", ())},
+                {int(v) for v in at.get("context", ())}, {int(v) for v in at.get("tokens", ())})
 
 
-def covers(prof: dict, model: str, need: Need | None) -> bool:
+def covers(prof: dict, model: str, need: Need | None, code_path=current_code_path) -> bool:
+    """Whether `prof`'s tables for `model` serve `need`: they were timed on the code paths the
+    runtime takes now (`code_path(device type, table)`, core/profile/schema.py
+    current_code_path; a table without one reads as `torch`), reach its maxima, hold its exact
+    values as grid points (EXACT_IN), and have its bit-widths (and RAG tables)."""
     m = prof["models"].get(model)
     if m is None:
+        return False
+    if not same_code_paths(prof, model, code_path):
         return False
     if need is None:
         return True
@@ -85,8 +132,30 @@ def covers(prof: dict, model: str, need: Need | None) -> bool:
         return False
     if any(bits_table("decode_attention_kivi", b) not in k for b in need.bits):
         return False
+    at = {"batch": need.at_batch, "context": need.at_context, "tokens": need.at_tokens}
+    for axis, names in EXACT_IN.items():
+        want = {v for v in at[axis] if v <= m["shape"]["max_seq_len"]}     # kernel_axes' limit
+        for name in names + tuple(bits_table(n, b) for n in EXACT_IN_LOWBIT[axis] for b in need.bits):
+            if not want <= set(int(v) for v in _grid(k, name, axis)):
+                return False
     # RAG recomputes up to ceil(r * N) + the question tokens: the m axis must reach the prompt
     return not need.rag or last("selective_prefill", "m") >= min(need.tokens, m["shape"]["max_seq_len"])
+
+
+def same_code_paths(prof: dict, model: str, code_path=current_code_path) -> bool:
+    """Every kernel table of `model` was timed on the path the runtime takes now for it
+    (`code_path(device type, table)`); a table without `code_path` (schema < 3) reads as `torch`."""
+    return not other_code_paths(prof, model, code_path)
+
+
+def other_code_paths(prof: dict, model: str, code_path=current_code_path) -> list[str]:
+    """'<table> <timed>, now <path>' for each kernel table of `model` timed on another path."""
+    dev = prof.get("device", {}).get("type", "cpu")
+    out = []
+    for name, t in prof["models"][model]["kernels"].items():
+        if isinstance(t, dict) and "axes" in t and recorded_code_path(t) != code_path(dev, name):
+            out.append(f"{name} {recorded_code_path(t)}, now {code_path(dev, name)}")
+    return out
 
 
 def cache_dir(create: bool = False) -> Path:
@@ -117,6 +186,12 @@ def find(device: torch.device, model: str, need: Need | None = None, notes: list
                 if d == dirs[0] and notes is not None:
                     why = str(e).splitlines()[0] if isinstance(e, ProfileError) else f"{type(e).__name__}: {e}"
                     notes.append(f"cached profile {path} is corrupt ({why}); re-measuring")
+                continue
+            if model in prof["models"] and not same_code_paths(prof, model, current_code_path):
+                if d == dirs[0] and notes is not None:
+                    other = other_code_paths(prof, model)
+                    notes.append(f"{path}: {len(other)} {model} table(s) timed on another code path than the runtime "
+                                 f"takes now ({'; '.join(other[:3])}{'; ...' if len(other) > 3 else ''}); re-measuring")
                 continue
             if covers(prof, model, need):
                 return path

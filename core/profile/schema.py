@@ -15,19 +15,34 @@
     }
 
 A *table* is one measured (or derived) function on a grid, the form simulator/costs.py
-interpolates: {"axes": {"tokens": [..]} or {"batch": [..], "context": [..]}, "unit": "s" or
-"bytes_per_s", "p50": values (nested lists in axis order), "p10": ..., "p90": ...}.
+interpolates (core/profile/interp.py): {"axes": {"tokens": [..]} or {"batch": [..], "context":
+[..]}, "unit": "s" or "bytes_per_s", "p50": values (nested lists in axis order), "p10": ...,
+"p90": ...}. Schema 3: every kernel table of a measured profile also says which code path it
+timed, `code_path` (CODE_PATHS):
+- `fused_cpu`: the fused low-bit CPU kernels (runtime/kv/lowbit_cpu.py), which the low-bit
+  attention tables (FUSED_TABLES, every bit-width) run on a CPU with a C compiler unless
+  KVTESTBED_LOWBIT_KERNEL=0;
+- `torch`: plain torch on the CPU (every other table there, and the low-bit ones on the torch
+  path); a table of an older schema, which does not say, reads as `torch`;
+- `cuda`: a CUDA device.
+`current_code_path` is the rule the runtime follows; the simulator refuses (schema 3) or warns
+about (older) a table timed on another path than the runtime's now, and a first-use lookup
+re-measures such a profile (core/profile/lookup.py covers).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..policies.base import KV_ELEMENT_BYTES
 from ..values import finite
 
-SCHEMA_VERSION = 2            # 2: device.fingerprint / device.facts, speed_index, low-bit tables per bit-width
+SCHEMA_VERSION = 3            # 2: device.fingerprint / device.facts, speed_index, low-bit tables per bit-width;
+#                               3: code_path per kernel table
 KINDS = ("measured", "roofline")
 TRANSFERS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "gather")
 # the low-bit kernels are measured per bit-width: 2-bit under the plain name (as in schema 1),
@@ -39,6 +54,43 @@ PROFILED_BITS = (1, 2, 4)
 SHAPE_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
 KERNELS = ("prefill_layer", "decode_attention_full", "decode_attention_kivi", "score_topk", "gather_replace",
            "quantize", "projections", "mlp", "lm_head_sample", "step_overhead", "decode_layer")
+
+
+# which code a kernel table timed (schema 3); the low-bit attention tables that run through the
+# fused CPU kernels (runtime/kv/lowbit_cpu.py) when they are on; `quantize` packs in torch always
+CODE_PATHS = ("fused_cpu", "torch", "cuda")
+FUSED_TABLES = ("decode_attention_kivi", "score_topk", "gather_replace")
+LOWBIT_KERNEL_ENV = "KVTESTBED_LOWBIT_KERNEL"      # 0 / false / no / off: the torch path everywhere
+
+
+def lowbit_kernel_enabled() -> bool:
+    """The env switch of the fused low-bit CPU kernels (on unless KVTESTBED_LOWBIT_KERNEL=0)."""
+    return os.environ.get(LOWBIT_KERNEL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def c_compiler() -> str | None:
+    """The compiler the fused kernels are built with ($CC, else cc, else gcc); None: there is none
+    (runtime/kv/lowbit_cpu.py then keeps the torch path)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def current_code_path(device_type: str, table: str, kernels_available: bool | None = None) -> str:
+    """The code path the runtime takes now for kernel table `table` (any bit-width suffix) on a
+    device of `device_type`: `cuda` on CUDA; on a CPU `fused_cpu` for FUSED_TABLES when the
+    kernels are enabled (lowbit_kernel_enabled) and available (`kernels_available`; None: a C
+    compiler is found), else `torch`."""
+    if device_type == "cuda":
+        return "cuda"
+    base = re.sub(r"_\d+bit$", "", table)
+    if base in FUSED_TABLES and lowbit_kernel_enabled():
+        if kernels_available if kernels_available is not None else c_compiler() is not None:
+            return "fused_cpu"
+    return "torch"
+
+
+def recorded_code_path(t: dict) -> str:
+    """The code path a table says it timed; `torch` where it does not say (schema < 3)."""
+    return t.get("code_path") or "torch"
 
 
 def bits_table(name: str, bits: int) -> str:
@@ -189,6 +241,13 @@ def validate(prof: dict, path) -> dict:
         for name, t in m["kernels"].items():
             if isinstance(t, dict) and "axes" in t:
                 validate_table(t, f"models.{model}.kernels.{name}", path)
+                cp = t.get("code_path")
+                if cp is None and ver >= 3 and kind == "measured":
+                    raise ProfileError(f"{path}: models.{model}.kernels.{name} lacks 'code_path' (schema 3: one of "
+                                       f"{', '.join(CODE_PATHS)}); re-profile (python -m runtime.profile --model {model})")
+                if cp is not None and cp not in CODE_PATHS:
+                    raise ProfileError(f"{path}: models.{model}.kernels.{name}.code_path={cp!r}; expected one of "
+                                       f"{', '.join(CODE_PATHS)}")
         if "kv_available_bytes" not in m["memory"]:
             raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
         validate_model(model, m, path)

@@ -43,8 +43,9 @@ import torch
 from torch.profiler import record_function
 
 from core.policies.kivi import value_group
+from core.profile.schema import LOWBIT_KERNEL_ENV, lowbit_kernel_enabled
 
-ENV = "KVTESTBED_LOWBIT_KERNEL"
+ENV = LOWBIT_KERNEL_ENV     # the switch and its rule live in core (the simulator reads them too)
 PROFILE_NAME = "kvt::lowbit_kernel"   # the kernels' scope in torch.profiler traces
 MAX_ROWS = 64          # query rows per KV head (GQA group x new tokens) the kernel handles
 MAX_DIM = 512          # head_dim
@@ -222,7 +223,7 @@ _failed: str | None = None   # why the build failed (then every call keeps the t
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return lowbit_kernel_enabled()
 
 
 def _cpu_key() -> str:

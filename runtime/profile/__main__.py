@@ -28,7 +28,7 @@ from core.provenance import REPO, provenance
 from core.results import write_json_atomic
 from . import measure, roofline
 from ..machine import speed_index
-from core.profile.schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, validate
+from core.profile.schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, recorded_code_path, validate
 
 def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None,
                      cover: dict | None = None, bits=PROFILED_BITS, rag: bool = True, progress: bool = True) -> dict:
@@ -48,9 +48,13 @@ def measured_profile(models: list[str], quick: bool, device: torch.device, repea
         transfers = measure.measure_transfers(timer, device, quick, bar, head_dim=head_dim,
                                               dtype=torch.float16 if device.type == "cuda" else torch.float32)
         prof_models = dict(out_existing["models"]) if out_existing else {}
+        for kept in prof_models.values():         # an older schema's tables: read as `torch` (schema.py)
+            for t in kept.get("kernels", {}).values():
+                if isinstance(t, dict) and "axes" in t:
+                    t.setdefault("code_path", recorded_code_path(t))
         for name, args in shapes.items():
             bar.set_description(f"profile {name}")
-            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar, all_axes[name])
+            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar, all_axes[name], cover)
             grids = kernels.pop("grids")
             prof_models[name] = {
                 "shape": {**vars(args), "head_dim": args.head_dim},

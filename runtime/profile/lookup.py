@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from core.errors import ConfigError
-from core.machine import this_fingerprint
+from core.machine import PROFILE_SPEED_DRIFT, speed_moved, this_fingerprint
 from core.profile.lookup import (REPO_PROFILES, Need, cache_dir, coverage, covers, find,  # noqa: F401
                                  need_of)
 from core.profile.schema import SCHEMA_VERSION, ProfileError, validate
+
+from ..machine import speed_index
 
 
 def cached_path(device: torch.device) -> Path:
@@ -27,13 +30,28 @@ def cached_path(device: torch.device) -> Path:
     return d / f"{f['slug']}-{f['fingerprint']}.json"
 
 
+def speed_now(device: torch.device, shape: dict) -> float:
+    """This machine's speed index now (runtime/machine.py), after an untimed probe: the first
+    probe of a process reads ~20% slow (lazy initialisation), as much as the bracket allows."""
+    speed_index(device, shape, reps=3)
+    return float(speed_index(device, shape)["index"])
+
+
 def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.validate", progress: bool = True,
            quick: bool = True, repeats: int = 5) -> Path:
     """find(), else measure a profile of this machine for `model` over grids covering `need`
-    (quick grids extended, runtime.profile.measure.kernel_axes), write it atomically to the
-    cache (other models already in that file are kept) and say so in one line."""
+    (quick grids extended, the points' exact values inserted: runtime.profile.measure.kernel_axes),
+    write it atomically to the cache (other models already in that file are kept) and say so in
+    one line.
+
+    The measurement is bracketed by the speed index (runtime/machine.py; the profile's own,
+    taken at its end, is the bracket's after): when after / before moved by more than
+    PROFILE_SPEED_DRIFT (20%, either way), the machine changed speed while it was measured (a
+    neighbour started or stopped), so it is measured once more; when that one moves too it is
+    used for this run only (a temporary file, one line says so) and nothing is cached."""
     from core.results import write_json_atomic
     from .__main__ import measured_profile
+    from .measure import model_args
 
     notes: list[str] = []
     path = find(device, model, need, notes)
@@ -56,13 +74,35 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
         need = need.merge(had)
     print(f"{prog}: no profile of this machine ({this_fingerprint(device)}) for model={model} covering "
           f"{need.describe()}; measuring one (quick grids)", file=sys.stderr)
+    args = model_args(model)
+    shape = {**vars(args), "head_dim": args.head_dim}
     t = time.perf_counter()
-    with torch.inference_mode():
-        prof = measured_profile([model], quick, device, repeats, existing, cover=need.cover(),
-                                bits=tuple(sorted(need.bits | {2})), rag=need.rag, progress=progress)
+    before = speed_now(device, shape)
+    brackets = []
+    for attempt in (1, 2):
+        with torch.inference_mode():
+            prof = measured_profile([model], quick, device, repeats, existing, cover=need.cover(),
+                                    bits=tuple(sorted(need.bits | {2})), rag=need.rag, progress=progress)
+        after = float((prof.get("speed_index") or {}).get("index") or speed_now(device, shape))
+        brackets.append({"before": before, "after": after, "after_over_before": after / before if before else None})
+        if not speed_moved(before, after):
+            break
+        if attempt == 1:
+            print(f"{prog}: this machine's speed index moved x{after / before:.2f} while it was profiled "
+                  f"({before:.0f} -> {after:.0f}; more than {PROFILE_SPEED_DRIFT:.0%}): measuring it again",
+                  file=sys.stderr)
+        before = after                  # the second bracket starts where the first ended
     prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
-    prof["provenance"]["first_use"] = {"for": prog, "need": need.describe()}
+    prof["provenance"]["first_use"] = {"for": prog, "need": need.describe(), "speed_brackets": brackets}
+    prof["models"][model]["first_use_at"] = need.cover()["at"]      # coverage() keeps them on a re-measure
     validate(prof, out)
+    if speed_moved(brackets[-1]["before"], brackets[-1]["after"]):
+        tmp = Path(tempfile.mkdtemp(prefix="kvtestbed-profile-")) / out.name
+        write_json_atomic(tmp, prof)
+        b = brackets[-1]
+        print(f"{prog}: the speed index moved again (x{b['after'] / b['before']:.2f}) during the second profile; "
+              f"using it for this run only, not cached: {tmp}", file=sys.stderr)
+        return tmp
     try:
         write_json_atomic(out, prof)
     except OSError as e:

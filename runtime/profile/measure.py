@@ -27,7 +27,8 @@ from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
 from core.errors import ConfigError
 from core.provenance import REPO
 from ..transfer import EmulatedLink, gather_rows
-from core.profile.schema import PROFILED_BITS, bits_table, table
+from core.profile.interp import curve
+from core.profile.schema import PROFILED_BITS, bits_table, c_compiler, current_code_path, table
 
 
 @dataclass
@@ -298,20 +299,34 @@ def covering(grid: list[int], need: int | None, more: list[int]) -> list[int]:
     return out
 
 
+def with_exact(grid: list[int], values, limit: int) -> list[int]:
+    """`grid` with the exact `values` (<= limit) inserted: sorted, de-duplicated."""
+    return sorted(set(grid) | {int(v) for v in values or () if 0 < int(v) <= limit})
+
+
 def kernel_axes(args: ModelArgs, quick: bool, device: torch.device, cover: dict | None = None,
                 bits: tuple[int, ...] = PROFILED_BITS, rag: bool = True) -> dict[str, dict[str, list]]:
-    """The grids of every kernel table. `cover` ({"batch", "context", "tokens"}: the largest
-    each axis must reach; analysis.validate's first-use profile) extends the (quick) grids
-    geometrically until they cover it, so nothing the points read is extrapolated."""
+    """The grids of every kernel table. `cover` (core/profile/lookup.py Need.cover():
+    {"batch", "context", "tokens"}: the largest each axis must reach, and "at": the exact values
+    the points read; analysis.validate's first-use profile) extends the (quick) grids
+    geometrically until they cover the largest, so nothing the points read is extrapolated, and
+    inserts the exact values (a point's prompt length into the token grids, its batch and query
+    rows into the batch grids, its context into the decode-attention grids), so a point's own
+    prompt is timed, not read between two grid points. Values, not density: the first-use
+    profile stays a minute or so on the 2-core box."""
     ctx_max = args.max_seq_len
     cover = cover or {}
+    at = cover.get("at") or {}
     bits = tuple(sorted(set(bits) | {2}))        # the 2-bit tables are the schema's required ones
     tokens = [t for t in covering([16, 64, 256, 1024] if quick else [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
                                   cover.get("tokens"), [2048, 4096, 8192, 16384]) if t <= ctx_max]
-    contexts = [c for c in covering([256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192],
-                                    cover.get("context"), [4096, 8192, 16384]) if c <= ctx_max]
+    tokens = with_exact(tokens, at.get("tokens"), ctx_max)
+    base_contexts = [c for c in covering([256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192],
+                                         cover.get("context"), [4096, 8192, 16384]) if c <= ctx_max]
+    contexts = with_exact(base_contexts, at.get("context"), ctx_max)
     batches = covering([1, 4] if quick else ([1, 2, 4, 8, 16] if device.type == "cpu" else [1, 4, 16, 64]),
                        cover.get("batch"), [8, 16, 32, 64, 128, 256])
+    batches = with_exact(batches, at.get("batch"), 1 << 30)
     low = {}
     for b in bits:
         low[bits_table("decode_attention_kivi", b)] = {"batch": batches, "context": contexts}
@@ -328,7 +343,7 @@ def kernel_axes(args: ModelArgs, quick: bool, device: torch.device, cover: dict 
         "selective_prefill": {"m": [m for m in covering([16, 64, 256] if quick else [16, 64, 128, 256, 512, 1024],
                                                         cover.get("tokens"), [1024, 2048, 4096, 8192, 16384])
                                     if m <= ctx_max],
-                              "context": [c for c in contexts if c >= 1024] or contexts[-1:]},
+                              "context": [c for c in base_contexts if c >= 1024] or base_contexts[-1:]},
     }
     return {
         "prefill_layer": {"tokens": tokens},
@@ -358,10 +373,14 @@ def _layer_with_context(policy, args, B, ctx, dtype, device):
 
 
 def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: torch.dtype, kv_dtype: str,
-                    quick: bool, progress=None, axes: dict | None = None) -> dict:
-    """Every table of `axes` (default kernel_axes(args, quick, device)); the low-bit kernels
-    once per bit-width present there (`<name>_<bits>bit`, 2-bit under the plain name)."""
-    axes = axes or kernel_axes(args, quick, device)
+                    quick: bool, progress=None, axes: dict | None = None, cover: dict | None = None) -> dict:
+    """Every table of `axes` (default kernel_axes(args, quick, device, cover)); the low-bit
+    kernels once per bit-width present there (`<name>_<bits>bit`, 2-bit under the plain name).
+    `cover`'s exact values ("at") are also where the whole model is timed: decode steps at its
+    batches, prefills at its prompt lengths. Every table records the code path it timed
+    (`code_path`, code_path_now)."""
+    axes = axes or kernel_axes(args, quick, device, cover)
+    at = (cover or {}).get("at") or {}
     D, H, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
     block = Block(args).to(device=device, dtype=dtype).eval().requires_grad_(False)
     cos, sin = rope_tables(D, args.max_seq_len, args.rope_base)
@@ -426,14 +445,28 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, whole, timer, device, dtype, kv_dtype,
                                                                       out["lm_head_sample"], quick,
                                                                       axes["decode_attention_full"]["context"][-1],
-                                                                      progress)
+                                                                      progress, batches_at=at.get("batch"))
     out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
-                                               out["lm_head_sample"], out["step_overhead"], quick)
+                                               out["lm_head_sample"], out["step_overhead"], quick,
+                                               tokens_at=at.get("tokens"))
     del whole
     if "rope_rerotate" in axes:
         out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
+    for name, t in out.items():
+        if isinstance(t, dict) and "axes" in t:
+            t["code_path"] = code_path_now(device, name)
     out["grids"] = {k: v for k, v in axes.items()}
     return out
+
+
+def code_path_now(device: torch.device, table: str) -> str:
+    """The code path the runtime takes now for kernel table `table` on `device`, by core's rule
+    (core/profile/schema.py current_code_path) with what only the runtime knows: whether the
+    fused low-bit kernels could be built here (a failed build keeps the torch path)."""
+    from ..kv import lowbit_cpu
+
+    available = c_compiler() is not None and getattr(lowbit_cpu, "_failed", None) is None
+    return current_code_path(device.type, table, available)
 
 
 def measure_low_bit(args, timer, device, dtype, kv_dtype, axes, bits, attention, ctx_gr, progress) -> dict:
@@ -573,27 +606,33 @@ def _whole_depth(args: ModelArgs, device, dtype) -> int:
 
 
 def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone_run, head: dict,
-                        overhead: dict, quick: bool) -> dict:
+                        overhead: dict, quick: bool, tokens_at=None) -> dict:
     """`prefill_layer` as a layer runs inside the whole model.
 
     The kernel grid times one Block alone. Inside the whole model each layer's weights and
     activations compete for the cache with every other layer's: on this project's CPU box a
     lone 135M layer sits in the 480 MiB L3 and runs measurably faster than the same layer in
     the 30-layer model (the decode_layer story again). Timing whole-model prefills at every
-    grid point would take minutes at 8K, so the whole model is timed at a few lengths,
-    per layer = (whole - lm_head(1) - overhead(1)) / depth, and the grid is scaled by the
-    ratio whole/alone, interpolated over log(tokens) and held flat past the ends. The lone
-    layer is timed again beside the whole model, in alternation (`alone_run(T)` builds its
-    run): a ratio of two timings taken minutes apart carries the machine's drift."""
+    grid point would take minutes at 8K, so the whole model is timed at a few lengths (256 on
+    quick grids, 64 / 256 / 1024 / 2048 on full ones) and at `tokens_at`, the exact prompt
+    lengths of a first-use profile's points, so the points' own prompts are timed as the model
+    runs them; per layer = (whole - lm_head(1) - overhead(1)) / depth, and the grid is scaled
+    by the ratio whole/alone, read between those lengths by the rule every table is read by
+    (core/profile/interp.py) and held flat past the ends. The lone layer is timed again beside
+    the whole model, in alternation (`alone_run(T)` builds its run): a ratio of two timings
+    taken minutes apart carries the machine's drift. At least 3 and up to max(repeats, 5)
+    alternations per length, fewer past 8 x the timer's per-point budget (a 30-layer prefill of
+    1K tokens is ~2 s on the 2-core box)."""
     from ..engine import left_pad, prefill
 
-    lengths = [t for t in ([256] if quick else [64, 256, 1024, 2048]) if t in alone["axes"]["tokens"]]
+    toks = alone["axes"]["tokens"]
+    base = [256] if quick else [64, 256, 1024, 2048]
+    lengths = sorted(t for t in set(base) | {int(t) for t in tokens_at or ()} if t in toks)
     if not lengths:
         return alone
     args, depth = m.args, m.args.n_layers
     fixed = head["p50"][0] + overhead["p50"][0]
-    toks = alone["axes"]["tokens"]
-    ratios = []
+    ratios, reps = [], []
     for T in lengths:
         tokens, pad = left_pad([[5] * T], m.args.pad_id, device)
 
@@ -604,25 +643,29 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
         lone = alone_run(T)
         run(), lone()                                        # warm both
         w, a1 = [], []
-        for _ in range(max(timer.repeats, 5)):
+        for i in range(max(timer.repeats, 5)):
             for fn, acc in ((run, w), (lone, a1)):
                 t0 = time.perf_counter()
                 fn()
                 sync(device)
                 acc.append(time.perf_counter() - t0)
+            if i >= 2 and sum(w) + sum(a1) > 8 * timer.budget_s:
+                break
+        reps.append(len(w))
         ratios.append(max((float(np.median(w)) - fixed) / depth, 1e-9) / float(np.median(a1)))
-    r = np.interp(np.log(toks), np.log(lengths), ratios)       # flat past the ends
+    r = curve(lengths, ratios, toks)                         # flat past the ends
     out = dict(alone)
     for q in ("p10", "p50", "p90"):
         if q in alone:
             out[q] = [v * f for v, f in zip(alone[q], r)]
     out["whole_model"] = {"layers": depth, "tokens": lengths, "ratio_to_alone": [float(x) for x in ratios],
-                          "alone_p50": alone["p50"]}
+                          "alternations": reps, "alone_p50": alone["p50"]}
     return out
 
 
 def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device, dtype, kv_dtype, head: dict,
-                          quick: bool = False, max_context: int | None = None, progress=None) -> tuple[dict, dict]:
+                          quick: bool = False, max_context: int | None = None, progress=None,
+                          batches_at=None) -> tuple[dict, dict]:
     """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
     launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
     and the Python glue between them, by batch x context).
@@ -639,7 +682,10 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
     the attention tables (one layer, measured alone) grow far less with context than a layer
     of the whole model does, whose K/V come from DRAM behind everyone else's weights. Measured
     with the `full` policy; the simulator adds other policies' attention as their difference
-    from `full` in the kernel tables."""
+    from `full` in the kernel tables.
+
+    Batches: 1, 4 (or the first two), the largest when a quick grid was extended to cover it,
+    and `batches_at` (a first-use profile's exact batches and query rows: the points' own)."""
     small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
     depth = m.args.n_layers
     contexts = [c for c in ([40, 2048] if quick else [40, 512, 2048, 4096, 8128]) if c + 16 <= args.max_seq_len]
@@ -649,7 +695,8 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
     head_b = head["axes"]["batch"]
     # at least two points to interpolate, and the largest batch when the grid was extended to
     # cover it (quick grids are [1, 4]; a covering grid ends at the points' largest)
-    use = [B for B in head_b if B in (1, 4) or B in head_b[:2] or (quick and B == head_b[-1])]
+    exact = {int(b) for b in batches_at or ()}
+    use = [B for B in head_b if B in (1, 4) or B in head_b[:2] or (quick and B == head_b[-1]) or B in exact]
     if progress is not None:          # these steps count on the bar too (whole-model steps are the slow ones)
         progress.total += len(use) * (1 + len(contexts))
         progress.set_description("profile whole-model steps")
