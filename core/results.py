@@ -4,6 +4,10 @@ Scalar means `throughput_tok_s`, `ttft_s`, `tpot_s`; percentiles as their own ke
 (`ttft_s_p50`, `_p90`, `_p99`, same for `tpot_s`); `kv_bytes_device`, `kv_bytes_host`,
 `kv_ratio_vs_fp16`; then the resolved config and provenance, so analysis joins measured and
 simulated rows on the config.
+
+`phases`: {"prefill": core.phases.stage_record(...), "decode": ...} (where a step's time goes;
+{} when phases=false); `timeline_path`: the run's Chrome trace-event JSON beside the result
+(`<stem>.timeline.json`, timeline=true only).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .phases import PARTS, PHASES, STAGES, UNACCOUNTED, stage_record
 
 PERCENTILES = (50, 90, 99)
 
@@ -70,7 +76,76 @@ def summarize(runs) -> dict:
         "kv_ratio_vs_fp16": last.kv_ratio_vs_fp16,
         "peak_mem_bytes": max(run.peak_mem_bytes for run in runs),
         "policy_stats": last.policy_stats,
+        "phases": pool_phases([getattr(run, "phases", None) for run in runs]),
     }
+
+
+def pool_phases(totals: list[dict | None]) -> dict:
+    """Per-stage phase totals of one or more runs ({stage: {"steps", "step_s", "phases", "parts"},
+    seconds summed over steps: runtime.phases.PhaseLog.totals()) pooled into the result's `phases`:
+    {stage: core.phases.stage_record(...)}, stages in STAGES order; {} when no run was timed."""
+    pooled: dict[str, dict] = {}
+    for run in totals:
+        for stage, t in (run or {}).items():
+            acc = pooled.setdefault(stage, {"steps": 0, "step_s": 0.0, "phases": {}, "parts": {}})
+            acc["steps"] += t["steps"]
+            acc["step_s"] += t["step_s"]
+            for key in ("phases", "parts"):
+                for p, v in t[key].items():
+                    acc[key][p] = acc[key].get(p, 0.0) + v
+    return {st: stage_record(pooled[st]["phases"], pooled[st]["step_s"], pooled[st]["steps"], pooled[st]["parts"])
+            for st in (*STAGES, *sorted(set(pooled) - set(STAGES))) if st in pooled and pooled[st]["steps"]}
+
+
+def phase_rows(r: dict) -> list[tuple[str, str]]:
+    """The closing table's "where a step goes" rows of a result with `phases`, one per stage:
+    `decode step  85.1 ms: layer 78% (projections 20%, attention 20%, mlp 31%, other 7%), lm_head 9%,
+    overhead 2%, unaccounted 0.4%` (shares of the mean step; phases that occurred, in PHASES order)."""
+    rows = []
+    for stage, rec in (r.get("phases") or {}).items():
+        if not rec or not rec.get("steps"):
+            continue
+        ph, parts = rec.get("phases") or {}, rec.get("parts") or {}
+        items = []
+        for p in PHASES:
+            if p not in ph:
+                continue
+            text = f"{p} {_pct(ph[p]['share'])}"
+            if p == "layer" and parts:
+                text += " (" + ", ".join(f"{q} {_pct(parts[q]['share'])}" for q in PARTS if q in parts) + ")"
+            items.append(text)
+        if UNACCOUNTED in ph:
+            items.append(f"{UNACCOUNTED} {_pct(ph[UNACCOUNTED]['share'], 1)}")
+        n = rec["steps"]
+        rows.append((f"{stage} step", f"{rec['step_s'] * 1e3:.1f} ms x {n}: " + ", ".join(items)))
+    return rows
+
+
+def _pct(x: float, digits: int = 0) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def timeline_path(result_path: str | Path) -> Path:
+    """Where a result's timeline goes: beside it, `<stem>.timeline.json`."""
+    p = Path(result_path)
+    return p.with_name(f"{p.stem}.timeline.json")
+
+
+def write_result(path: str | Path, record: dict, trace: dict | None = None) -> Path:
+    """Write a result record under a name nobody holds (`write_json_atomic(exclusive=True)`) and,
+    with a Chrome `trace`, the timeline beside it (atomically), its path in the record as
+    `timeline_path`. Sets record["path"] afterwards (not in the file, as before); returns it."""
+    path = Path(path)
+    if trace is not None:
+        record["timeline_path"] = str(timeline_path(path))
+    written = write_json_atomic(path, record, exclusive=True)
+    if trace is not None:
+        if written != path:                      # the name was taken (-2, -3, ...): follow it
+            record["timeline_path"] = str(timeline_path(written))
+            write_json_atomic(written, record)
+        write_json_atomic(record["timeline_path"], trace)
+    record["path"] = str(written)
+    return written
 
 
 def latency_kv_rows(r: dict) -> list[tuple[str, str]]:

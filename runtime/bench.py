@@ -7,6 +7,8 @@
 
 Writes one JSON per run to results/measured/ (schema: core/results.py) and prints a table.
 Prompts are random token ids (seeded): timing does not depend on what the tokens say.
+phases=true (default) records where each step's time goes (`phases`, runtime/phases.py);
+timeline=true also writes the run's Chrome trace beside the result (`<stem>.timeline.json`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from core.policies import load_plugin
 from core.provenance import provenance
 from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
 from .kv import POLICIES
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, summarize, results_folder, write_json_atomic
+from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, results_folder, summarize,
+                          write_result)
+from .phases import chrome_trace
 from .transfer import make_link
 
 register()
@@ -48,7 +52,7 @@ def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
-    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
+    results_folder(cfg.results_dir, "measured")      # before the measurement (and its timeline), not after it
     check_config(cfg, "runtime.bench")       # the same checks as runtime.serve and simulator.run
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
@@ -67,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
                             ignore_eos=w.ignore_eos, seed=w.seed)
     prompts = make_prompts(w, args.vocab_size, {args.bos_id, args.eos_id, args.pad_id})
 
+    timing = {"phases": bool(cfg.get("phases", True)), "timeline": bool(cfg.get("timeline", False))}
     link = make_link(cfg.hardware.link, device)
     try:
         load_plugin(cfg.policy, "kv")
@@ -75,8 +80,9 @@ def run(cfg: DictConfig) -> dict:
             runs = own(model, cfg, prompts, params, link)
         else:
             if cfg.warmup:
-                generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link)
-            runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress)
+                generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link,
+                         **timing)
+            runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress, **timing)
                     for _ in range(cfg.repeats)]
     finally:
         link.close()
@@ -93,7 +99,10 @@ def run(cfg: DictConfig) -> dict:
     digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.experiment or 'bench'}_{cfg.model.name}_{cfg.policy.name}_b{w.batch}_p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json"
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record, exclusive=True))
+    trace = None
+    if timing["timeline"]:             # the repeats one after another, on the clock they ran on
+        trace = chrome_trace([s for run in runs for s in run.timeline], name=f"runtime.bench {cfg.policy.name}")
+    write_result(Path(cfg.results_dir) / "measured" / name, record, trace)
     return record
 
 
@@ -104,7 +113,9 @@ def format_table(r: dict) -> str:
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s)"),
         *latency_kv_rows(r),
         *memory_stats_rows(r),
+        *phase_rows(r),
         ("result", r["path"]),
+        *([("timeline", r["timeline_path"])] if r.get("timeline_path") else []),
     ]
     return key_value_table(rows)
 

@@ -12,6 +12,7 @@ from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
 from .kv.rag import RagKV
 from .model import Transformer
+from .phases import StepTimes, add_times, make_timer
 from .rag.store import DEFAULT_MAX_BYTES
 from .rag import (ChunkStore, RagResult, check_policy, load_draft, oracle_set, placed_kv, rag_prefill, recall,
                   split_prompt)
@@ -40,8 +41,13 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     rag_prefill and decodes gen_len tokens from its Prefilled under a plain full-precision cache
     (`engine.generate(prefilled=...)`). TTFT = rag_prefill + loading its K/V + the first token.
     policy_stats: the selection (n_ctx, budget, chosen, recomputed), the phases' seconds, and
-    recall_vs_oracle (oracle_dev's set: one full prefill after the timed repeats, untimed)."""
+    recall_vs_oracle (oracle_dev's set: one full prefill after the timed repeats, untimed).
+
+    Phases (cfg.phases): rag_prefill runs under the lap timer and joins the engine's prefill step:
+    placing the reused K/V -> `load`, re-rotating their keys -> `rerotate`, the selector ->
+    `select`, the selective recompute -> `layer` (its parts) and `lm_head`."""
     p, w = cfg.policy, cfg.workload
+    timing = {"phases": bool(getattr(cfg, "phases", True)), "timeline": bool(getattr(cfg, "timeline", False))}
     if w.batch != 1:
         raise ConfigError(f"workload.batch={w.batch}: policy=rag runs one request at a time in runtime.bench "
                           "(set workload.batch=1; the simulator twin batches RAG prefills)")
@@ -65,18 +71,20 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
         generate(model, pre.prefilled.prompts, SamplingParams(max_new_tokens=2), decode_policy,
                  link=link, prefilled=pre.prefilled)
     runs = []
+    timer = make_timer(model.device, **timing)
     for _ in range(cfg.repeats):
         if on_disk:              # store=disk: every chunk is read back from its file (the OS may cache it)
             store.mem.clear()
         with PeakMemory(model.device) as mem:
             sync(model.device)
             t0 = time.perf_counter()
-            res = rag_prefill(model, chunks, question, p, store, draft=draft)
-            sync(model.device)
-            rag_s = time.perf_counter() - t0
+            with timer.step() as rec:
+                res = rag_prefill(model, chunks, question, p, store, draft=draft)
+                sync(model.device)
+                rag_s = time.perf_counter() - t0
         run = generate(model, [prompt], params, decode_policy, link=link, prefilled=res.prefilled,
-                       progress=bool(getattr(cfg, "progress", False)))
-        runs.append(_shifted(run, rag_s, mem.peak, res))
+                       progress=bool(getattr(cfg, "progress", False)), **timing)
+        runs.append(_with_rag_phases(_shifted(run, rag_s, mem.peak, res), rec.times, t0, rag_s))
     runs[-1].policy_stats.update({f"store_{k}": v for k, v in store.stats.items()})
     n_ctx, budget = res.info["n_ctx"], res.info["budget"]
     oracle = oracle_set(model, list(prompt), placed_kv(model, store, chunks), n_ctx, budget)
@@ -97,6 +105,19 @@ def _shifted(run: BatchResult, rag_s: float, rag_peak: int, res: RagResult) -> B
         stats["sink_tokens"], stats["sinks"] = info["sink_tokens"], info["sinks"]
     return replace(run, requests=reqs, wall_s=run.wall_s + rag_s, prefill_s=run.prefill_s + rag_s,
                    peak_mem_bytes=max(run.peak_mem_bytes, rag_peak), policy_stats=stats)
+
+
+def _with_rag_phases(run: BatchResult, times: StepTimes | None, t0: float, rag_s: float) -> BatchResult:
+    """rag_prefill's laps folded into the run's prefill step (one step: the pipeline, then the
+    engine loading its K/V and sampling the first token), and onto its timeline."""
+    if times is None:
+        return run
+    if "prefill" in run.phases:
+        add_times(run.phases["prefill"], times, rag_s, new_step=False)
+    if run.timeline:                   # timeline=true: rag_prefill's span before the engine's steps
+        run.timeline.insert(0, {"stage": "prefill", "t0": t0, "t1": t0 + rag_s, "times": times,
+                                "args": {"rag": "rag_prefill (the engine's load + first token follow)"}})
+    return run
 
 
 def _runs(model: Transformer, cfg, prompts: list[list[int]], params: SamplingParams, link) -> list[BatchResult]:

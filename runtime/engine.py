@@ -10,6 +10,10 @@ TPOT is (time of last token - time of first) / (tokens - 1); decode tokens/s cou
 the decode steps produced over their time; throughput counts every output token over the
 whole wall time (the serving figure, prefill included). Peak memory is CUDA's
 max_memory_allocated, or on CPU the process's peak RSS (VmHWM, reset at the start).
+
+Phases (runtime/phases.py): the prefill step (t0 to its first token read back) and every decode
+step (exactly each `steps` window) run under the lap timer; the model and the KV policies lap
+their parts, sampling laps `lm_head`, the read-back and bookkeeping close the step as `overhead`.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from core.machine import resolve_device  # noqa: F401  (runtime.engine.resolve_d
 
 from .kv import KVCache, Step, make_cache, policy_spec
 from .model import Transformer
+from .phases import PhaseLog, lap, make_timer
 
 
 @dataclass
@@ -70,6 +75,10 @@ class BatchResult:
     kv_bytes_fp16: int
     steps: list[float] = field(default_factory=list)  # seconds of each decode step
     policy_stats: dict[str, float] = field(default_factory=dict)  # e.g. SpeCache guess accuracy, top-k recall
+    # per stage (prefill, decode): {"steps": n, "step_s": wall seconds summed, "phases": {phase: s summed},
+    # "parts": {part: s summed}} (runtime/phases.py); {} with phases=False
+    phases: dict[str, dict] = field(default_factory=dict)
+    timeline: list[dict] = field(default_factory=list)    # timeline=True: each step's window and laps
 
     @property
     def output_tokens(self) -> int:
@@ -228,7 +237,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, policy,
              *, link=None, prefilled: Prefilled | None = None, progress: bool = False,
-             on_token: Callable[[list[int], list[bool]], None] | None = None) -> BatchResult:
+             on_token: Callable[[list[int], list[bool]], None] | None = None,
+             phases: bool = True, timeline: bool = False) -> BatchResult:
     """Generate for a static batch under `policy` (a config with .name, .kv_dtype, knobs).
 
     link: the host<->device copy engine for policies that keep K/V on the host (transfer.py).
@@ -240,6 +250,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     A cache with `speculative` set (SpeCache with prefetch) runs speculative pre-decoding: one
     storing-nothing pass of the first token, then every step carries the real token and a greedy
     guess of the next one; the guess's attention picks the next step's top-k rows to prefetch.
+
+    phases: time each step's phases (BatchResult.phases); timeline: keep each step's laps too
+    (BatchResult.timeline, for runtime.phases.chrome_trace).
     """
     args, device = model.args, model.device
     if not prompts:
@@ -260,6 +273,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     active = [True] * B
     eos_hit = [False] * B
     step_times: list[float] = []
+    timer, log = make_timer(device, phases, timeline), PhaseLog(timeline)
 
     with PeakMemory(device) as mem:
         cache = make_cache(policy, n_layers=args.n_layers, batch=B, n_kv_heads=args.n_kv_heads,
@@ -268,9 +282,16 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             raise ValueError("prefilled was computed for other prompts")
         sync(device)
         t0 = time.perf_counter()
-        logits = prefill(model, cache, tokens, pad) if prefilled is None else load_prefilled(cache, prefilled)
-        nxt = sample(logits, params.temperature, params.top_p, gen)
-        t_first = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
+        with timer.step() as rec:
+            if prefilled is None:
+                logits = prefill(model, cache, tokens, pad)
+            else:
+                logits = load_prefilled(cache, prefilled)
+                lap("load")                       # the shared prefill's K/V placed into this cache
+            nxt = sample(logits, params.temperature, params.top_p, gen)
+            lap("lm_head")
+            t_first = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
+        log.add("prefill", rec, t0, t_first)
         if on_token:
             on_token(nxt.tolist(), list(active))
         bar = tqdm(total=params.max_new_tokens - 1, desc=f"decode B={B}", unit="step",
@@ -284,19 +305,24 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             if not any(active):
                 break
             ts = time.perf_counter()
-            if guess is None:
-                logits = decode_step(model, cache, nxt, pad)
-                nxt = sample(logits, params.temperature, params.top_p, gen)
-            else:
-                both = decode_step(model, cache, nxt, pad, guess=guess)   # (B, 2, V)
-                nxt = sample(both[:, 0], params.temperature, params.top_p, gen)
-                live = torch.tensor(active, device=device)
-                guesses += int(live.sum())
-                hits += int(((guess == nxt) & live).sum())
-                guess = both[:, 1].argmax(-1)
-            decode_tokens += sum(active)
-            t_now = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
+            with timer.step() as rec:
+                if guess is None:
+                    logits = decode_step(model, cache, nxt, pad)
+                    nxt = sample(logits, params.temperature, params.top_p, gen)
+                    lap("lm_head")
+                else:
+                    both = decode_step(model, cache, nxt, pad, guess=guess)   # (B, 2, V)
+                    nxt = sample(both[:, 0], params.temperature, params.top_p, gen)
+                    guess_next = both[:, 1].argmax(-1)
+                    lap("lm_head")
+                    live = torch.tensor(active, device=device)
+                    guesses += int(live.sum())
+                    hits += int(((guess == nxt) & live).sum())
+                    guess = guess_next
+                decode_tokens += sum(active)
+                t_now = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
             step_times.append(t_now - ts)
+            log.add("decode", rec, ts, t_now)
             if on_token:
                 on_token(nxt.tolist(), list(active))
             bar.update(1)
@@ -314,7 +340,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                                   tpot_s=tpot, finished_by_eos=eos_hit[b]))
     return BatchResult(requests=reqs, wall_s=t_end - t0, prefill_s=t_first - t0, decode_s=t_end - t_first,
                        decode_tokens=decode_tokens, peak_mem_bytes=mem.peak, kv_bytes_device=kv_dev,
-                       kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times, policy_stats=stats)
+                       kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times, policy_stats=stats,
+                       phases=log.totals(), timeline=log.steps or [])
 
 
 def policy_stats_of(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from . import phases
 from .kv.base import KVCache, Step
 
 
@@ -123,8 +124,14 @@ class Attention(nn.Module):
         q = qk[:, :, :H].transpose(1, 2)              # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)              # (B, H_kv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
+        phases.lap("projections")                     # the block's attention_norm + wqkv + RoPE
+        # the policy laps its own named phases (fetch, back, store, score) inside attend, so
+        # what this lap gets is the attention proper
         o = kv.attend(q, k, v, step)                  # (B, H, T, D)
-        return self.wo(o.transpose(1, 2).reshape(B, T, H * D))
+        phases.lap("attention")
+        o = self.wo(o.transpose(1, 2).reshape(B, T, H * D))
+        phases.lap("projections")
+        return o
 
 
 class FeedForward(nn.Module):
@@ -149,8 +156,16 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, cos, sin, kv, step):
+        # the layer's parts (runtime/phases.py): each lap takes the time since the previous one,
+        # so the norms and residual adds land in `other` and `layer` = the sum of the four parts
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        hn = self.ffn_norm(h)
+        phases.lap("other")
+        m = self.feed_forward(hn)
+        phases.lap("mlp")
+        out = h + m
+        phases.lap("other")
+        return out
 
 
 class Transformer(nn.Module):
@@ -183,12 +198,18 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)                        # (B, T, dim)
         cos = self.rope_cos[step.positions][:, :, None]        # (B, T, 1, D/2): token-major
         sin = self.rope_sin[step.positions][:, :, None]
-        for layer, kv in zip(self.layers, cache.layers):
+        phases.lap("overhead")                                 # embedding, RoPE tables (and the engine's glue before)
+        for i, (layer, kv) in enumerate(zip(self.layers, cache.layers)):
+            since = phases.mark()
             x = layer(x, cos, sin, kv, step)
+            phases.group(f"block{i}", since)                   # the timeline's span of this layer
         cache.advance(step)
+        phases.lap("overhead")                                 # advance counts the tokens held: bookkeeping
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        logits = self.output(self.norm(x)).float()
+        phases.lap("lm_head")
+        return logits
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -11,6 +11,11 @@ schema, so analysis.validate can check the simulator's arrivals, admission and b
 something real. Requests admitted together are prefilled into their own cache (a cohort); a decode
 iteration is one forward over every cohort. Why cohorts, their limits and the metrics: the README's
 "Continuous batching".
+
+phases=true (default): every prefill iteration (its cohort's prefill, first-token read-back and
+SpeCache's speculative pass) and every decode iteration runs under the lap timer
+(runtime/phases.py); `phases` holds the mean step of each. timeline=true writes the Chrome trace
+beside the result: the iterations with their phases, and each request as an async span.
 """
 from __future__ import annotations
 
@@ -44,7 +49,9 @@ from core.errors import ConfigError
 from .kv import KVCache, POLICIES, Step, make_cache, resolve_kv_dtype
 from .model import Transformer
 from core.provenance import provenance
-from core.results import key_value_table, latency_kv_rows, memory_stats_rows, serving_metrics, results_folder, write_json_atomic
+from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, pool_phases, results_folder,
+                          serving_metrics, write_result)
+from .phases import PhaseLog, chrome_trace, lap, make_timer
 from .transfer import make_link
 
 register()
@@ -144,6 +151,7 @@ class Server:
         for r in reqs:
             r.cohort = c.id
         c.nxt = sample(prefill(self.model, cache, tokens, pad), self.temperature, self.top_p, self.gen)
+        lap("lm_head")
         return c
 
     def speculate(self, c: Cohort) -> None:
@@ -170,12 +178,13 @@ class Server:
         step = CohortStep(torch.cat([p.positions for p in parts]), n, spec, parts)
         out = self.model(tokens, CohortCache(cohorts), step)            # (B_total, n, V)
         new = sample(out[:, 0] if spec else out[:, -1], self.temperature, self.top_p, self.gen)
+        guess = out[:, 1].argmax(-1) if spec else None
+        lap("lm_head")
         if spec:
             live = torch.tensor([not r.finished for c in cohorts for r in c.reqs], device=device)
             old_guess = tokens[:, 1]
             self.guesses += int(live.sum())
             self.hits += int(((old_guess == new) & live).sum())
-            guess = out[:, 1].argmax(-1)
         lo = 0
         for c in cohorts:
             hi = lo + len(c.reqs)
@@ -272,6 +281,9 @@ class Outcome:
     kv_peak: tuple[int, int, int, int] = (0, 0, 0, 0)   # device, host, tokens, fp16 bytes at the largest holding
     peak_mem_bytes: int = 0
     policy_stats: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, dict] = field(default_factory=dict)   # runtime.phases.PhaseLog.totals() of the iterations
+    timeline: list[dict] = field(default_factory=list)      # timeline=true: each iteration's window and laps
+    t0: float = 0.0                                          # perf_counter of the replay's clock 0
 
 
 def kv_shape(model: Transformer, policy, device: torch.device) -> ModelShape:
@@ -322,12 +334,17 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     server = Server(model, cfg.policy, link=link, temperature=w.temperature, top_p=w.top_p, seed=w.seed)
     with PeakMemory(device) as mem:
         admission = Admission(int(s.max_batch), s.order, Pool(capacity), None if host is None else Pool(int(host)))
-        out = _replay(server, arrivals, admission, bool(cfg.get("progress", False)))
+        timer = make_timer(device, bool(cfg.get("phases", True)), bool(cfg.get("timeline", False)))
+        out = _replay(server, arrivals, admission, bool(cfg.get("progress", False)), timer,
+                      PhaseLog(bool(cfg.get("timeline", False))))
     out.peak_mem_bytes = mem.peak
     return out
 
 
-def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: bool) -> Outcome:
+def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: bool, timer=None,
+            log: PhaseLog | None = None) -> Outcome:
+    timer = timer if timer is not None else make_timer(server.model.device, False)
+    log = log if log is not None else PhaseLog()
     running: list[ServedRequest] = []
     cohorts: list[Cohort] = []
     done: list[ServedRequest] = []
@@ -355,33 +372,38 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
                 raise RuntimeError(f"{len(admission.waiting)} requests wait with nothing running (serve bug)")
             time.sleep(max(0.0, t_next - clock()))
             continue
-        # -- one iteration
+        # -- one iteration (its window is the phase timer's step: runtime/phases.py)
         ts = clock()
         if admission.prefill_next(new, len(running)):
-            c = server.prefill(new)
-            ids = c.nxt.tolist()            # forces the step to finish
-            sync(device)
-            now = clock()
-            for r, t in zip(c.reqs, ids):
-                r.tokens.append(t)
-                r.generated, r.first_token_s = 1, now
-            server.speculate(c)
-            cohorts.append(c)
-            running += new
+            with timer.step() as rec:
+                c = server.prefill(new)
+                ids = c.nxt.tolist()            # forces the step to finish
+                sync(device)
+                now = clock()
+                for r, t in zip(c.reqs, ids):
+                    r.tokens.append(t)
+                    r.generated, r.first_token_s = 1, now
+                server.speculate(c)
+                cohorts.append(c)
+                running += new
+                te = clock()
             o.prefill_iterations += 1
-            o.prefill_s += clock() - ts
+            o.prefill_s += te - ts
+            log.add("prefill", rec, t0 + ts, t0 + te, requests=[r.id for r in new])
         else:
-            server.decode(cohorts)
-            ids = [c.nxt.tolist() for c in cohorts]
-            sync(device)
-            now = clock()
-            for c, cids in zip(cohorts, ids):
-                for r, t in zip(c.reqs, cids):
-                    if not r.finished:
-                        r.tokens.append(t)
-                        r.generated += 1
-                        o.decode_tokens += 1
+            with timer.step() as rec:
+                server.decode(cohorts)
+                ids = [c.nxt.tolist() for c in cohorts]
+                sync(device)
+                now = clock()
+                for c, cids in zip(cohorts, ids):
+                    for r, t in zip(c.reqs, cids):
+                        if not r.finished:
+                            r.tokens.append(t)
+                            r.generated += 1
+                            o.decode_tokens += 1
             o.decode_s += now - ts
+            log.add("decode", rec, t0 + ts, t0 + now, batch=sum(len(c.reqs) for c in cohorts))
         o.iterations += 1
         o.busy_s += clock() - ts
         o.max_batch_reached = max(o.max_batch_reached, len(running))
@@ -410,6 +432,7 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
     done.sort(key=lambda r: r.id)
     o.cohorts = server.n_cohorts
     o.policy_stats = server.policy_stats(cohorts)
+    o.phases, o.timeline, o.t0 = log.totals(), log.steps or [], t0
     return o
 
 
@@ -433,6 +456,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
         "prefill_s": o.prefill_s,
         "peak_mem_bytes": o.peak_mem_bytes,
         "policy_stats": o.policy_stats,
+        "phases": pool_phases([o.phases]),     # the mean prefill / decode iteration (core/phases.py)
         "iterations": o.iterations, "prefill_iterations": o.prefill_iterations, "cohorts": o.cohorts,
         "per_request": [{"id": r.id, "arrival_s": r.arrival_s, "admitted_s": r.admitted_s,
                          "first_token_s": r.first_token_s, "done_s": r.done_s, "prompt_len": r.prompt_len,
@@ -443,7 +467,7 @@ def summarize(o: Outcome, cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
-    results_folder(cfg.results_dir, "measured")      # before the measurement, not after it
+    results_folder(cfg.results_dir, "measured")      # before the measurement (and its timeline), not after it
     check_config(cfg, "runtime.serve")
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
@@ -475,7 +499,11 @@ def run(cfg: DictConfig) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = (f"{cfg.experiment or 'serve'}_{cfg.model.name}_{cfg.policy.name}_{w.arrival}_n{record['requests']}_"
             f"p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json")
-    record["path"] = str(write_json_atomic(Path(cfg.results_dir) / "measured" / name, record, exclusive=True))
+    trace = None
+    if cfg.get("timeline", False):     # iterations on the replay's clock; requests as async spans
+        trace = chrome_trace(out.timeline, origin=out.t0, requests=record["per_request"],
+                             name=f"runtime.serve {cfg.policy.name}")
+    write_result(Path(cfg.results_dir) / "measured" / name, record, trace)
     return record
 
 
@@ -493,7 +521,9 @@ def format_table(r: dict) -> str:
         *latency_kv_rows(r),
         *memory_stats_rows(r),
         ("span, busy", f"{r['wall_s']:.2f} s, {r['util_compute']:.0%} in {r['iterations']} iterations"),
+        *phase_rows(r),
         ("result", r["path"]),
+        *([("timeline", r["timeline_path"])] if r.get("timeline_path") else []),
     ]
     return key_value_table(rows)
 

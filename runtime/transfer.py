@@ -37,6 +37,8 @@ import torch
 
 from core.errors import ConfigError
 
+from . import phases
+
 
 class Transfer:
     """A copy in flight."""
@@ -144,6 +146,7 @@ class EmulatedLink:
         self.free_at = deadline
         self.stats.bytes += n
         self.stats.copies += 1
+        phases.copy_span(start, deadline, n)      # the timeline's h2d / d2h track (no-op without one)
         try:
             move()
         except Exception as e:          # handed to the waiter, as a failed DMA would surface there

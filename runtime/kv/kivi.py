@@ -30,6 +30,7 @@ from core.errors import ConfigError  # noqa: F401
 from core.policies import knobs_of
 from core.policies.kivi import BITS, ONE_BIT_RULES, KiviPolicyConfig, value_group  # noqa: F401
 
+from .. import phases
 from . import lowbit_cpu
 from .base import CacheShape, LayerKV, Step, grow_columns
 
@@ -193,6 +194,7 @@ class KiviKV(LayerKV):
 
     def load(self, k, v, step: Step) -> None:
         self._append(k, v, step)
+        phases.lap("store")                      # the prompt quantized and packed
 
     # -- attention pieces (shared with specache)
 

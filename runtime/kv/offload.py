@@ -12,6 +12,7 @@ that speed would (runtime/transfer.py), so the overlap can be measured without a
 """
 from __future__ import annotations
 
+from .. import phases
 from ..transfer import DONE, DirectLink
 from .base import CacheShape, KVCache, LayerKV, Step, grow_columns, sdpa_gqa
 
@@ -82,17 +83,21 @@ class OffloadKV(LayerKV):
         self._write_back(k, v, 0, step.stored_end)
         self.len = step.stored_end
         self.n_real = int((step.stored_end - step.pad).clamp(min=0).sum())
+        phases.lap("store")                                     # the prompt's K/V to the host
 
     def decode(self, q, k, v, step: Step):
         slots = self.slots
         dk, dv = slots.acquire(self.index)
         slots.fetch((self.index + 1) % len(slots.layers))      # overlap the next layer's copy
+        phases.lap("fetch")                                     # waiting for this layer + issuing the next
         k, v = k.to(self.dtype), v.to(self.dtype)
         if step.end > dk.shape[2]:
             raise RuntimeError("offload slot smaller than the step; capacity was underestimated")
         dk[:, :, step.start : step.end] = k
         dv[:, :, step.start : step.end] = v
+        phases.lap("attention")                                 # the device copy's append
         self._write_back(k, v, step.start, step.stored_end)
+        phases.lap("back")                                      # the new token to the host
         self.len = step.stored_end
         self.n_real = int((step.stored_end - step.pad).clamp(min=0).sum())
         o = sdpa_gqa(q.to(self.dtype), dk[:, :, : step.end], dv[:, :, : step.end], step.mask(group=q.shape[1] // dk.shape[1]))

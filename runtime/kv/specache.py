@@ -31,6 +31,7 @@ import torch
 
 from core.policies.specache import SpecachePolicyConfig
 
+from .. import phases
 from ..transfer import DirectLink, gather_rows
 from .base import CacheShape, KVCache, Step, grow_columns
 from .kivi import KiviKV, fold, masked_softmax, unfold
@@ -100,7 +101,7 @@ class SpeCacheKV(KiviKV):
 
     def load(self, k, v, step: Step) -> None:
         self._store_host(k, v, 0, step.stored_end)
-        super().load(k, v, step)
+        super().load(k, v, step)                 # KIVI's quantize-and-pack: `store` too (its own lap)
 
     # -- top-k selection and fetch
 
@@ -157,30 +158,46 @@ class SpeCacheKV(KiviKV):
     # -- decode
 
     def decode(self, q, k, v, step: Step):
+        # phases (runtime/phases.py), the simulator twin's op names: the new token's host write is
+        # `back`, low-bit scores + top-k `score`, the gather, copy and wait of the rows `fetch`;
+        # the cache append and the mixed attention stay in the model's `attention` lap
         self._store_host(k, v, step.start, step.stored_end)
+        phases.lap("back")
         if self.k_top == 0:                      # exactly kivi
             return super().decode(q, k, v, step)
         self._append(k, v, step)
         Hkv, H = self.k_res.shape[1], q.shape[1]
         group, n = H // Hkv, step.n_new
         qf = fold(q.to(self.dtype), Hkv)                                   # (B, H_kv, G*n, D)
+        phases.lap("attention")
         s_low = self.lowbit_scores(qf)                                      # (B, H_kv, G*n, kq)
         real = slice(0, step.n_store)
 
         if not self.prefetch:
-            got = self.fetch(*self.select(s_low, real, group, n)).wait()
+            idx, valid = self.select(s_low, real, group, n)
+            phases.lap("score")
+            got = self.fetch(idx, valid).wait()
+            phases.lap("fetch")
         elif self.pending is not None:
-            got = self.pending.wait()
+            phases.lap("score")
+            got = self.pending.wait()                                       # prefetched during the last step
+            phases.lap("fetch")
             if step.n_store:                                                # recall vs the exact top-k
                 exact, ok = self.select(s_low, real, group, n)
                 self._count_recall(got, exact, ok)
+                phases.lap("score")                                         # (a statistic: a second top-k)
         else:
             got = None                                                      # the first pass: low-bit only
+            phases.lap("score")
 
         o = self._mixed_attention(q, qf, s_low, k, v, step, got)
         if self.prefetch:
+            phases.lap("attention")
             guess = slice(n - 1, n)                                         # the speculative token's scores
-            self.pending = self.fetch(*self.select(s_low, guess, group, n))
+            idx, valid = self.select(s_low, guess, group, n)
+            phases.lap("score")
+            self.pending = self.fetch(idx, valid)                           # issued for the next step
+            phases.lap("fetch")
         return o
 
     def _count_recall(self, got: _Fetch, exact: torch.Tensor, ok: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import phases
 from ..kv import make_cache, policy_spec
 from ..kv.base import Step
 from ..model import Transformer, apply_rope
@@ -37,9 +38,12 @@ def placed_kv(model: Transformer, store: ChunkStore, chunks: list[list[int]]) ->
     per_layer: list[tuple[list, list]] = [([], []) for _ in range(model.args.n_layers)]
     off = 0
     for ids in chunks:
-        kv = store.get(ids)
+        with phases.suspended():              # a store miss prefills the chunk: not this prompt's layers
+            kv = store.get(ids)
         for i, (k, v) in enumerate(kv):
+            phases.lap("load")                # rag_prefill's phases: getting the chunk's K/V is `load`,
             per_layer[i][0].append(rerotate(model, k, off))
+            phases.lap("rerotate")            # moving its keys to their offset `rerotate`
             per_layer[i][1].append(v)
         off += len(ids)
     return [(torch.cat(ks, dim=2), torch.cat(vs, dim=2)) for ks, vs in per_layer]

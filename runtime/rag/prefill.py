@@ -12,6 +12,7 @@ import torch
 from core.errors import ConfigError
 from core.policies.rag import DRAFT_SELECTORS, ORACLES, SELECTORS, budget_of, knob
 
+from .. import phases
 from ..engine import Prefilled, sync
 from ..kv.base import sdpa_gqa
 from ..model import Transformer
@@ -135,9 +136,13 @@ def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, re
     out: ChunkKV = []
     with torch.inference_mode():
         x = model.tok_embeddings(torch.tensor([prompt], dtype=torch.long, device=dev)[:, R])   # (1, m, dim)
+        phases.lap("overhead")
+        # laps as the model's Block (runtime/model.py): the recompute is the prefill's `layer`
         for li, block in enumerate(model.layers):
+            since = phases.mark()
             att = block.attention
             q, k, v = _qkv(block, x, cos, sin)
+            phases.lap("projections")
             Hkv, D = att.n_kv_heads, att.head_dim
             K = torch.zeros(1, Hkv, T, D, dtype=kv_dtype, device=dev)
             V = torch.zeros(1, Hkv, T, D, dtype=kv_dtype, device=dev)
@@ -147,10 +152,20 @@ def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, re
             K[:, :, R] = k.to(kv_dtype)
             V[:, :, R] = v.to(kv_dtype)
             o = sdpa_gqa(q.to(kv_dtype), K, V, mask).to(x.dtype)                  # (1, H, m, D)
-            x = x + att.wo(o.transpose(1, 2).reshape(1, m, att.n_heads * D))
-            x = x + block.feed_forward(block.ffn_norm(x))
+            phases.lap("attention")
+            a = att.wo(o.transpose(1, 2).reshape(1, m, att.n_heads * D))
+            phases.lap("projections")
+            h = x + a
+            hn = block.ffn_norm(h)
+            phases.lap("other")
+            f = block.feed_forward(hn)
+            phases.lap("mlp")
+            x = h + f
+            phases.lap("other")
+            phases.group(f"block{li}", since)
             out.append((K, V))
         logits = model.output(model.norm(x[:, -1:])).float()[:, -1]
+        phases.lap("lm_head")
     return out, logits
 
 
@@ -198,15 +213,22 @@ def rag_prefill(model: Transformer, chunks: list[list[int]], question: list[int]
     N = len(prompt) - len(question)
     dev = model.device
     times = {}
+    # under a phase timer (runtime/phases.py; runtime.bench times this as its prefill step) the
+    # laps split it as the simulator's twin does: load + rerotate (placement), select, the
+    # recompute's layers and lm_head
     sync(dev)
+    phases.lap("overhead")
     t = time.perf_counter()
     reused = placed_kv(model, store, chunks) if chunks else []
     sync(dev)
+    phases.lap("load")
     times["place_s"], t = time.perf_counter() - t, time.perf_counter()
     r = float(knob(policy, "recompute_ratio"))
-    chosen, info = select(selector, r=r, chunks=chunks, model=model, prompt=prompt, reused=reused, policy=policy,
-                          draft=draft if selector == "draft" else None, store=store, traced=traced)
+    with phases.suspended():       # a selector's own model passes (draft, trace) are `select`, not `layer`
+        chosen, info = select(selector, r=r, chunks=chunks, model=model, prompt=prompt, reused=reused,
+                              policy=policy, draft=draft if selector == "draft" else None, store=store, traced=traced)
     sync(dev)
+    phases.lap("select")
     times["select_s"], t = time.perf_counter() - t, time.perf_counter()
     recompute = sorted(chosen) + list(range(N, len(prompt)))
     kv, logits = selective_prefill(model, prompt, reused, recompute, dtype)
