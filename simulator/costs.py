@@ -433,6 +433,23 @@ class Costs:
             rows += 2 * latency + nbytes / bw
         return rows
 
+    def gather_split(self, nbytes: float, mode: str = "host") -> tuple[float, float]:
+        """`gather` as (compute-thread seconds, link seconds). Over an emulated link on a CPU box
+        the runtime's fetch (runtime/kv/specache.py `fetch`) index_selects the rows into staging
+        and memcpys them on the caller's thread (the gather table's own measurement: index_select
+        + one copy); only the transit waits for the link (two copies, K and V: latency + bytes /
+        bandwidth each). Elsewhere the whole gather is one op on the link's engine (a GPU's copy
+        engines; without emulation, `engine("h2d")` is the compute thread anyway)."""
+        if nbytes <= 0:
+            return 0.0, 0.0
+        if self.link_kind != "emulated" or self.analytic:
+            return 0.0, self.gather(nbytes, mode)
+        if mode not in GATHERS:
+            raise ConfigError(f"policy.gather={mode!r} is not known; choose one of: {', '.join(GATHERS)}")
+        t = self.table("gather")
+        bw, latency = self.link
+        return t(nbytes / float(t.extra.get("row_bytes", 256))), 2 * latency + nbytes / bw
+
     def replace(self, batch: float, k: float, shape: ModelShape, bits: int = 2) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.
 

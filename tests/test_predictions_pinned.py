@@ -7,7 +7,12 @@ admission rules were moved into core/. Re-pinned once since: interpolation rule 
 quadratic in raw axis value, issue explained-fidelity (core/profile/interp.py; before, linear
 over log(axis)). Only the measured CPU profile's points moved (TPOT -0.1..-3.5%, TTFT of the RAG
 points -3.4/-4.3%, kivi's poisson TTFT +0.7%: reads between its grid points); the sweep points
-are roofline formulas, read from no table, and did not move. The numbers before, for the record:
+are roofline formulas, read from no table, and did not move. Then SpeCache over an emulated link:
+its fetch is the runtime's (the rows gathered and memcpy'd on the compute thread, phase fetch;
+only the transit on the link), which the phase comparison showed (TPOT +0.5% / -0.1%; before:
+specache_k64_b1_p2k_link1 (5.527749155901491, 3.6463214211339183, 0.06911784763848029),
+specache_k64_noprefetch_b1_p1k_link1 (11.903157888424666, 1.1090183288578068, 0.050946577225934445)).
+The numbers before the interpolation rule changed, for the record:
     full_b1_p512 (23.095500521936508, 0.4381067135130906, 0.03056272751763348)
     kivi2_b1_p1k (13.119237120260236, 1.108597564518383, 0.042921569492547815)
     specache_k64_b1_p2k_link1 (5.520299889642349, 3.646467141108245, 0.06936514133266423)
@@ -29,8 +34,8 @@ KEYS = ("throughput_tok_s", "ttft_s", "tpot_s", "kv_bytes_device", "kv_bytes_hos
 VALIDATE_CPU = {   # id: (throughput_tok_s, ttft_s, tpot_s, kv_bytes_device, kv_bytes_host); interpolation rule changed
     "full_b1_p512": (23.152050814202145, 0.4381067135130906, 0.03045355676794166, 25021440, 0),
     "kivi2_b1_p1k": (13.311953950904982, 1.108597564518383, 0.04178248079941007, 6541200, 0),
-    "specache_k64_b1_p2k_link1": (5.527749155901491, 3.6463214211339183, 0.06911784763848029, 13914000, 95800320),
-    "specache_k64_noprefetch_b1_p1k_link1": (11.903157888424666, 1.1090183288578068, 0.050946577225934445, 9490320,
+    "specache_k64_b1_p2k_link1": (5.517188971002435, 3.6463214211339183, 0.0694752797942941, 13914000, 95800320),
+    "specache_k64_noprefetch_b1_p1k_link1": (11.913073391941118, 1.1090183288578068, 0.050874397198006474, 9490320,
                                              48614400),
     "offload_b1_p1k_link1": (11.89362286097371, 1.0971495788506822, 0.05139896398912439, 3240960, 48614400),
     "rag_draft_r0.15_D3_4x512": (14.959087432952014, 0.9886049724066307, 0.037114933903212466, 97274880, 0),

@@ -442,10 +442,10 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     # gives a layer's decode step without summing kernels that miss the glue
     # one whole model (or the deepest that fits) serves both whole-model measurements
     whole = random_init(ModelArgs(**{**vars(args), "n_layers": _whole_depth(args, device, dtype)}), 0, dtype, device)
-    out["step_overhead"], out["decode_layer"] = measure_step_overhead(args, whole, timer, device, dtype, kv_dtype,
-                                                                      out["lm_head_sample"], quick,
-                                                                      axes["decode_attention_full"]["context"][-1],
-                                                                      progress, batches_at=at.get("batch"))
+    out["step_overhead"], out["decode_layer"], head_in = measure_step_overhead(
+        args, whole, timer, device, dtype, kv_dtype, out["lm_head_sample"], quick,
+        axes["decode_attention_full"]["context"][-1], progress, batches_at=at.get("batch"))
+    out["lm_head_sample"] = lm_head_in_model(out["lm_head_sample"], head_in)
     out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick,
                                                tokens_at=at.get("tokens"))
@@ -560,12 +560,16 @@ def measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progres
     return out
 
 
-def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int, ctx: int = 40,
-                      m: Transformer | None = None) -> float:
-    """Median decode step (token read back included) of a random model of shape `a` (or `m`)
-    with `ctx` tokens of context (40: a 32-token prefill; longer: K/V loaded straight into every
-    layer, values irrelevant to the time)."""
+def _decode_step_phases(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int, ctx: int = 40,
+                        m: Transformer | None = None) -> dict[str, float]:
+    """Medians over decode steps of a random model of shape `a` (or `m`) with `ctx` tokens of
+    context (40: a 32-token prefill; longer: K/V loaded straight into every layer, values
+    irrelevant to the time), timed by the runtime's own phase timer (runtime/phases.py) exactly
+    as the engine times a step: the model's laps (overhead, layers, lm_head), the greedy sample
+    as `lm_head`, the token read back as `overhead`. Returns {"step", "overhead", "layer",
+    "lm_head"} seconds (layer: all layers together)."""
     from ..engine import decode_step, left_pad, prefill
+    from ..phases import PhaseTimer, lap
 
     m = m if m is not None else random_init(a, 0, dtype, device)
     tokens, pad = left_pad([[5] * 32] * B, a.pad_id, device)
@@ -574,6 +578,8 @@ def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: in
         kv = torch.zeros(B, a.n_kv_heads, ctx, a.head_dim, dtype=resolve_kv_dtype(kv_dtype, device), device=device)
         zero = torch.zeros(B, dtype=torch.long, device=device)
         load_step = Step(0, ctx, zero, torch.arange(ctx, device=device)[None].expand(B, ctx))
+    timer = PhaseTimer(device)
+    samples: dict[str, list[float]] = {"step": [], "overhead": [], "layer": [], "lm_head": []}
 
     def run():
         cache = make_cache(NS(name="full", kv_dtype=kv_dtype), n_layers=a.n_layers, batch=B,
@@ -585,14 +591,28 @@ def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: in
                 layer.load(kv, kv, load_step)
             cache.advance(load_step)
         tok = tokens[:, -1]
-        times = []
-        for _ in range(8):
+        for i in range(8):
             s = time.perf_counter()
-            tok = decode_step(m, cache, tok, pad).argmax(-1)
-            tok.tolist()           # the engine reads every token back: part of a step
-            times.append(time.perf_counter() - s)
-        return float(np.median(times))
-    return float(np.median([run() for _ in range(max(repeats, 3))]))
+            with timer.step() as h:
+                tok = decode_step(m, cache, tok, pad).argmax(-1)
+                lap("lm_head")              # greedy sampling, as the engine laps it
+                tok.tolist()                # the engine reads every token back: part of a step
+                sync(device)
+            wall = time.perf_counter() - s
+            if i == 0:
+                continue                    # the first step after a prefill / load warms up
+            samples["step"].append(wall)
+            for k in ("overhead", "layer", "lm_head"):
+                samples[k].append(h.times.phases.get(k, 0.0))
+    for _ in range(max(repeats, 1)):
+        run()
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int, ctx: int = 40,
+                      m: Transformer | None = None) -> float:
+    """Median decode step (token read back included): `_decode_step_phases`' step."""
+    return _decode_step_phases(a, B, device, dtype, kv_dtype, repeats, ctx, m)["step"]
 
 
 def _whole_depth(args: ModelArgs, device, dtype) -> int:
@@ -616,7 +636,8 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
     grid point would take minutes at 8K, so the whole model is timed at a few lengths (256 on
     quick grids, 64 / 256 / 1024 / 2048 on full ones) and at `tokens_at`, the exact prompt
     lengths of a first-use profile's points, so the points' own prompts are timed as the model
-    runs them; per layer = (whole - lm_head(1) - overhead(1)) / depth, and the grid is scaled
+    runs them; per layer = the whole model's `layer` phase / depth (the runtime's own phase
+    timer, runtime/phases.py: the layers' laps, nothing subtracted), and the grid is scaled
     by the ratio whole/alone, read between those lengths by the rule every table is read by
     (core/profile/interp.py) and held flat past the ends. The lone layer is timed again beside
     the whole model, in alternation (`alone_run(T)` builds its run): a ratio of two timings
@@ -624,6 +645,7 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
     alternations per length, fewer past 8 x the timer's per-point budget (a 30-layer prefill of
     1K tokens is ~2 s on the 2-core box)."""
     from ..engine import left_pad, prefill
+    from ..phases import PhaseTimer
 
     toks = alone["axes"]["tokens"]
     base = [256] if quick else [64, 256, 1024, 2048]
@@ -631,28 +653,36 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
     if not lengths:
         return alone
     args, depth = m.args, m.args.n_layers
-    fixed = head["p50"][0] + overhead["p50"][0]
+    ptimer = PhaseTimer(device)
     ratios, reps = [], []
     for T in lengths:
-        tokens, pad = left_pad([[5] * T], m.args.pad_id, device)
+        # random token ids, as runtime.bench's prompts (a prompt of one repeated id reads one
+        # embedding row and ran ~4% faster here)
+        ids = torch.randint(3, m.args.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
+        tokens, pad = left_pad([ids], m.args.pad_id, device)
 
         def run():
             cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=depth, batch=1, n_kv_heads=args.n_kv_heads,
                                head_dim=args.head_dim, capacity=T, device=device)
-            prefill(m, cache, tokens, pad)
+            with ptimer.step() as h:
+                prefill(m, cache, tokens, pad)
+                sync(device)
+            return h.times.phases.get("layer", 0.0)
         lone = alone_run(T)
         run(), lone()                                        # warm both
         w, a1 = [], []
         for i in range(max(timer.repeats, 5)):
-            for fn, acc in ((run, w), (lone, a1)):
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                acc.append(time.perf_counter() - t0)
-            if i >= 2 and sum(w) + sum(a1) > 8 * timer.budget_s:
+            t0 = time.perf_counter()
+            w.append(run())                                  # the layers' own seconds
+            whole_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            lone()
+            sync(device)
+            a1.append(time.perf_counter() - t0)
+            if i >= 2 and whole_s * (i + 1) + sum(a1) > 8 * timer.budget_s:
                 break
         reps.append(len(w))
-        ratios.append(max((float(np.median(w)) - fixed) / depth, 1e-9) / float(np.median(a1)))
+        ratios.append(max(float(np.median(w)) / depth, 1e-9) / float(np.median(a1)))
     r = curve(lengths, ratios, toks)                         # flat past the ends
     out = dict(alone)
     for q in ("p10", "p50", "p90"):
@@ -665,18 +695,24 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
 
 def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device, dtype, kv_dtype, head: dict,
                           quick: bool = False, max_context: int | None = None, progress=None,
-                          batches_at=None) -> tuple[dict, dict]:
-    """Two tables: `step_overhead` (per step, outside the layers and the LM head: Python,
-    launches, sync, embedding, final norm) and `decode_layer` (one whole decode layer, kernels
-    and the Python glue between them, by batch x context).
+                          batches_at=None) -> tuple[dict, dict, dict]:
+    """Three whole-model facts, from decode steps of the *whole* model (all layers, the real
+    vocabulary) timed by the runtime's own phase timer (runtime/phases.py), so each table means
+    what the runtime's phase of that name means:
 
-    overhead: steps of 1 and 3 layers with a 256-token vocabulary, overhead = t1 - (t3 - t1)/2.
-    decode_layer: from a step of the *whole* model (all layers, real vocabulary):
-    (t_whole - lm_head_sample - overhead) / n_layers. Small models fit in a large CPU cache
-    (480 MiB of L3 here) and run up to ~40% faster per layer than the whole model, whose
-    weights stream from DRAM; so the per-layer cost must come from the whole model. When the
-    whole model would not fit in memory, the deepest model that takes <= 1/4 of it stands in
-    (and the table says so). `m` is that model, random weights of `args`' shape.
+    - `step_overhead` (batch): the `overhead` phase (embedding, RoPE tables, Python, launches,
+      the token read back), the median over the batch's steps at every context;
+    - `decode_layer` (batch x context): the `layer` phase / n_layers (one whole decode layer,
+      kernels and the glue between them);
+    - the `lm_head` phase (batch), returned as a third value {batch: seconds}: the caller
+      rescales the lone `lm_head_sample` table to it (a lone head sits in a large CPU cache; in
+      the model its weights stream from DRAM behind the layers').
+
+    Small models fit in a large CPU cache (300-480 MiB of L3 on the project's VMs) and run up to
+    ~40% faster per layer than the whole model, whose weights stream from DRAM; so the per-layer
+    cost must come from the whole model. When the whole model would not fit in memory, the
+    deepest model that takes <= 1/4 of it stands in (and the table says so). `m` is that model,
+    random weights of `args`' shape.
 
     The context axis is there for the same reason: a lone layer's K/V sit in the cache too, so
     the attention tables (one layer, measured alone) grow far less with context than a layer
@@ -686,37 +722,62 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
 
     Batches: 1, 4 (or the first two), the largest when a quick grid was extended to cover it,
     and `batches_at` (a first-use profile's exact batches and query rows: the points' own)."""
-    small = dict(max_seq_len=512, vocab_size=256, bos_id=1, eos_id=2, pad_id=2)
     depth = m.args.n_layers
     contexts = [c for c in ([40, 2048] if quick else [40, 512, 2048, 4096, 8128]) if c + 16 <= args.max_seq_len]
     if max_context and min(max_context, args.max_seq_len - 64) > contexts[-1]:   # a covering grid (kernel_axes' `cover`)
         contexts.append(min(max_context, args.max_seq_len - 64))
-    res, layer = {}, {}
+    res, layer, head_in = {}, {}, {}
     head_b = head["axes"]["batch"]
     # at least two points to interpolate, and the largest batch when the grid was extended to
     # cover it (quick grids are [1, 4]; a covering grid ends at the points' largest)
     exact = {int(b) for b in batches_at or ()}
     use = [B for B in head_b if B in (1, 4) or B in head_b[:2] or (quick and B == head_b[-1]) or B in exact]
     if progress is not None:          # these steps count on the bar too (whole-model steps are the slow ones)
-        progress.total += len(use) * (1 + len(contexts))
+        progress.total += len(use) * len(contexts)
         progress.set_description("profile whole-model steps")
-    for i, B in enumerate(head_b):
-        if B not in use:
-            continue
-        t1 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 1, **small}), B, device, dtype, kv_dtype, timer.repeats)
-        t3 = _decode_step_time(ModelArgs(**{**vars(args), "n_layers": 3, **small}), B, device, dtype, kv_dtype, timer.repeats)
-        res[B] = max(t1 - (t3 - t1) / 2, 0.0)
-        if progress is not None:
-            progress.update(1)
-        for ctx in contexts:
-            tw = _decode_step_time(m.args, B, device, dtype, kv_dtype, timer.repeats, ctx=ctx, m=m)
-            layer[B, ctx] = max((tw - head["p50"][i] - res[B]) / depth, 0.0)
-            if progress is not None:
-                progress.update(1)
+    # the points are measured in rounds (every point once per round, A B C A B C), not one
+    # point's repeats back to back: this VM's speed wanders +-20% within seconds, and a point
+    # timed in one burst would carry whichever moment it fell in
+    runs: dict[tuple[int, int], list[dict]] = {}
+    rounds = max(timer.repeats, 3)
+    for r in range(rounds):
+        for B in (b for b in head_b if b in use):
+            for ctx in contexts:
+                runs.setdefault((B, ctx), []).append(
+                    _decode_step_phases(m.args, B, device, dtype, kv_dtype, 1, ctx=ctx, m=m))
+                if progress is not None:
+                    progress.update(1 / rounds)
+    for (B, ctx), rs in runs.items():
+        layer[B, ctx] = float(np.median([x["layer"] for x in rs])) / depth
+    for B in {b for b, _ in runs}:
+        rs = [x for (b, _), v in runs.items() if b == B for x in v]
+        res[B], head_in[B] = float(np.median([x["overhead"] for x in rs])), float(np.median([x["lm_head"] for x in rs]))
     batches = sorted(res)
     lay = table({"batch": batches, "context": contexts}, [[layer[b, c] for c in contexts] for b in batches])
     lay["whole_model_layers"] = depth
-    return table({"batch": batches}, [res[b] for b in batches]), lay
+    lay["measured_by"] = "runtime phase timer: the layer phase / n_layers of whole-model decode steps"
+    over = table({"batch": batches}, [res[b] for b in batches])
+    over["measured_by"] = "runtime phase timer: the overhead phase of whole-model decode steps"
+    return over, lay, head_in
+
+
+def lm_head_in_model(alone: dict, in_model: dict[int, float]) -> dict:
+    """The lone `lm_head_sample` table scaled to the `lm_head` phase measured inside the whole
+    model at some batches: the ratio in-model / alone at those batches, read between them by
+    the rule every table is read by (core/profile/interp.py `curve`, flat past the ends)."""
+    axis = alone["axes"]["batch"]
+    at = [b for b in sorted(in_model) if b in axis]
+    if not at:
+        return alone
+    lone = {b: alone["p50"][axis.index(b)] for b in at}
+    ratios = [in_model[b] / lone[b] if lone[b] > 0 else 1.0 for b in at]
+    r = curve(at, ratios, axis)
+    out = dict(alone)
+    for q in ("p10", "p50", "p90"):
+        if q in alone:
+            out[q] = [v * f for v, f in zip(alone[q], r)]
+    out["in_model"] = {"batch": at, "ratio_to_alone": [float(x) for x in ratios], "alone_p50": alone["p50"]}
+    return out
 
 
 # ----------------------------------------------------------------------------- memory for KV

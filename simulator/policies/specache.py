@@ -33,16 +33,22 @@ class Specache(SpecachePolicyConfig, Kivi):
         layer = c.decode_layer(batch, ctx, self.attn_table, rows=rows, bits=self.bits, group_size=self.group_size)
         score = c.score_topk(rows, ctx, self.bits, self.group_size, batch=batch)
         attend = layer + score
-        # attending with the fetched rows and issuing the copies (an emulated link's memcpy on the
-        # compute thread): phase layer, all of it the attention part
-        replace = c.replace(rows, k, s, self.bits) + c.issue_cost(2 * batch * (k + 1) * s.kv_row)
-        fetch = c.gather(2 * batch * k * s.kv_row, self.gather)
+        # attending with the fetched rows: phase layer, all of it the attention part
+        replace = c.replace(rows, k, s, self.bits)
+        # the fetch as the runtime runs it: over an emulated link the rows are gathered and
+        # memcpy'd on the compute thread (phase fetch) and only their transit is the link's;
+        # the new token's rows are memcpy'd to the host store on the compute thread too (back)
+        fetch_cpu, fetch = c.gather_split(2 * batch * k * s.kv_row, self.gather)
+        back_cpu = c.issue_cost(2 * batch * s.kv_row)
         back = c.d2h(2 * batch * s.kv_row)
         base = self.layer_part_costs(c, batch, ctx)
         plain = split_parts(layer, base)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
         prev = "overhead"
         for i in range(s.n_layers):
+            if back_cpu:
+                ops.append(Op(f"back_issue{i}", "compute", back_cpu, (prev,), phase="back"))
+                prev = f"back_issue{i}"
             if self.prefetch:
                 # rows for this step were fetched during the previous one; this layer's guess
                 # picks the next step's rows, fetched beside the next layer's compute (whose
@@ -54,12 +60,19 @@ class Specache(SpecachePolicyConfig, Kivi):
                 ops.append(Op(f"replace{i}", "compute", replace, (f"score{i}",), phase="layer",
                               parts=(("attention", replace),)))
                 prev = f"replace{i}"
+                if fetch_cpu:
+                    ops.append(Op(f"fetch_issue{i}", "compute", fetch_cpu, (prev,), phase="fetch"))
+                    prev = f"fetch_issue{i}"
                 ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
             else:
                 # score -> fetch -> attend with the rows: the fetch is on the critical path
                 ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=plain))
                 ops.append(Op(f"score{i}", "compute", score, (f"layer{i}",)))
-                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (f"score{i}",)))
+                after = f"score{i}"
+                if fetch_cpu:
+                    ops.append(Op(f"fetch_issue{i}", "compute", fetch_cpu, (after,), phase="fetch"))
+                    after = f"fetch_issue{i}"
+                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (after,)))
                 ops.append(Op(f"replace{i}", "compute", replace, (f"fetch{i}",), phase="layer",
                               parts=(("attention", replace),)))
                 prev = f"replace{i}"
