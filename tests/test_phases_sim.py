@@ -385,3 +385,27 @@ def test_a_taken_result_name_takes_its_timeline_along(tmp_path, monkeypatch):
         assert r["timeline_path"] == str(run.timeline_file(Path(r["path"])))
         assert json.loads(Path(r["path"]).read_text())["timeline_path"] == r["timeline_path"]
         assert json.loads(Path(r["timeline_path"]).read_text())["traceEvents"]
+
+
+def test_specache_fetch_over_an_emulated_link_is_the_runtimes():
+    """Over an emulated link the runtime gathers the k rows and memcpys them on the compute thread
+    (phase fetch), and only their transit waits for the link; without prefetch that transit is on
+    the critical path, so the step's fetch phase is gather table + transit, by hand."""
+    bw, lat = 1e9, 10e-6
+    c, s = costs(link=(bw, lat))
+    L, k, B = s.n_layers, 64, 1
+    nbytes = 2 * B * k * s.kv_row
+    t = c.table("gather")
+    on_cpu = t(nbytes / float(t.extra.get("row_bytes", 256)))
+    assert c.gather_split(nbytes) == pytest.approx((on_cpu, 2 * lat + nbytes / bw))
+    p = Specache(k=k, prefetch=False)
+    st = solve(p.decode_graph(c, s, B, 2000))
+    assert st.phases["fetch"] == pytest.approx(L * (on_cpu + 2 * lat + nbytes / bw), rel=1e-9)
+    # the new token's rows to the host store: their memcpy on the compute thread is `back`
+    assert st.phases["back"] >= L * c.issue_cost(2 * B * s.kv_row) * (1 - 1e-9)
+    # with prefetch the transit hides behind the next layers: only the compute-thread part stays
+    st = solve(Specache(k=k, prefetch=True).decode_graph(c, s, B, 2000))
+    assert st.phases["fetch"] == pytest.approx(L * on_cpu, rel=1e-6)
+    # without a link (copies are memcpys on the compute thread) nothing is split off
+    c0, _ = costs()
+    assert c0.gather_split(nbytes) == (0.0, c0.gather(nbytes))

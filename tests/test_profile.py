@@ -189,3 +189,17 @@ def test_whole_model_prefill_times_the_exact_prompt_lengths():
     ratio = curve(w["tokens"], w["ratio_to_alone"], toks)
     assert out["p50"] == pytest.approx([a * r for a, r in zip(alone["p50"], ratio)])
     assert ratio[0] == w["ratio_to_alone"][0]                                  # flat below 64
+
+
+def test_lm_head_in_model_rescales_the_lone_table_by_hand():
+    from runtime.profile.measure import lm_head_in_model
+
+    alone = {"axes": {"batch": [1, 2, 4, 8]}, "unit": "s", "p50": [1.0, 1.2, 2.0, 3.0],
+             "p10": [0.9, 1.1, 1.8, 2.7], "p90": [1.1, 1.3, 2.2, 3.3]}
+    out = lm_head_in_model(alone, {1: 1.5, 4: 2.0})          # ratios 1.5 at batch 1, 1.0 at batch 4
+    assert out["p50"][0] == pytest.approx(1.5) and out["p50"][2] == pytest.approx(2.0)
+    assert out["p50"][3] == pytest.approx(3.0)               # flat past the last measured batch
+    assert 1.0 < out["p50"][1] / alone["p50"][1] < 1.5       # read between the two ratios
+    assert out["p10"][0] == pytest.approx(0.9 * 1.5)
+    assert out["in_model"]["ratio_to_alone"] == pytest.approx([1.5, 1.0])
+    assert lm_head_in_model(alone, {}) is alone
