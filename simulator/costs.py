@@ -409,7 +409,7 @@ class Costs:
             return self.roofline.quantize(tokens, **_lowbit(bits, group_size))
         return self.table(bits_table("quantize", 2 if bits is None else bits))(tokens)
 
-    def gather(self, nbytes: float, mode: str = "host") -> float:
+    def gather(self, nbytes: float, mode: str = "host", over_link: bool = True) -> float:
         """Fetch scattered 16-bit rows from host memory (`policy.gather`):
         - host: index_select into a staging buffer + one copy, by the gather table's own row size
           (roofline: host gather rate + the link);
@@ -428,7 +428,7 @@ class Costs:
             return t(nbytes / float(t.extra.get("row_bytes", 256)))
         t = self.table("gather")
         rows = t(nbytes / float(t.extra.get("row_bytes", 256)))
-        if self.link:             # the gathered K and V then cross the emulated link: two copies
+        if self.link and over_link:   # the gathered K and V then cross the emulated link: two copies
             bw, latency = self.link
             rows += 2 * latency + nbytes / bw
         return rows
@@ -474,11 +474,20 @@ class Costs:
         vals = np.empty((len(B), len(K)))
         for i, b in enumerate(B):
             for j, k in enumerate(K):
-                v = gr.values[i][j] - self.gather(2 * b * k * shape.kv_row)
+                # the gather as the table timed it (no emulated link: that is the run's, not the table's)
+                v = gr.values[i][j] - self.gather(2 * b * k * shape.kv_row, over_link=False)
                 if ctx is not None:
                     v -= kivi(b, ctx)
                 vals[i, j] = max(v, 0.0)
         vals = np.maximum.accumulate(vals, axis=1)
+        # in the whole model (runtime/profile/measure.py `in_model_lowbit`): the replace part of a
+        # SpeCache layer as the engine ran it, over what this table gives at the same point
+        im = gr.extra.get("in_model") or {}
+        if im.get("replace_s") is not None and not self.analytic:
+            at = Table({"axes": {"batch": list(B), "k": list(K)}, "unit": "s", "p50": vals.tolist()}, "replace")
+            here = at(im["rows"], im["k"])
+            if here > 0 and im["replace_s"] > 0:
+                vals = vals * (im["replace_s"] / here)
         # anchor k=0 -> 0 on a log axis: a point well below the first k keeps interpolation
         # monotone; below it the value is 0 (nearest)
         k0 = K[0] / 16

@@ -27,7 +27,7 @@ from ..model import Block, ModelArgs, Transformer, random_init, rope_tables
 from core.errors import ConfigError
 from core.provenance import REPO
 from ..transfer import EmulatedLink, gather_rows
-from core.profile.interp import curve
+from core.profile.interp import Grid, curve
 from core.profile.schema import PROFILED_BITS, bits_table, c_compiler, current_code_path, table
 
 
@@ -449,6 +449,8 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
     out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
                                                out["lm_head_sample"], out["step_overhead"], quick,
                                                tokens_at=at.get("tokens"))
+    if bits_table("score_topk", 2) in out:
+        in_model_lowbit(out, whole, args, device, kv_dtype, timer, at.get("context"), progress)
     del whole
     if "rope_rerotate" in axes:
         out.update(measure_rag(args, timer, device, dtype, axes, block, cos, sin, full, progress))
@@ -759,6 +761,60 @@ def measure_step_overhead(args: ModelArgs, m: Transformer, timer: Timer, device,
     over = table({"batch": batches}, [res[b] for b in batches])
     over["measured_by"] = "runtime phase timer: the overhead phase of whole-model decode steps"
     return over, lay, head_in
+
+
+def in_model_lowbit(out: dict, m: Transformer, args: ModelArgs, device, kv_dtype: str, timer: Timer,
+                    contexts_at=None, progress=None) -> None:
+    """SpeCache's decode terms as the engine runs them, inside the whole model: `kivi` and
+    `specache` (k = 64, prefetch, the 2-bit KIVI_KNOBS) generate a few tokens on the whole model
+    (engine.generate, phases on), alternated in rounds, at the largest static context of the
+    points (else 1K). Two facts go into the 2-bit tables:
+
+    - `score_topk`: the `score` phase per layer over the table's value at the same (query rows,
+      context); the whole table is scaled by that ratio (`in_model`): the lone-layer table sits
+      in the CPU cache, and the engine's pass also picks the exact top-k for the recall count;
+    - `gather_replace.in_model`: the replace part per layer, (specache layer phase - kivi layer
+      phase) / layers minus the extra query row's GEMMs (decode_layer at 40 tokens, rows 2 vs 1);
+      simulator/costs.py scales its replace table to it at (rows, k)."""
+    from ..engine import SamplingParams, generate
+
+    depth = m.args.n_layers
+    ctx = max([int(c) for c in contexts_at or ()] or [1056])
+    ctx = min(ctx, args.max_seq_len - 32)
+    ids = torch.randint(3, args.vocab_size, (ctx - 16,), generator=torch.Generator().manual_seed(ctx)).tolist()
+    knobs = dict(KIVI_KNOBS)
+    pols = {"kivi": NS(name="kivi", kv_dtype=kv_dtype, **knobs),
+            "specache": NS(name="specache", kv_dtype=kv_dtype, k=64, prefetch=True, gather="host", **knobs)}
+    params = SamplingParams(max_new_tokens=17, ignore_eos=True)
+    got: dict[str, list[dict]] = {n: [] for n in pols}
+    for _ in range(max(min(timer.repeats, 3), 2)):           # rounds: kivi, specache, kivi, ...
+        for name, pol in pols.items():
+            d = generate(m, [ids], params, pol, phases=True).phases.get("decode") or {}
+            if d.get("steps"):
+                got[name].append({p: v / d["steps"] for p, v in d["phases"].items()})
+            if progress is not None:
+                progress.set_description("profile low-bit steps in the whole model")
+    if not all(got.values()):
+        return
+    med = {n: {p: float(np.median([r.get(p, 0.0) for r in rs])) for p in ("layer", "score")} for n, rs in got.items()}
+    grid_of = lambda t: Grid([t["axes"][a] for a in t["axes"]], t["p50"])  # noqa: E731
+    rows = 2                                                  # the real token and the guess
+    sc = out[bits_table("score_topk", 2)]
+    lone = grid_of(sc).read([rows, ctx])
+    score = med["specache"]["score"] / depth
+    if lone > 0 and score > 0:
+        r = score / lone
+        for q in ("p10", "p50", "p90"):
+            if q in sc:
+                sc[q] = (np.asarray(sc[q], dtype=float) * r).tolist()
+        sc["in_model"] = {"rows": rows, "context": ctx, "score_s": score, "ratio_to_alone": r}
+    dl = out["decode_layer"]
+    c0 = [row[0] for row in dl["p50"]]
+    extra_row = Grid([dl["axes"]["batch"]], c0).read([rows]) - Grid([dl["axes"]["batch"]], c0).read([1])
+    replace = (med["specache"]["layer"] - med["kivi"]["layer"]) / depth - extra_row
+    out[bits_table("gather_replace", 2)]["in_model"] = {
+        "rows": rows, "k": 64, "context": ctx, "replace_s": max(replace, 0.0),
+        "kivi_layer_s": med["kivi"]["layer"] / depth, "specache_layer_s": med["specache"]["layer"] / depth}
 
 
 def lm_head_in_model(alone: dict, in_model: dict[int, float]) -> dict:
