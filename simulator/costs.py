@@ -450,6 +450,21 @@ class Costs:
         bw, latency = self.link
         return t(nbytes / float(t.extra.get("row_bytes", 256))), 2 * latency + nbytes / bw
 
+    def specache_extra(self, bits: int = 2) -> tuple[float, float]:
+        """Per-layer seconds a SpeCache step's fetch and host write take in the whole model beyond
+        what the lone transfer tables give for the same bytes (runtime/profile/measure.py
+        `in_model_lowbit`, CPU profiles): (fetch, back); (0, 0) without that measurement."""
+        if self.analytic or self.profile["device"].get("type") != "cpu":
+            return 0.0, 0.0
+        name = bits_table("gather_replace", bits)
+        t = self.profile["models"][self.model]["kernels"].get(name) or {}
+        im = t.get("in_model") or {}
+        if im.get("fetch_s") is None:
+            return 0.0, 0.0
+        fetch = max(float(im["fetch_s"]) - self.gather(float(im["fetch_bytes"]), over_link=False), 0.0)
+        back = max(float(im["back_s"]) - self.table("d2h_pinned")(float(im["back_bytes"])), 0.0)
+        return fetch * self.compute_scale, back * self.compute_scale
+
     def replace(self, batch: float, k: float, shape: ModelShape, bits: int = 2) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.
 
@@ -481,13 +496,14 @@ class Costs:
                 vals[i, j] = max(v, 0.0)
         vals = np.maximum.accumulate(vals, axis=1)
         # in the whole model (runtime/profile/measure.py `in_model_lowbit`): the replace part of a
-        # SpeCache layer as the engine ran it, over what this table gives at the same point
+        # SpeCache layer as the engine ran it. The table keeps its growth with batch and k and is
+        # shifted to that level at the measured point (a shift, not a scale: the lone-layer
+        # difference is often 0 there, all of it fixed per-layer work the lone kernels miss)
         im = gr.extra.get("in_model") or {}
         if im.get("replace_s") is not None and not self.analytic:
             at = Table({"axes": {"batch": list(B), "k": list(K)}, "unit": "s", "p50": vals.tolist()}, "replace")
-            here = at(im["rows"], im["k"])
-            if here > 0 and im["replace_s"] > 0:
-                vals = vals * (im["replace_s"] / here)
+            vals = np.maximum(vals + (float(im["replace_s"]) - at(im["rows"], im["k"])), 0.0)
+            vals = np.maximum.accumulate(vals, axis=1)
         # anchor k=0 -> 0 on a log axis: a point well below the first k keeps interpolation
         # monotone; below it the value is 0 (nearest)
         k0 = K[0] / 16

@@ -409,3 +409,21 @@ def test_specache_fetch_over_an_emulated_link_is_the_runtimes():
     # without a link (copies are memcpys on the compute thread) nothing is split off
     c0, _ = costs()
     assert c0.gather_split(nbytes) == (0.0, c0.gather(nbytes))
+
+
+def test_specache_in_model_terms_shift_replace_fetch_and_back_by_hand():
+    """A profile whose whole-model SpeCache step was measured (`gather_replace.in_model`): the
+    replace part at the measured (rows, k) is the measured one, and the fetch / host write get
+    what the lone transfer tables miss for the same bytes, on the compute thread."""
+    c, s = costs(link=(4e9, 10e-6))
+    L = s.n_layers
+    base = solve(Specache(k=64, prefetch=False).decode_graph(c, s, 1, 1000)).phases
+    c2, _ = costs(link=(4e9, 10e-6))
+    im = {"rows": 2, "k": 64, "replace_s": 3e-4, "fetch_s": c2.gather(49152, over_link=False) + 1e-4,
+          "fetch_bytes": 49152, "back_s": c2.table("d2h_pinned")(768) + 2e-5, "back_bytes": 768}
+    c2.profile["models"]["smollm2"]["kernels"]["gather_replace"]["in_model"] = im
+    assert c2.specache_extra() == pytest.approx((1e-4, 2e-5))
+    assert c2.replace(2, 64, s) == pytest.approx(3e-4)
+    st = solve(Specache(k=64, prefetch=False).decode_graph(c2, s, 1, 1000)).phases
+    assert st["fetch"] - base["fetch"] == pytest.approx(L * 1e-4, rel=1e-6)
+    assert st["back"] - base["back"] == pytest.approx(L * 2e-5, rel=1e-6)

@@ -774,8 +774,10 @@ def in_model_lowbit(out: dict, m: Transformer, args: ModelArgs, device, kv_dtype
       context); the whole table is scaled by that ratio (`in_model`): the lone-layer table sits
       in the CPU cache, and the engine's pass also picks the exact top-k for the recall count;
     - `gather_replace.in_model`: the replace part per layer, (specache layer phase - kivi layer
-      phase) / layers minus the extra query row's GEMMs (decode_layer at 40 tokens, rows 2 vs 1);
-      simulator/costs.py scales its replace table to it at (rows, k)."""
+      phase) / layers minus the extra query row's GEMMs (decode_layer at 40 tokens, rows 2 vs 1),
+      and the `fetch` and `back` phases per layer with the bytes they moved: simulator/costs.py
+      shifts its replace table to the first and adds to the gather / host write what the lone
+      transfer tables miss (Python and bookkeeping around each copy)."""
     from ..engine import SamplingParams, generate
 
     depth = m.args.n_layers
@@ -796,7 +798,8 @@ def in_model_lowbit(out: dict, m: Transformer, args: ModelArgs, device, kv_dtype
                 progress.set_description("profile low-bit steps in the whole model")
     if not all(got.values()):
         return
-    med = {n: {p: float(np.median([r.get(p, 0.0) for r in rs])) for p in ("layer", "score")} for n, rs in got.items()}
+    med = {n: {p: float(np.median([r.get(p, 0.0) for r in rs])) for p in ("layer", "score", "fetch", "back")}
+           for n, rs in got.items()}
     grid_of = lambda t: Grid([t["axes"][a] for a in t["axes"]], t["p50"])  # noqa: E731
     rows = 2                                                  # the real token and the guess
     sc = out[bits_table("score_topk", 2)]
@@ -812,8 +815,14 @@ def in_model_lowbit(out: dict, m: Transformer, args: ModelArgs, device, kv_dtype
     c0 = [row[0] for row in dl["p50"]]
     extra_row = Grid([dl["axes"]["batch"]], c0).read([rows]) - Grid([dl["axes"]["batch"]], c0).read([1])
     replace = (med["specache"]["layer"] - med["kivi"]["layer"]) / depth - extra_row
+    elem = torch.finfo(resolve_kv_dtype(kv_dtype, device)).bits // 8
+    kv_row = args.n_kv_heads * args.head_dim * elem
     out[bits_table("gather_replace", 2)]["in_model"] = {
         "rows": rows, "k": 64, "context": ctx, "replace_s": max(replace, 0.0),
+        # the fetch (top-k rows gathered + copied, here without an emulated link) and the new
+        # token's rows written to the host store, per layer, with the bytes they moved
+        "fetch_s": med["specache"]["fetch"] / depth, "fetch_bytes": 2 * 64 * kv_row,
+        "back_s": med["specache"]["back"] / depth, "back_bytes": 2 * kv_row,
         "kivi_layer_s": med["kivi"]["layer"] / depth, "specache_layer_s": med["specache"]["layer"] / depth}
 
 

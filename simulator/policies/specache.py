@@ -41,6 +41,14 @@ class Specache(SpecachePolicyConfig, Kivi):
         fetch_cpu, fetch = c.gather_split(2 * batch * k * s.kv_row, self.gather)
         back_cpu = c.issue_cost(2 * batch * s.kv_row)
         back = c.d2h(2 * batch * s.kv_row)
+        # what the whole model's step spends around those copies beyond the transfer tables
+        # (measured at batch 1: a per-layer fixed cost, Python and bookkeeping, on the compute thread)
+        fetch_more, back_more = c.specache_extra(self.bits)
+        if c.engine("h2d") == "compute":
+            fetch += fetch_more
+        else:
+            fetch_cpu += fetch_more
+        back_cpu += back_more
         base = self.layer_part_costs(c, batch, ctx)
         plain = split_parts(layer, base)
         ops = [Op("overhead", "compute", c.table("step_overhead")(batch))]
