@@ -159,6 +159,11 @@ class Block(nn.Module):
         # the layer's parts (runtime/phases.py): each lap takes the time since the previous one,
         # so the norms and residual adds land in `other` and `layer` = the sum of the four parts
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, step)
+        return self.mlp_residual(h)
+
+    def mlp_residual(self, h):
+        """h + MLP(norm(h)): the norm and the residual add timed as `other`, the MLP as `mlp`
+        (also RAG's selective prefill, runtime/rag/prefill.py, after its own attention)."""
         hn = self.ffn_norm(h)
         phases.lap("other")
         m = self.feed_forward(hn)

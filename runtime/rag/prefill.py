@@ -155,13 +155,7 @@ def selective_prefill(model: Transformer, prompt: list[int], reused: ChunkKV, re
             phases.lap("attention")
             a = att.wo(o.transpose(1, 2).reshape(1, m, att.n_heads * D))
             phases.lap("projections")
-            h = x + a
-            hn = block.ffn_norm(h)
-            phases.lap("other")
-            f = block.feed_forward(hn)
-            phases.lap("mlp")
-            x = h + f
-            phases.lap("other")
+            x = block.mlp_residual(x + a)
             phases.group(f"block{li}", since)
             out.append((K, V))
         logits = model.output(model.norm(x[:, -1:])).float()[:, -1]
