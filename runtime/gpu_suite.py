@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             step(rows)
         except Exception as e:  # a step that cannot even start is recorded, the rest still run
             rows.append((step.__name__, f"error: {type(e).__name__}", 0.0, str(e)[:90]))
-    measured = sorted((OUT / "results" / "measured").glob("*.json")) if (OUT / "results").exists() else []
+    measured = sorted(p for p in (OUT / "results" / "measured").glob("*.json") if not p.name.endswith(".timeline.json")) if (OUT / "results").exists() else []
     bench_rows = []
     for f in measured:
         r = json.loads(f.read_text())
