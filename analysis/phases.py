@@ -44,7 +44,7 @@ def load_phases(path: Path) -> pd.DataFrame:
     """A phases CSV, or an empty frame when there is none (or it is unreadable: it is derived
     data, rewritten by the next run)."""
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"id": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         return pd.DataFrame({"id": []})
     return df if "id" in df.columns else pd.DataFrame({"id": []})

@@ -456,6 +456,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
 
 
 CSV_COLUMNS = ("id", "status")     # what every row of a validation CSV has (the rest may be NaN)
+TEXT_COLUMNS = ("id", "config_hash", "machine_fingerprint", "profile_fingerprint", "host")
 
 
 def load(path: str | Path) -> pd.DataFrame:
@@ -466,7 +467,9 @@ def load(path: str | Path) -> pd.DataFrame:
     if path.is_dir():
         raise ConfigError(f"{path} is a directory where the validation CSV should be; {fix}")
     try:
-        df = pd.read_csv(path)
+        # identifiers stay text: an all-digit config hash or fingerprint read as a number
+        # (and one with a leading 0 losing it) never matches again, so nothing would resume
+        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such validation CSV; run python -m analysis.validate experiment=NAME") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:

@@ -94,3 +94,56 @@ def test_every_declared_phase_has_a_colour_slot():
     # the figure stacks PHASES + unaccounted; a phase added to core/phases.py shows up without edits
     assert len(set(PHASES)) == len(PHASES) and "unaccounted" not in PHASES
     assert not math.isnan(stage_record({p: 0.01 for p in PHASES}, 1.0, 1)["step_s"])
+
+
+def test_tiny_end_to_end_writes_phases_side_by_side_and_halves_carry_them(tmp_path, monkeypatch, capsys):
+    """A tiny model's point through both halves: the phases CSV has both sides, each side's
+    phases add up to its step; halves=runtime into a fresh CSV (no predictions) still prints;
+    halves=simulator carries the measured phase columns over; phases/timeline stay out of
+    config_hash."""
+    from analysis import validate as V
+    from omegaconf import OmegaConf
+
+    def cfg_of(**top):
+        cfg = V.compose_config("validate", [f"results_dir={tmp_path}", "progress=false", "figure=false"])
+        OmegaConf.update(cfg, "experiment", "t", force_add=True)
+        cfg.validation.base = ["model=tiny", "hardware=cpu", "workload.batch=1", "workload.prompt_len=48",
+                               "workload.gen_len=6"]
+        cfg.validation.points = [{"id": "full", "split": "calibration", "overrides": ["policy=full"],
+                                  "runtime": ["warmup=false"]}]
+        cfg.overrides = ["hardware.profile=profiles/cpu-intel-r-xeon-r-processor-2c.json"]
+        for k, v in top.items():
+            OmegaConf.update(cfg, k, v)
+        return cfg
+
+    df = V.validate(cfg_of(halves="runtime"))
+    assert "predicted_ttft_s" not in df and V.format_points(df).count("nan") == 3   # blanks, no AttributeError
+    ph = P.load_phases(P.phases_path(V.csv_path(cfg_of())))
+    step = ph.loc[0, "measured_phase_decode_step_s"]
+    parts = sum(ph.loc[0, c] for c in ph.columns if c.startswith("measured_phase_decode_")
+                and c.removeprefix("measured_phase_decode_").removesuffix("_s") in (*PHASES, "unaccounted"))
+    assert parts == pytest.approx(step, rel=1e-6)
+    df = V.validate(cfg_of(halves="simulator"))
+    ph = P.load_phases(P.phases_path(V.csv_path(cfg_of())))
+    assert ph.loc[0, "measured_phase_decode_step_s"] == pytest.approx(step)       # carried over
+    pred = sum(ph.loc[0, c] for c in ph.columns if c.startswith("predicted_phase_decode_")
+               and c.removeprefix("predicted_phase_decode_").removesuffix("_s") in (*PHASES, "unaccounted"))
+    assert pred == pytest.approx(ph.loc[0, "predicted_phase_decode_step_s"], rel=1e-9)
+    assert ph.loc[0, "predicted_phase_decode_step_s"] == pytest.approx(df.loc[0, "predicted_tpot_s"], rel=1e-9)
+    run_cfg, sim_cfg, _ = V.compose_halves(V.points_of(cfg_of())[0], "t", str(tmp_path))
+    h = V.config_hash(run_cfg, sim_cfg)
+    run_cfg.timeline = sim_cfg.timeline = True
+    run_cfg.phases = False
+    assert V.config_hash(run_cfg, sim_cfg) == h
+
+
+def test_identifiers_stay_text_when_read_back(tmp_path):
+    """An all-digit config hash / fingerprint (one in ~900 sha1 prefixes is all digits) read back
+    as a number never matched again: resume and halves=simulator refused the point."""
+    from analysis import validate as V
+
+    path = tmp_path / "v.csv"
+    pd.DataFrame([{"id": "007", "status": "ok", "config_hash": "012345678901", "machine_fingerprint": "123456789012"}]
+                 ).to_csv(path, index=False)
+    r = V.load(path).iloc[0]
+    assert (r.id, r.config_hash, r.machine_fingerprint) == ("007", "012345678901", "123456789012")
