@@ -89,6 +89,22 @@ def stage_record(totals: dict[str, float], step_s_total: float, steps: int,
     return {"steps": int(steps), "step_s": step, "phases": out, "parts": prt}
 
 
+def empty_totals() -> dict:
+    """A stage's running totals: {"steps", "step_s" (wall seconds summed), "phases", "parts"
+    ({name: seconds summed over steps})}, the input of `stage_record`."""
+    return {"steps": 0, "step_s": 0.0, "phases": {}, "parts": {}}
+
+
+def add_totals(acc: dict, steps: int, step_s: float, phases: dict, parts: dict) -> dict:
+    """Add steps (their count, wall seconds and per-name seconds) into a stage's totals."""
+    acc["steps"] += steps
+    acc["step_s"] += step_s
+    for key, new in (("phases", phases), ("parts", parts)):
+        for p, s in new.items():
+            acc[key][p] = acc[key].get(p, 0.0) + s
+    return acc
+
+
 def phases_csv(csv):
     """`<experiment>.phases.csv` beside a validation CSV `<experiment>.csv` (a pathlib.Path)."""
     return csv.with_name(csv.stem + ".phases.csv")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .phases import PARTS, PHASES, STAGES, UNACCOUNTED, stage_record
+from .phases import PARTS, PHASES, STAGES, UNACCOUNTED, add_totals, empty_totals, stage_record
 
 PERCENTILES = (50, 90, 99)
 
@@ -87,12 +87,7 @@ def pool_phases(totals: list[dict | None]) -> dict:
     pooled: dict[str, dict] = {}
     for run in totals:
         for stage, t in (run or {}).items():
-            acc = pooled.setdefault(stage, {"steps": 0, "step_s": 0.0, "phases": {}, "parts": {}})
-            acc["steps"] += t["steps"]
-            acc["step_s"] += t["step_s"]
-            for key in ("phases", "parts"):
-                for p, v in t[key].items():
-                    acc[key][p] = acc[key].get(p, 0.0) + v
+            add_totals(pooled.setdefault(stage, empty_totals()), t["steps"], t["step_s"], t["phases"], t["parts"])
     return {st: stage_record(pooled[st]["phases"], pooled[st]["step_s"], pooled[st]["steps"], pooled[st]["parts"])
             for st in (*STAGES, *sorted(set(pooled) - set(STAGES))) if st in pooled and pooled[st]["steps"]}
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.phases import PARTS, PHASES
+from core.phases import PARTS, PHASES, add_totals, empty_totals
 
 _PARTS = frozenset(PARTS)
 _KNOWN = frozenset(PHASES) | _PARTS
@@ -226,20 +226,11 @@ def _track(phase: str) -> str:
 
 # ----------------------------------------------------------------------------- per-stage totals
 
-def empty_stage() -> dict:
-    return {"steps": 0, "step_s": 0.0, "phases": {}, "parts": {}}
-
-
 def add_times(stage: dict, times: StepTimes, wall_s: float, *, new_step: bool = True) -> None:
     """Add one step's laps to a stage's totals ({"steps", "step_s", "phases", "parts"}, seconds
     summed over steps; `step_s` the steps' wall seconds). new_step=False: more of the same step
     (RAG's pipeline before the engine's part of its prefill)."""
-    stage["steps"] += int(new_step)
-    stage["step_s"] += wall_s
-    for key in ("phases", "parts"):
-        acc = stage[key]
-        for p, s in getattr(times, key).items():
-            acc[p] = acc.get(p, 0.0) + s
+    add_totals(stage, int(new_step), wall_s, times.phases, times.parts)
 
 
 class PhaseLog:
@@ -254,7 +245,7 @@ class PhaseLog:
         """Step [t0, t1] (the engine's clock) of `stage`, timed in `holder.times` (None: untimed)."""
         times = getattr(holder, "times", holder)
         if times is not None:
-            add_times(self.stages.setdefault(stage, empty_stage()), times, t1 - t0)
+            add_times(self.stages.setdefault(stage, empty_totals()), times, t1 - t0)
         if self.steps is not None:
             self.steps.append({"stage": stage, "t0": t0, "t1": t1, "times": times, "args": args})
 

@@ -611,12 +611,6 @@ def _decode_step_phases(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: 
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
-def _decode_step_time(a: ModelArgs, B: int, device, dtype, kv_dtype, repeats: int, ctx: int = 40,
-                      m: Transformer | None = None) -> float:
-    """Median decode step (token read back included): `_decode_step_phases`' step."""
-    return _decode_step_phases(a, B, device, dtype, kv_dtype, repeats, ctx, m)["step"]
-
-
 def _whole_depth(args: ModelArgs, device, dtype) -> int:
     """The deepest model of this shape that takes <= 1/4 of free memory (all of it, usually)."""
     import psutil
