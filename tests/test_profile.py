@@ -179,11 +179,10 @@ def test_whole_model_prefill_times_the_exact_prompt_lengths():
     m = random_init(args, 0)
     toks = [16, 64, 96, 256]
     alone = table({"tokens": toks}, [1e-4 * (1 + t / 64) for t in toks])
-    zero = table({"batch": [1]}, [0.0])
     timer = measure.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=0.05)
     with torch.inference_mode():
-        out = measure.whole_model_prefill(m, timer, torch.device("cpu"), alone, lambda T: (lambda: None), zero, zero,
-                                          True, tokens_at=[96, 100, 64])      # 100: not a grid point, skipped
+        out = measure.whole_model_prefill(m, timer, torch.device("cpu"), alone, lambda T: (lambda: None), True,
+                                          tokens_at=[96, 100, 64])      # 100: not a grid point, skipped
     w = out["whole_model"]
     assert w["tokens"] == [64, 96, 256] and len(w["ratio_to_alone"]) == 3 and all(3 <= r <= 5 for r in w["alternations"])
     ratio = curve(w["tokens"], w["ratio_to_alone"], toks)

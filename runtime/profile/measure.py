@@ -446,8 +446,7 @@ def measure_kernels(args: ModelArgs, timer: Timer, device: torch.device, dtype: 
         args, whole, timer, device, dtype, kv_dtype, out["lm_head_sample"], quick,
         axes["decode_attention_full"]["context"][-1], progress, batches_at=at.get("batch"))
     out["lm_head_sample"] = lm_head_in_model(out["lm_head_sample"], head_in)
-    out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill,
-                                               out["lm_head_sample"], out["step_overhead"], quick,
+    out["prefill_layer"] = whole_model_prefill(whole, timer, device, out["prefill_layer"], prefill, quick,
                                                tokens_at=at.get("tokens"))
     if bits_table("score_topk", 2) in out:
         in_model_lowbit(out, whole, args, device, kv_dtype, timer, at.get("context"), progress)
@@ -621,8 +620,8 @@ def _whole_depth(args: ModelArgs, device, dtype) -> int:
     return max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
 
 
-def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone_run, head: dict,
-                        overhead: dict, quick: bool, tokens_at=None) -> dict:
+def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone_run, quick: bool,
+                        tokens_at=None) -> dict:
     """`prefill_layer` as a layer runs inside the whole model.
 
     The kernel grid times one Block alone. Inside the whole model each layer's weights and
