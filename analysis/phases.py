@@ -7,6 +7,7 @@ names which phase a missed point's error comes from, and the stacked-bar figure.
     results/validation/<experiment>.phases.png    per point, measured beside predicted, stacked
 
 A measured record written before phases existed has none: its columns are simply absent / NaN.
+What the phases are and how they are timed: docs/validation.md.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from core.phases import PARTS, PHASES, STAGES, UNACCOUNTED, columns, phases_csv
+
+from .plots import pyplot, save
 
 # the stage whose step a headline metric is made of (throughput: both, see `stage_of`)
 METRIC_STAGE = {"ttft_s": "prefill", "tpot_s": "decode"}
@@ -146,12 +149,7 @@ def plot_phases(phases: pd.DataFrame, out: str | Path) -> Path | None:
     stacked by phase; ms per step."""
     if phases is None or not len(phases):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = pyplot()
     stages = [s for s in STAGES if col(s, "step", "measured") in phases or col(s, "step", "predicted") in phases]
     if not stages:
         return None
@@ -179,8 +177,5 @@ def plot_phases(phases: pd.DataFrame, out: str | Path) -> Path | None:
         handles, labels = ax.get_legend_handles_labels()
         seen = dict(zip(labels, handles))
         ax.legend(seen.values(), seen.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    save(fig, out, dpi=110, close=True)
+    return Path(out)

@@ -41,8 +41,10 @@ def parse_mixed(script: str, specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 def machine_lines(device: torch.device) -> list[str]:
-    """The machine's fingerprint and speed index (runtime.machine), printed with every table."""
-    from runtime.machine import speed_index, this_fingerprint
+    """The machine's fingerprint and speed index (core/machine.py, runtime/profile/speed.py),
+    printed with every table."""
+    from core.machine import this_fingerprint
+    from runtime.profile.speed import speed_index
 
     lines = []
     for label, fn in (("fingerprint", lambda: this_fingerprint(device)), ("speed index", lambda: speed_index(device))):

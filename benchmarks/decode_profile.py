@@ -47,7 +47,8 @@ from runtime.kv import base as kv_base, make_cache, policy_spec
 from runtime.kv import full as kv_full
 from runtime.kv import kivi as kv_kivi
 from runtime.kv import lowbit_cpu
-from runtime.model import load_gguf, shipped_gguf_path
+from runtime.profile.timing import wall_times
+from runtime.loaders import load_gguf, shipped_gguf_path
 from core.provenance import cpu_name
 
 FAMILIES = ("projections", "attention", "masks/padding", "cache writes", "sampling", "other ops", "python")
@@ -133,11 +134,7 @@ def breakdown(run_step, steps: int) -> tuple[dict[str, float], float]:
     """ms per step per family under the profiler, and the unprofiled median step ms."""
     for _ in range(2):
         run_step()
-    plain = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        run_step()
-        plain.append(time.perf_counter() - t)
+    plain = wall_times(run_step, torch.device("cpu"), steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(steps):

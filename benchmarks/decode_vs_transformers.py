@@ -39,7 +39,7 @@ from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, mac
                    ours_prefilled, parse_mixed, synthetic)
 from runtime.engine import SamplingParams, generate
 from runtime.kv import policy_spec
-from runtime.model import load_gguf, shipped_gguf_path
+from runtime.loaders import load_gguf, shipped_gguf_path
 from core.provenance import cpu_name
 
 FULL = policy_spec("full")

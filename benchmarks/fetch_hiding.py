@@ -1,8 +1,8 @@
 """Where SpeCache's prefetch stops hiding the fetch behind compute as k grows (the
 k/N <~ rho x link/memory bandwidth bound of the design).
 
-    python benchmarks/fetch_hiding.py                      # prints the table, saves the figure
-    python benchmarks/fetch_hiding.py --out analysis/figures/fetch_hiding.png --tol 0.05
+    python benchmarks/fetch_hiding.py                      # prints the table, saves results/figures/fetch_hiding.png
+    python benchmarks/fetch_hiding.py --out results/reference/figures/fetch_hiding.png --tol 0.05   # the committed one
 
 For each profile (the committed CPU profile with smollm2 at 2048 context; the roofline H100 SXM
 and A6000 profiles with llama7b_shape, all 32 layers, at 4096 context), batch 1 and 16, and k on
@@ -244,7 +244,7 @@ def plot(rows, summary, out: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tol", type=float, default=0.05)
-    ap.add_argument("--out", type=Path, default=ROOT / "analysis/figures/fetch_hiding.png")
+    ap.add_argument("--out", type=Path, default=ROOT / "results/figures/fetch_hiding.png")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     rows, summary = run(a.tol)

@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from runtime.model import shipped_gguf_path
+from runtime.loaders import shipped_gguf_path
 from core.provenance import cpu_name
 
 KIVI = dict(bits=2, group_size=64, residual=64)

@@ -40,7 +40,7 @@ from _grid import (die, fmt, hf_fill, hf_generate_times, hf_inputs, lengths, mac
                    ours_prefilled, parse_mixed, synthetic)
 from runtime.engine import SamplingParams, generate
 from runtime.kv import CacheShape, Step, lowbit_cpu, make_cache
-from runtime.model import load_gguf, shipped_gguf_path
+from runtime.loaders import load_gguf, shipped_gguf_path
 from core.provenance import cpu_name
 
 KIVI = dict(kv_dtype="auto", group_size=64, residual=64, one_bit_rule="specache")

@@ -38,7 +38,7 @@ from core.machine import this_fingerprint  # noqa: E402
 from runtime.engine import SamplingParams, generate  # noqa: E402
 from runtime.phases import NullTimer, PhaseTimer, lap  # noqa: E402
 from runtime.kv import policy_spec  # noqa: E402
-from runtime.model import load_gguf  # noqa: E402
+from runtime.loaders import load_gguf  # noqa: E402
 from runtime.transfer import make_link  # noqa: E402
 
 BUDGET = 0.03

@@ -11,7 +11,7 @@ Repeats are interleaved (every configuration once per round, after one untimed w
 so drift on a shared machine hits all of them alike; each TTFT is the median over rounds with
 [min, max] (which covers the median with probability 1 - 2/2^n: 0.94 at 5 rounds), and each
 speed-up the median of the per-round ratios full / config. The machine's fingerprint and speed
-index are printed before and after (core/machine.py, runtime/machine.py). The twin's TTFT is
+index are printed before and after (core/machine.py, runtime/profile/speed.py). The twin's TTFT is
 `simulator` on the profile of this machine (found by fingerprint, else the committed CPU profile,
 which predicts the machine it was measured on; `--profile PATH` to choose), always for the
 shipped model's shape.
@@ -42,7 +42,8 @@ VARIANTS = ("draft", "draft_dev", "draft_rel", "draft_attn")
 
 
 def load_model(name: str, device: torch.device):
-    from runtime.model import ModelArgs, load_gguf, random_init
+    from runtime.loaders import load_gguf, random_init
+    from runtime.model import ModelArgs
 
     if name == "shipped":
         return load_gguf(dtype=torch.float16 if device.type == "cuda" else torch.float32, device=device)

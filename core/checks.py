@@ -1,9 +1,11 @@
-"""One validation of a run's configuration, whichever half runs it (issue 16, part 1).
+"""One validation of a run's configuration, whichever half runs it (docs/configuration.md).
 
 `runtime.bench`, `runtime.serve` and `simulator.run` call `check_config(cfg, runner)` before any
-work, and `check_shape(cfg, runner, ...)` once the model's shape is known (the runtime's loaded
-model, the simulator's profile shape): the same code accepts or refuses a configuration for both
-halves, so a sweep cannot hold a point the simulator predicts and no runtime can run.
+work, and `check_shape(cfg, runner, ..., spec=)` once the model's shape is known (the runtime's
+loaded model, the simulator's profile shape): the same code accepts or refuses a configuration
+for both halves, so a sweep cannot hold a point the simulator predicts and no runtime can run.
+`check_config` builds the policy's declaration and checks it, once; the run carries that object
+(to check_shape, the engine, the KV caches) instead of the raw config.
 
 What it checks, each rule written once here or in the policy declaration it belongs to:
 - every number in the config is finite (NaN / inf are refused wherever they appear);
@@ -130,11 +132,16 @@ def head_dim_of(model_cfg) -> int | None:
     return None
 
 
-def check_shape(cfg, runner: str, *, head_dim: int, max_seq_len: int, n_layers: int) -> PolicyConfig:
+def check_shape(cfg, runner: str, *, head_dim: int, max_seq_len: int, n_layers: int,
+                spec: PolicyConfig | None = None) -> PolicyConfig:
     """The checks that need the model's shape (the runtime's loaded model, the simulator's
     profile shape): the policy's knobs against head_dim, its model checks (context, layers),
-    every request's length against the context. Returns the checked declaration."""
-    spec = spec_of(cfg.policy, head_dim=int(head_dim))
+    every request's length against the context. `spec`: the declaration check_config returned
+    (None: built and checked here). Returns the checked declaration."""
+    if spec is None:
+        spec = spec_of(cfg.policy, head_dim=int(head_dim))
+    else:
+        spec.check_head_dim(int(head_dim))
     spec.check_model(int(max_seq_len), int(n_layers), runner=runner)
     w = cfg.workload
     if w.arrival != "trace" and w.prompt_len + w.gen_len > max_seq_len:

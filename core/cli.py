@@ -10,6 +10,8 @@ analysis.validate and analysis.sweep compose through `compose_or_explain`).
    in a multirun a failure (a ConfigError or anything else) is a CSV row with its error and the
    other points still run; every point's row goes to `<results_dir>/<kind>/sweeps/<sweep>.csv`
    (named after the sweep's own folder, unique per sweep), and the path is printed.
+
+The config keys and groups themselves: docs/configuration.md.
 """
 from __future__ import annotations
 

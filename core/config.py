@@ -18,7 +18,7 @@ from core.policies import SPECS
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    name: str = MISSING             # the option's name, recorded in results
     source: str = "gguf"            # gguf | hf | random
     path: Optional[str] = None      # gguf file / hf folder; null = the shipped SmolLM2 GGUF
     dtype: str = "auto"             # weights: auto (float32 on CPU, float16 on CUDA) | float32 | float16 | bfloat16
@@ -29,14 +29,14 @@ class ModelConfig:
 
 @dataclass
 class WorkloadConfig:
-    batch: int = 4
-    prompt_len: int = 512
+    batch: int = 4                  # static: requests that arrive together
+    prompt_len: int = 512           # prompt tokens per request (random tokens, seeded)
     prompt_len_min: Optional[int] = None  # per-request prompt lengths uniform in [min, prompt_len]; null = all equal
-    gen_len: int = 64
-    seed: int = 0
-    ignore_eos: bool = True
-    temperature: float = 0.0
-    top_p: float = 1.0
+    gen_len: int = 64               # tokens generated per request
+    seed: int = 0                   # prompt tokens, prompt lengths, arrivals and sampling
+    ignore_eos: bool = True         # always generate gen_len tokens (benchmarks)
+    temperature: float = 0.0        # sampling; 0 = greedy
+    top_p: float = 1.0              # nucleus sampling, in (0, 1]
     # the simulator's arrivals (core/workload.py); runtime.bench runs `static` only
     arrival: str = "static"         # static | poisson | closed | trace
     rate: float = 1.0               # poisson: requests per second
@@ -55,11 +55,12 @@ class LinkConfig:
 
 @dataclass
 class HardwareConfig:
-    name: str = "auto"
+    name: str = "auto"              # the option's name, recorded in results
     device: str = "auto"            # auto | cpu | cuda[:N]
     threads: Optional[int] = None   # torch intra-op threads on CPU, 1..1024; null = torch's default
     link: LinkConfig = field(default_factory=LinkConfig)
-    profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's committed profile
+    profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's profile found
+                                    # by fingerprint, else the committed CPU profile (hardware=cpu|auto)
     kv_budget_bytes: Optional[int] = None   # device bytes for KV: runtime.serve admission and the simulator; null = the profile's kv_available_bytes (simulator) / unlimited (runtime)
     host_memory_bytes: Optional[int] = None  # simulator: host bytes for KV (SpeCache / offload keep 16-bit K/V there), admission respects it; null = unlimited
 
@@ -67,16 +68,17 @@ class HardwareConfig:
 @dataclass
 class SchedulerConfig:
     """Continuous batching in the simulator (simulator/scheduler.py)."""
-    name: str = "continuous"
-    max_batch: int = 256
+    name: str = "continuous"        # the option's name, recorded in results
+    max_batch: int = 256            # most requests running at once
     order: str = "prefill_first"    # prefill_first (vLLM's default) | decode_first
     ctx_bucket: int = 16            # decode steps are costed at the batch's mean context rounded up to this
 
 
 @dataclass
 class SloConfig:
-    ttft_s: Optional[float] = None  # goodput counts requests within both limits (null = no limit)
-    tpot_s: Optional[float] = None
+    ttft_s: Optional[float] = None  # time-to-first-token limit, seconds; goodput counts requests
+                                    # within both limits (null = no limit)
+    tpot_s: Optional[float] = None  # time-per-output-token limit, seconds
 
 
 @dataclass
@@ -88,7 +90,7 @@ class RunConfig:
     workload: Any = MISSING
     hardware: Any = MISSING
     experiment: Optional[str] = None   # name recorded in results; set by conf/experiment/*.yaml
-    results_dir: str = "results"
+    results_dir: str = "results"       # results go under <results_dir>/measured or /simulated
     allow_extrapolation: bool = False  # simulator: read measured tables beyond their shape / grid margin (recorded in `extrapolated`)
     # where a step's time goes (core/phases.py): the runtime's phase timers (perf_counter / CUDA
     # events) and the simulator's critical-path attribution write `phases` into the result
@@ -102,7 +104,7 @@ class RunConfig:
 class BenchConfig(RunConfig):
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
     repeats: int = 1                   # timed runs of the whole batch; percentiles pool their requests
-    progress: bool = True
+    progress: bool = True              # a tqdm bar of decode steps
 
 
 @dataclass
@@ -119,7 +121,7 @@ class ServeConfig(RunConfig):
     scheduler: Any = MISSING
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
     slo: SloConfig = field(default_factory=SloConfig)
-    progress: bool = True
+    progress: bool = True              # a tqdm bar of completed requests
 
 
 def register() -> None:

@@ -17,3 +17,12 @@ def cli_errors(prog: str):
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_file(path, where: str, is_dir: str, missing: str, error: type[ConfigError] = ConfigError) -> None:
+    """An input file (a pathlib.Path) is there and is a file, else one line: '<where> is a
+    directory; <is_dir>' or '<where>: <missing>'."""
+    if path.is_dir():
+        raise error(f"{where} is a directory; {is_dir}")
+    if not path.is_file():
+        raise error(f"{where}: {missing}")

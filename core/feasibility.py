@@ -1,4 +1,4 @@
-"""Feasibility before work (issue 16, part 2): what a run needs, estimated from its config before
+"""Feasibility before work: what a run needs, estimated from its config before
 anything is allocated or simulated, against what this machine or a documented limit allows.
 A run that cannot fit is refused in one line naming the field, the need and the limit.
 

@@ -1,6 +1,10 @@
-"""Which machine this is and where this user's cache lives: what both halves need to pick a
-profile of *this* machine (`cache_root`, `machine_facts`, `fingerprint`, `this_fingerprint`,
-`resolve_device`). The speed index, which runs the model's kernels, is in runtime/machine.py.
+"""Which machine this is and where this user's cache lives: every device fact in one place.
+
+`machine_facts` / `fingerprint` / `this_fingerprint` name the machine state a profile was
+measured on; `device_facts` is a profile's `device` section (those facts, its fingerprint, the
+PCIe link, a file-name slug); `cache_root`, `resolve_device` and `memory_limits` serve both
+halves. The speed index, which runs the model's kernels, is runtime/profile/speed.py. Why a
+fingerprint and a speed index: docs/profiles.md.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 from .errors import ConfigError
 
 CACHE_ENV = "KVTESTBED_CACHE"
-# a first-use profile is bracketed by the speed index (runtime/profile/lookup.py ensure): when
+# a first-use profile is bracketed by the speed index (runtime/profile/first_use.py ensure): when
 # after / before moved by more than this (either way) the machine changed speed while it was
 # measured, and the profile is measured again (once; a second move: used, not cached)
 PROFILE_SPEED_DRIFT = 0.20
@@ -129,23 +133,49 @@ def machine_facts(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         facts.update({"gpu_name": p.name, "gpu_sms": p.multi_processor_count, "gpu_memory_bytes": int(p.total_memory),
-                      "cuda": torch.version.cuda, **_nvml(device.index or 0)})
+                      "cuda": torch.version.cuda, **_nvml_facts(device.index or 0)})
     return facts
 
 
-def _nvml(index: int) -> dict:
-    """Driver and PCIe generation / width (max: an idle link trains down) by pynvml."""
-    try:
-        import pynvml
+# GB/s per PCIe lane after line coding (gen3 128b/130b: 0.985)
+PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        return {"driver": drv.decode() if isinstance(drv, bytes) else drv,
-                "pcie_gen": pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h),
-                "pcie_width": pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)}
-    except Exception as e:        # no NVML in the container: say so, the rest still identifies the GPU
+
+def _nvml(index: int) -> dict:
+    """The driver and the PCIe link by pynvml: the *max* generation and width (an idle link
+    trains down) and the current ones. Raises where there is no NVML (a container without it)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(index)
+    drv = pynvml.nvmlSystemGetDriverVersion()
+    return {"driver": drv.decode() if isinstance(drv, bytes) else drv,
+            "gen": pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h), "width": pynvml.nvmlDeviceGetMaxPcieLinkWidth(h),
+            "current": {"gen": pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h),
+                        "width": pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)}}
+
+
+def _nvml_facts(index: int) -> dict:
+    """Driver and PCIe generation / width for the fingerprint; without NVML the rest still
+    identifies the GPU, and the facts say why these are missing."""
+    try:
+        n = _nvml(index)
+    except Exception as e:
         return {"driver": None, "pcie_gen": None, "pcie_width": None, "nvml": f"unavailable: {type(e).__name__}"}
+    return {"driver": n["driver"], "pcie_gen": n["gen"], "pcie_width": n["width"]}
+
+
+def pcie_link(index: int) -> dict:
+    """A profile's `device.pcie`: max and current generation / width and the theoretical rate;
+    without NVML it says so rather than guess."""
+    try:
+        n = _nvml(index)
+    except Exception as e:
+        return {"gen": None, "width": None, "source": f"unavailable: {type(e).__name__}"}
+    gen, width = n["gen"], n["width"]
+    per_lane = PCIE_GBPS_PER_LANE.get(gen)
+    return {"gen": gen, "width": width, "current": n["current"],
+            "theoretical_bytes_per_s": per_lane * width * 1e9 if per_lane else None, "source": "pynvml"}
 
 
 def fingerprint(facts: dict) -> str:
@@ -163,6 +193,32 @@ def this_fingerprint(device: torch.device | str = "cpu") -> str:
     if key not in _THIS:
         _THIS[key] = fingerprint(machine_facts(device))
     return _THIS[key]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe lower-case form of a device name: runs of other characters become one '-'."""
+    return re.sub(r"-+", "-", "".join(c.lower() if c.isalnum() else "-" for c in name)).strip("-")
+
+
+def device_facts(device: torch.device) -> dict:
+    """A profile's `device` section: name, type, memory, (CUDA) compute capability and PCIe link,
+    (CPU) cores; the torch threads; `slug` (the profile's file name; the CPU's name and cores are
+    the same on every VM of a kind); `facts` and their `fingerprint`, which tell those VMs apart."""
+    import psutil
+
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        facts = {"name": p.name, "type": "cuda", "memory_bytes": int(p.total_memory),
+                 "compute_capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count}
+        facts["pcie"] = pcie_link(device.index or 0)
+    else:
+        facts = {"name": _cpu_info()[0], "type": "cpu", "memory_bytes": int(psutil.virtual_memory().total),
+                 "cores": os.cpu_count(), "machine": platform.machine()}
+    facts["torch_threads"] = torch.get_num_threads()
+    facts["slug"] = slug(facts["name"] if device.type == "cuda" else f"cpu-{facts['name']}-{os.cpu_count()}c")
+    facts["facts"] = machine_facts(device)
+    facts["fingerprint"] = fingerprint(facts["facts"])
+    return facts
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,4 +1,5 @@
-"""The one results schema of measured and simulated runs, and atomic writing.
+"""The one results schema of measured and simulated runs: its metrics, the record, its one writer
+(`write_run_record`, atomic, never over another run's file) and the closing table's shared rows.
 
 Scalar means `throughput_tok_s`, `ttft_s`, `tpot_s`; percentiles as their own keys
 (`ttft_s_p50`, `_p90`, `_p99`, same for `tpot_s`); `kv_bytes_device`, `kv_bytes_host`,
@@ -7,20 +8,25 @@ simulated rows on the config.
 
 `phases`: {"prefill": core.phases.stage_record(...), "decode": ...} (where a step's time goes;
 {} when phases=false); `timeline_path`: the run's Chrome trace-event JSON beside the result
-(`<stem>.timeline.json`, timeline=true only).
+(`<stem>.timeline.json`, timeline=true only). Every key: docs/runtime.md ("Results schema").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TextIO
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from .phases import PARTS, PHASES, STAGES, UNACCOUNTED, add_totals, empty_totals, stage_record
+
+# ----------------------------------------------------------------------------- metrics
 
 PERCENTILES = (50, 90, 99)
 
@@ -92,44 +98,34 @@ def pool_phases(totals: list[dict | None]) -> dict:
             for st in (*STAGES, *sorted(set(pooled) - set(STAGES))) if st in pooled and pooled[st]["steps"]}
 
 
-def phase_rows(r: dict) -> list[tuple[str, str]]:
-    """The closing table's "where a step goes" rows of a result with `phases`, one per stage:
-    `decode step  85.1 ms: layer 78% (projections 20%, attention 20%, mlp 31%, other 7%), lm_head 9%,
-    overhead 2%, unaccounted 0.4%` (shares of the mean step; phases that occurred, in PHASES order)."""
-    rows = []
-    for stage, rec in (r.get("phases") or {}).items():
-        if not rec or not rec.get("steps"):
-            continue
-        ph, parts = rec.get("phases") or {}, rec.get("parts") or {}
-        items = []
-        for p in PHASES:
-            if p not in ph:
-                continue
-            text = f"{p} {_pct(ph[p]['share'])}"
-            if p == "layer" and parts:
-                text += " (" + ", ".join(f"{q} {_pct(parts[q]['share'])}" for q in PARTS if q in parts) + ")"
-            items.append(text)
-        if UNACCOUNTED in ph:
-            items.append(f"{UNACCOUNTED} {_pct(ph[UNACCOUNTED]['share'], 1)}")
-        n = rec["steps"]
-        rows.append((f"{stage} step", f"{rec['step_s'] * 1e3:.1f} ms x {n}: " + ", ".join(items)))
-    return rows
+# ----------------------------------------------------------------------------- the record
+
+def run_record(cfg, metrics: dict, labels: dict, extras: dict, provenance: dict) -> dict:
+    """A result record in the schema's order: the metrics, what ran (`labels`: model, policy, ...),
+    the workload's shape, the runner's own `extras`, the resolved config, then `provenance`."""
+    w = cfg.workload
+    return {**metrics, **labels, "batch": w.batch, "prompt_len": w.prompt_len, "gen_len": w.gen_len, **extras,
+            "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance}
 
 
-def _pct(x: float, digits: int = 0) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+def write_run_record(cfg, record: dict, kind: str, stem: str, trace: dict | None = None) -> Path:
+    """The one writer of runtime.bench's, runtime.serve's and simulator.run's records:
+    `<results_dir>/<kind>/<stem>_<YYYYmmdd-HHMMSS>_<digest>.json` (digest: `config_digest` of
+    record["config"], the resolved config), written by `write_result` (never over another run's
+    file; with a Chrome `trace`, its timeline beside it). Sets record["path"]; returns it."""
+    name = f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{config_digest(record['config'])}.json"
+    return write_result(Path(str(cfg.results_dir)) / kind / name, record, trace)
 
 
-def timeline_path(result_path: str | Path) -> Path:
-    """Where a result's timeline goes: beside it, `<stem>.timeline.json`."""
-    p = Path(result_path)
-    return p.with_name(f"{p.stem}.timeline.json")
+def config_digest(resolved: dict) -> str:
+    """8 hex digits naming a resolved config: two runs of one config share it."""
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def write_result(path: str | Path, record: dict, trace: dict | None = None) -> Path:
     """Write a result record under a name nobody holds (`write_json_atomic(exclusive=True)`) and,
     with a Chrome `trace`, the timeline beside it (atomically), its path in the record as
-    `timeline_path`. Sets record["path"] afterwards (not in the file, as before); returns it."""
+    `timeline_path`. Sets record["path"] afterwards (not in the file); returns it."""
     path = Path(path)
     if trace is not None:
         record["timeline_path"] = str(timeline_path(path))
@@ -142,6 +138,14 @@ def write_result(path: str | Path, record: dict, trace: dict | None = None) -> P
     record["path"] = str(written)
     return written
 
+
+def timeline_path(result_path: str | Path) -> Path:
+    """Where a result's timeline goes: beside it, `<stem>.timeline.json`."""
+    p = Path(result_path)
+    return p.with_name(f"{p.stem}.timeline.json")
+
+
+# ----------------------------------------------------------------------------- the closing table
 
 def latency_kv_rows(r: dict) -> list[tuple[str, str]]:
     """The TTFT / TPOT / KV rows every command's closing table shows, from a result record."""
@@ -162,33 +166,85 @@ def memory_stats_rows(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def phase_rows(r: dict, predicted: bool = False) -> list[tuple[str, str]]:
+    """The closing table's "where a step goes" rows of a result with `phases`, one per stage that ran.
+
+    measured (runtime.bench, runtime.serve): `decode step  85.1 ms x 30: layer 78% (projections 20%,
+    attention 20%, mlp 31%, other 7%), lm_head 9%, overhead 2%, unaccounted 0.4%`: every phase that
+    occurred in PHASES order, the measured remainder last.
+    predicted (simulator.run): `where a step goes  decode step 85.1 ms: ...` (`phase_line`)."""
+    rows = []
+    for stage, st in (r.get("phases") or {}).items():
+        if not st or not st.get("steps"):
+            continue
+        if predicted:
+            rows.append(("where a step goes" if not rows else "", phase_line(stage, st)))
+        else:
+            items = phase_items(st, by_share=False)
+            rows.append((f"{stage} step", f"{st['step_s'] * 1e3:.1f} ms x {st['steps']}: " + ", ".join(items)))
+    return rows
+
+
+def phase_line(stage: str, st: dict, floor: float = 0.005) -> str:
+    """A predicted stage record as `decode step 85.1 ms: layer 78% (mlp 31%, attention 20%, ...),
+    lm_head 9%, overhead 2%`: phases largest first, the layer's parts (shares of the step) after it,
+    shares under `floor` left out."""
+    ms = st["step_s"] * 1e3
+    size = f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+    return f"{stage} step {size} ms: " + ", ".join(phase_items(st, by_share=True, floor=floor))
+
+
+def phase_items(st: dict, *, by_share: bool, floor: float | None = None) -> list[str]:
+    """A stage record's phases as `layer 78% (attention 20%, ...)` items. by_share: largest first
+    (unaccounted, 0 by construction in a prediction, among them), else PHASES / PARTS order with the
+    measured `unaccounted` last to one decimal; `floor`: phases (by magnitude) and parts below it
+    are left out."""
+    ph, parts = st.get("phases") or {}, st.get("parts") or {}
+    if by_share:
+        names = sorted(ph, key=lambda p: -ph[p]["share"])
+        part_names = sorted(parts, key=lambda q: -parts[q]["share"])
+    else:
+        names = [p for p in PHASES if p in ph]
+        part_names = [q for q in PARTS if q in parts]
+    if floor is not None:
+        names = [p for p in names if not abs(ph[p]["share"]) < floor]
+        part_names = [q for q in part_names if parts[q]["share"] >= floor]
+    items = []
+    for p in names:
+        text = f"{p} {_pct(ph[p]['share'])}"
+        if p == "layer" and part_names:
+            text += " (" + ", ".join(f"{q} {_pct(parts[q]['share'])}" for q in part_names) + ")"
+        items.append(text)
+    if not by_share and UNACCOUNTED in ph:
+        items.append(f"{UNACCOUNTED} {_pct(ph[UNACCOUNTED]['share'], 1)}")
+    return items
+
+
+def _pct(x: float, digits: int = 0) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def result_rows(r: dict) -> list[tuple[str, str]]:
+    """The closing table's last rows: where the record (and its timeline, if any) went."""
+    return [("result", r["path"]), *([("timeline", r["timeline_path"])] if r.get("timeline_path") else [])]
+
+
 def key_value_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns: the short tables `runtime.bench` and `simulator.run` print last."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-ORPHAN_AGE_S = 3600.0     # a temp file this old is from a killed write (a write takes milliseconds)
+# ----------------------------------------------------------------------------- files
 
+def results_folder(results_dir, kind: str) -> Path:
+    """`<results_dir>/<kind>`, checked writable before a run (an empty results_dir is refused, not
+    read as the current folder)."""
+    from core.errors import ConfigError
 
-def clean_orphans(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """Remove `.<name>.<random>.tmp` files older than `max_age_s` that a killed atomic write left in
-    `folder` (readers ignore them anyway: they never end in .json); returns what was removed."""
-    removed = []
-    now = time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for e in entries:
-        if e.name.startswith(".") and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False):
-            try:
-                if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
-                    os.unlink(e.path)
-                    removed.append(Path(e.path))
-            except OSError:
-                pass            # another process removed or renamed it first
-    return removed
+    if results_dir is None or not str(results_dir).strip():
+        raise ConfigError(f"results_dir={results_dir!r} is empty; set results_dir=PATH (default: results)")
+    return check_writable(Path(str(results_dir)) / kind)
 
 
 def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
@@ -215,31 +271,51 @@ def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
     return folder
 
 
-def results_folder(results_dir, kind: str) -> Path:
-    """`<results_dir>/<kind>`, checked writable before a run (an empty results_dir is refused, not
-    read as the current folder)."""
-    from core.errors import ConfigError
+ORPHAN_AGE_S = 3600.0     # a temp file this old is from a killed write (a write takes milliseconds)
 
-    if results_dir is None or not str(results_dir).strip():
-        raise ConfigError(f"results_dir={results_dir!r} is empty; set results_dir=PATH (default: results)")
-    return check_writable(Path(str(results_dir)) / kind)
+
+def clean_orphans(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove `.<name>.<random>.tmp` files older than `max_age_s` that a killed atomic write left in
+    `folder` (readers ignore them anyway: they never end in .json); returns what was removed."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if e.name.startswith(".") and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+            except OSError:
+                pass            # another process removed or renamed it first
+    return removed
 
 
 def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path:
-    """Write JSON to a temp file in the same folder, fsync, then rename over `path`:
+    """`obj` as indented JSON, written by `write_atomic` (exclusive: see there)."""
+    def dump(f):
+        json.dump(obj, f, indent=2, allow_nan=True, default=str)
+        f.write("\n")
+    return write_atomic(path, dump, exclusive=exclusive)
+
+
+def write_atomic(path: str | Path, write: Callable[[TextIO], object], *, exclusive: bool = False) -> Path:
+    """Call `write(f)` on a temp file in the same folder, fsync, then rename over `path`:
     a reader never sees half a file and a crash never leaves one (a killed process may leave a
     hidden `.<name>.*.tmp`, which the next write in that folder removes once it is an hour old).
 
     exclusive=True never replaces an existing file: if `path` exists (the same config in the same
-    second, written by another run) the record goes to `<stem>-2.json`, `-3`, ... and that path is
+    second, written by another run) the file goes to `<stem>-2<suffix>`, `-3`, ... and that path is
     returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=True, default=str)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)          # mkstemp makes 0600; results and profiles are for sharing

@@ -23,13 +23,21 @@ def number(v: Any, key: str, *, gt: float | None = None, ge: float | None = None
         raise ConfigError(f"{key}={v} is not a finite number; give a finite value{unset}")
     if integer and v != int(v):
         raise ConfigError(f"{key}={v} must be a whole number{unset}")
-    if gt is not None and not v > gt:
-        raise ConfigError(f"{key}={v} must be > {gt:g}{unset}")
-    if ge is not None and not v >= ge:
-        raise ConfigError(f"{key}={v} must be >= {ge:g}{unset}")
-    if le is not None and not v <= le:
-        raise ConfigError(f"{key}={v} must be <= {le:g}{unset}")
+    bad = out_of_bounds(v, gt=gt, ge=ge, le=le)
+    if bad:
+        raise ConfigError(f"{key}={v} {bad}{unset}")
     return v
+
+
+def out_of_bounds(v: float, *, gt: float | None = None, ge: float | None = None, le: float | None = None) -> str | None:
+    """The first bound `v` breaks, as the words of its error ("must be > 0"); None within them."""
+    if gt is not None and not v > gt:
+        return f"must be > {gt:g}"
+    if ge is not None and not v >= ge:
+        return f"must be >= {ge:g}"
+    if le is not None and not v <= le:
+        return f"must be <= {le:g}"
+    return None
 
 
 def finite(v: Any) -> bool:

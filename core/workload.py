@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import ConfigError
+from core.errors import ConfigError, check_file
 from core.values import number
 
 ARRIVALS = ("static", "poisson", "closed", "trace")
@@ -101,10 +101,8 @@ def read_trace(path: str) -> list[Request]:
 
     p = Path(path)
     where = f"workload.trace={path}"
-    if p.is_dir():
-        raise ConfigError(f"{where} is a directory; give a CSV file with columns {', '.join(TRACE_COLUMNS)}")
-    if not p.is_file():
-        raise ConfigError(f"{where}: no such file (CSV with columns {', '.join(TRACE_COLUMNS)})")
+    cols = ", ".join(TRACE_COLUMNS)
+    check_file(p, where, f"give a CSV file with columns {cols}", f"no such file (CSV with columns {cols})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)

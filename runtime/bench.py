@@ -5,38 +5,45 @@
     python -m runtime.bench model=tiny workload.batch=8 workload.prompt_len=1024
     python -m runtime.bench -m workload.batch=1,2,4          # Hydra multirun sweep
 
-Writes one JSON per run to results/measured/ (schema: core/results.py) and prints a table.
+Writes one JSON per run to results/measured/ (core/results.py; every key: docs/runtime.md) and
+prints a table.
 Prompts are random token ids (seeded): timing does not depend on what the tokens say.
 phases=true (default) records where each step's time goes (`phases`, runtime/phases.py);
 timeline=true also writes the run's Chrome trace beside the result (`<stem>.timeline.json`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from pathlib import Path
+import importlib
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import model as model_lib
-from core.config import register
-from .engine import SamplingParams, generate, resolve_device
 from core.checks import check_config, check_shape
 from core.cli import hydra_entry, run_point
+from core.config import register
 from core.feasibility import check_runtime_memory
 from core.policies import load_plugin
 from core.provenance import provenance
-from . import bench_rag  # noqa: F401  (enters policy=rag's timed runs on its registry entry)
+from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, result_rows,
+                          results_folder, run_record, summarize, write_run_record)
+
+from . import loaders, model as model_lib
+from .engine import SamplingParams, generate, resolve_device
 from .kv import POLICIES
-from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, results_folder, summarize,
-                          write_result)
 from .phases import chrome_trace
 from .transfer import make_link
 
 register()
+
+
+def own_bench(cache_cls):
+    """The timed runs of a policy with its own prefill (its cache class's `bench`, "module:function"),
+    or None for the engine's generate()."""
+    if not cache_cls.bench:
+        return None
+    module, _, name = cache_cls.bench.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
@@ -53,7 +60,7 @@ def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
     results_folder(cfg.results_dir, "measured")      # before the measurement (and its timeline), not after it
-    check_config(cfg, "runtime.bench")       # the same checks as runtime.serve and simulator.run
+    spec = check_config(cfg, "runtime.bench")       # the same checks as runtime.serve and simulator.run
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
@@ -61,10 +68,10 @@ def run(cfg: DictConfig) -> dict:
         from .hf import check_hf_folder
 
         check_hf_folder(cfg.model.path)
-    model = model_lib.from_config(cfg.model, device)
+    model = loaders.from_config(cfg.model, device)
     args = model.args
     spec = check_shape(cfg, "runtime.bench", head_dim=args.head_dim, max_seq_len=args.max_seq_len,
-                       n_layers=args.n_layers)
+                       n_layers=args.n_layers, spec=spec)
     check_runtime_memory(cfg, "runtime.bench", spec, model, device)   # before prompts, caches, links
     w = cfg.workload
     params = SamplingParams(max_new_tokens=w.gen_len, temperature=w.temperature, top_p=w.top_p,
@@ -75,34 +82,27 @@ def run(cfg: DictConfig) -> dict:
     link = make_link(cfg.hardware.link, device)
     try:
         load_plugin(cfg.policy, "kv")
-        own = getattr(POLICIES.get(cfg.policy.name), "bench", None)
+        own = own_bench(POLICIES[cfg.policy.name])
         if own is not None:            # a policy with its own prefill (rag: runtime/bench_rag.py)
-            runs = own(model, cfg, prompts, params, link)
+            runs = own(model, cfg, prompts, params, link, spec=spec)
         else:
             if cfg.warmup:
-                generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), cfg.policy, link=link,
+                generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), spec, link=link,
                          **timing)
-            runs = [generate(model, prompts, params, cfg.policy, link=link, progress=cfg.progress, **timing)
+            runs = [generate(model, prompts, params, spec, link=link, progress=cfg.progress, **timing)
                     for _ in range(cfg.repeats)]
     finally:
         link.close()
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    record = {
-        **summarize(runs),
-        "model": cfg.model.name, "policy": cfg.policy.name, "experiment": cfg.experiment,
-        "batch": w.batch, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
-        "n_params": model_lib.n_params(model), "weight_bytes": model_lib.weight_bytes(model),
-        "config": resolved,
-        "provenance": provenance(device),
-    }
-    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{cfg.experiment or 'bench'}_{cfg.model.name}_{cfg.policy.name}_b{w.batch}_p{w.prompt_len}_g{w.gen_len}_{stamp}_{digest}.json"
+    record = run_record(cfg, summarize(runs),
+                        {"model": cfg.model.name, "policy": cfg.policy.name, "experiment": cfg.experiment},
+                        {"n_params": model_lib.n_params(model), "weight_bytes": model_lib.weight_bytes(model)},
+                        provenance(device))
+    stem = f"{cfg.experiment or 'bench'}_{cfg.model.name}_{cfg.policy.name}_b{w.batch}_p{w.prompt_len}_g{w.gen_len}"
     trace = None
     if timing["timeline"]:             # the repeats one after another, on the clock they ran on
         trace = chrome_trace([s for run in runs for s in run.timeline], name=f"runtime.bench {cfg.policy.name}")
-    write_result(Path(cfg.results_dir) / "measured" / name, record, trace)
+    write_run_record(cfg, record, "measured", stem, trace)
     return record
 
 
@@ -114,8 +114,7 @@ def format_table(r: dict) -> str:
         *latency_kv_rows(r),
         *memory_stats_rows(r),
         *phase_rows(r),
-        ("result", r["path"]),
-        *([("timeline", r["timeline_path"])] if r.get("timeline_path") else []),
+        *result_rows(r),
     ]
     return key_value_table(rows)
 

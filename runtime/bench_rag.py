@@ -1,6 +1,8 @@
 """`python -m runtime.bench policy=rag`: the bench glue of the RAG pipeline (runtime/rag/). The
 prompt is cut into chunks of `chunk_len` and a `question_len`-token question, the store is warmed
-untimed, TTFT = rag_prefill + the first token, then decoding under a plain full-precision cache."""
+untimed, TTFT = rag_prefill + the first token, then decoding under a plain full-precision cache.
+runtime.bench calls `rag_runs` for policy=rag; importing this module changes nothing. The method:
+docs/rag.md."""
 from __future__ import annotations
 
 import time
@@ -10,7 +12,6 @@ from core.errors import ConfigError
 
 from .engine import BatchResult, PeakMemory, SamplingParams, generate, sync
 from .kv import policy_spec
-from .kv.rag import RagKV
 from .model import Transformer
 from .phases import StepTimes, add_times, make_timer
 from .rag.store import DEFAULT_MAX_BYTES
@@ -32,7 +33,7 @@ def target_tokenizer(model_cfg):
 
 
 def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams, *, link=None,
-              tokenizer=None) -> list[BatchResult]:
+              tokenizer=None, spec=None) -> list[BatchResult]:
     """`python -m runtime.bench policy=rag`: one request per timed run, the engine's results.
 
     The prompt is cut by `split_prompt` (chunks of policy.chunk_len, a policy.question_len-token
@@ -46,7 +47,7 @@ def bench_rag(model: Transformer, cfg, prompt: list[int], params: SamplingParams
     Phases (cfg.phases): rag_prefill runs under the lap timer and joins the engine's prefill step:
     placing the reused K/V -> `load`, re-rotating their keys -> `rerotate`, the selector ->
     `select`, the selective recompute -> `layer` (its parts) and `lm_head`."""
-    p, w = cfg.policy, cfg.workload
+    p, w = (cfg.policy if spec is None else spec), cfg.workload     # spec: the run's checked declaration
     timing = {"phases": bool(getattr(cfg, "phases", True)), "timeline": bool(getattr(cfg, "timeline", False))}
     if w.batch != 1:
         raise ConfigError(f"workload.batch={w.batch}: policy=rag runs one request at a time in runtime.bench "
@@ -120,8 +121,8 @@ def _with_rag_phases(run: BatchResult, times: StepTimes | None, t0: float, rag_s
     return run
 
 
-def _runs(model: Transformer, cfg, prompts: list[list[int]], params: SamplingParams, link) -> list[BatchResult]:
-    return bench_rag(model, cfg, prompts[0], params, link=link)
-
-
-RagKV.bench = staticmethod(_runs)      # runtime.bench's timed runs for policy=rag
+def rag_runs(model: Transformer, cfg, prompts: list[list[int]], params: SamplingParams, link,
+             spec=None) -> list[BatchResult]:
+    """runtime.bench's timed runs for policy=rag (the signature of a policy's `bench` hook): the
+    first prompt of the batch (workload.batch must be 1), through `bench_rag`."""
+    return bench_rag(model, cfg, prompts[0], params, link=link, spec=spec)

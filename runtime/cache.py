@@ -7,7 +7,8 @@
 
 The root is core.machine.cache_root(): $KVTESTBED_CACHE, else $XDG_CACHE_HOME/kvtestbed, else
 ~/.cache/kvtestbed. The chunk store is capped by policy.store_max_bytes (least recently used files
-evicted past it); nothing else is ever deleted except by --clear.
+evicted past it); nothing else is ever deleted except by --clear. Why each part is kept:
+docs/profiles.md (first-use profiles), docs/rag.md (the chunk store).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ their parts, sampling laps `lm_head`, the read-back and bookkeeping close the st
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,12 +132,13 @@ class PeakMemory:
 
 
 def cpu_peak_rss() -> int:
+    """The process's peak RSS: VmHWM of /proc/self/status (Linux), else getrusage's."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        hwm = re.search(r"^VmHWM:\s+(\d+)", Path("/proc/self/status").read_text(), re.MULTILINE)
     except OSError:
-        pass
+        hwm = None
+    if hwm:
+        return int(hwm.group(1)) * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -186,6 +188,19 @@ def speculate(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torc
     start = cache.len
     step = Step(start=start, n_new=1, pad=pad, positions=(start - pad)[:, None], spec=True)
     return model(token[:, None], cache, step)[:, -1]
+
+
+def next_tokens(model: Transformer, cache: KVCache, token: torch.Tensor, pad: torch.Tensor, guess: torch.Tensor | None,
+                params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decode step: the sampled tokens (B,) and, when `guess` rode along (speculative
+    pre-decoding), the greedy guess of the step after (B,), else None."""
+    if guess is None:
+        out = sample(decode_step(model, cache, token, pad), params.temperature, params.top_p, gen), None
+    else:
+        both = decode_step(model, cache, token, pad, guess=guess)                  # (B, 2, V)
+        out = sample(both[:, 0], params.temperature, params.top_p, gen), both[:, 1].argmax(-1)
+    lap("lm_head")
+    return out
 
 
 @dataclass
@@ -239,7 +254,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              *, link=None, prefilled: Prefilled | None = None, progress: bool = False,
              on_token: Callable[[list[int], list[bool]], None] | None = None,
              phases: bool = True, timeline: bool = False) -> BatchResult:
-    """Generate for a static batch under `policy` (a config with .name, .kv_dtype, knobs).
+    """Generate for a static batch under `policy`: the checked declaration (core/checks.py), or
+    a config with .name, .kv_dtype and the knobs, built and checked by make_cache.
 
     link: the host<->device copy engine for policies that keep K/V on the host (transfer.py).
     prefilled: start from a shared prefill of the same prompts (`prefill_once`); TTFT then
@@ -306,19 +322,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 break
             ts = time.perf_counter()
             with timer.step() as rec:
-                if guess is None:
-                    logits = decode_step(model, cache, nxt, pad)
-                    nxt = sample(logits, params.temperature, params.top_p, gen)
-                    lap("lm_head")
-                else:
-                    both = decode_step(model, cache, nxt, pad, guess=guess)   # (B, 2, V)
-                    nxt = sample(both[:, 0], params.temperature, params.top_p, gen)
-                    guess_next = both[:, 1].argmax(-1)
-                    lap("lm_head")
+                nxt, guess_next = next_tokens(model, cache, nxt, pad, guess, params, gen)
+                if guess is not None:
                     live = torch.tensor(active, device=device)
                     guesses += int(live.sum())
                     hits += int(((guess == nxt) & live).sum())
-                    guess = guess_next
+                guess = guess_next
                 decode_tokens += sum(active)
                 t_now = _record(nxt, out, t_tok, active, eos_hit, params, args.eos_id, device)
             step_times.append(t_now - ts)

@@ -19,8 +19,7 @@ import torch
 from .engine import SamplingParams, generate, resolve_device
 from core.errors import ConfigError, cli_errors
 from core.policies import spec_of
-from .kv import policy_spec
-from .model import load_gguf, load_hf, weight_dtype
+from .loaders import load_gguf, load_hf, weight_dtype
 from .tokenizer import from_gguf, from_hf
 
 
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         # every argument checked before the model loads (seconds) and before the prompt is echoed
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                 top_p=a.top_p, seed=a.seed)
-        spec_of({"name": a.policy, "kv_dtype": a.kv_dtype})          # the declaration's checks
-        spec = policy_spec(a.policy, a.kv_dtype)
+        spec = spec_of({"name": a.policy, "kv_dtype": a.kv_dtype})   # the declaration, checked once
         device = resolve_device(a.device)
         model, tok = load(a.model, device)
         text = a.prompt

@@ -43,7 +43,8 @@ def identity(rows, when: str = "start") -> dict:
     CPU), merged into $OUT/machine.json under `when`."""
     import torch
 
-    from runtime.machine import fingerprint, machine_facts, speed_index
+    from core.machine import fingerprint, machine_facts
+    from runtime.profile.speed import speed_index
 
     t = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +86,7 @@ def profile(rows) -> None:
     import torch
 
     name = torch.cuda.get_device_name(0)
-    from runtime.profile.measure import slug
+    from core.machine import slug
 
     path = out / f"{slug(name)}.json"
     sh("profile", [sys.executable, "-m", "runtime.profile", "--model", "smollm2", "llama7b_shape",

@@ -9,19 +9,24 @@ One `transformers.Cache` subclass per policy, holding this project's `KVCache` (
 attn_implementation="kvtestbed" the registered attention hands the new tokens' q, k, v to the
 layer's `LayerKV.attend` (nothing dequantized wholesale); any other attention gets a dequantized
 copy from `Cache.update` (full and kivi only). No speculative pre-decoding inside generate().
-What is supported and why: the README's "Use the policies from transformers".
+Which policies have a Cache, and with which defaults, is each declaration's (`hf_cache`,
+`hf_fallback`, `hf_defaults`); what is accepted is runtime/hf_checks.py. What is supported and
+why: docs/policies.md, "Use the policies from transformers".
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import sys
+from dataclasses import replace
 
 import torch
 
 from core.errors import ConfigError
-from core.policies import defaults, spec_of
-from .kv import KV_DTYPES, KVCache, Step, make_cache, policy_spec
-from .kv.kivi import unpack_float
+from core.policies import SPECS
+
+from .hf_checks import (SUPPORTED_MODEL_TYPES, TRANSFORMERS_RANGE, check_config, check_hf_folder,  # noqa: F401
+                        check_knobs, check_transformers_version, head_dim_of, knob_defaults, transformers_version)
+from .kv import KV_DTYPES, POLICIES, KVCache, Step, make_cache
 
 try:   # without transformers (or with one too old to have these) the classes below still define,
     from transformers.cache_utils import Cache as _Cache   # and constructing one raises a ConfigError
@@ -30,153 +35,7 @@ except ImportError:
     _Cache = _LayerBase = object
 
 ATTN_NAME = "kvtestbed"
-# what tests/test_hf.py runs against; transformers' Cache / attention-interface API changed within
-# 4.x and again in 5.x, so other versions are refused rather than half-working
-TRANSFORMERS_RANGE = (">=5.24", "<6")
-# model types whose attention modules hand post-RoPE q, k, v (GQA, repeat_kv order) to the
-# attention interface with scaling 1/sqrt(head_dim); each one is covered by a tiny random model in
-# tests/test_hf.py (logits of our `full` policy == transformers' DynamicCache, kivi == its dense fallback)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-FALLBACK_POLICIES = ("full", "kivi")
-
-
-# ----------------------------------------------------------------------------- checks
-
-def transformers_version() -> str:
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("runtime.hf needs transformers: pip install -e '.[dev]' "
-                          f"(tested range transformers{','.join(TRANSFORMERS_RANGE)})") from None
-    return transformers.__version__
-
-
-def check_transformers_version() -> str:
-    """transformers' version, or a ConfigError naming the tested range."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    v = transformers_version()
-    if Version(Version(v).base_version) not in SpecifierSet(",".join(TRANSFORMERS_RANGE)):   # 5.30.0.dev0 counts as 5.30.0
-        raise ConfigError(f"transformers {v} is outside the tested range {','.join(TRANSFORMERS_RANGE)} "
-                          f"(pinned in pyproject.toml's dev extra); install one inside it: "
-                          f"pip install 'transformers{','.join(TRANSFORMERS_RANGE)}'")
-    return v
-
-
-def check_config(config) -> None:
-    """Refuse architectures whose attention the policies do not reproduce, naming what is supported."""
-    if not hasattr(config, "model_type"):
-        raise ConfigError(f"kvtestbed_cache takes the model's config (model.config), got {type(config).__name__}")
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model_type {mt!r} is not supported by the kvtestbed KV policies; supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family: RoPE, grouped-query attention, "
-                          "full causal softmax attention)")
-    sw = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) and sw is not None:
-        raise ConfigError(f"{mt} config has sliding_window={sw}: sliding-window attention is not supported by the "
-                          "KV policies (they keep every token); use a checkpoint without it or set sliding_window=None")
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ConfigError(f"{mt} config has layer_types {sorted(kinds)}; only full_attention layers are supported")
-    for attr in ("attn_logit_softcapping", "query_pre_attn_scalar"):
-        if getattr(config, attr, None) is not None:
-            raise ConfigError(f"{mt} config sets {attr}={getattr(config, attr)}; the KV policies compute plain "
-                              "softmax(q k^T / sqrt(head_dim)) attention")
-
-
-def _head_dim(config) -> int:
-    hd = getattr(config, "head_dim", None)
-    return int(hd) if hd else config.hidden_size // config.num_attention_heads
-
-
-def _defaults(policy: str) -> dict:
-    """Knob defaults of a policy: its declaration's (core/policies/), one source."""
-    out = defaults(policy)
-    out["kv_dtype"] = None       # None = the dtype of the model's K/V (decided on the first update)
-    if policy == "specache":
-        out["prefetch"] = False  # speculative pre-decoding needs the engine's loop (module docstring)
-    return out
-
-
-def _check_knobs(policy: str, knobs: dict, head_dim: int) -> dict:
-    known = _defaults(policy)
-    extra = sorted(set(knobs) - set(known))
-    if extra:
-        raise ConfigError(f"kvtestbed_cache({policy!r}): unknown knob(s) {extra}; {policy} takes "
-                          f"{', '.join(sorted(known)) or 'no knobs'}")
-    out = {**known, **knobs}
-    for key in ("bits", "group_size", "residual", "k"):
-        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int)):
-            raise ConfigError(f"kvtestbed_cache({policy!r}): {key}={out[key]!r} must be an integer")
-    if out["kv_dtype"] is not None and out["kv_dtype"] not in KV_DTYPES:
-        raise ConfigError(f"kvtestbed_cache({policy!r}): kv_dtype={out['kv_dtype']!r}; use None (the model's) "
-                          f"or one of {', '.join(KV_DTYPES)}")
-    try:
-        spec_of(policy_spec(policy, **{k: v for k, v in out.items() if k != "kv_dtype"}), head_dim)
-    except ConfigError as e:
-        raise ConfigError(f"kvtestbed_cache({policy!r}): " + str(e).replace("policy.", "")) from None
-    if policy == "specache":
-        if out["prefetch"]:
-            raise ConfigError("kvtestbed_cache('specache'): prefetch=True (speculative pre-decoding) is not available "
-                              "inside transformers' generate(): it needs two tokens per forward (the real one and a "
-                              "guess of the next) and an extra first pass, and generate() feeds one. Use "
-                              "prefetch=False (exact top-k, the default here) or this project's runtime "
-                              "(python -m runtime.bench policy=specache)")
-    return out
-
-
-# ----------------------------------------------------------------------------- model=hf folders
-
-# what `runtime.model.load_hf` reads into this project's own model (no q/k/v biases, no q/k norms)
-RUNTIME_HF_MODEL_TYPES = ("llama", "mistral")
-_HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-
-
-def check_hf_folder(path, *, tokenizer: bool = False) -> Path:
-    """`model=hf model.path=...` (runtime.bench) / `--model hf --model-path` (runtime.evals): a
-    local transformers folder with config.json + *.safetensors (+ tokenizer.json for evals).
-    Never a hub download: a hub id gets an error saying so."""
-    import json
-
-    if not path:
-        raise ConfigError("model.path is required for model=hf: a local transformers model folder "
-                          "(config.json + *.safetensors); nothing is downloaded from the hub")
-    folder = Path(str(path)).expanduser()
-    if not folder.exists():
-        hint = (" -- it looks like a hub id; download it yourself (e.g. `huggingface-cli download "
-                f"{path} --local-dir DIR`) and pass the folder" if "/" in str(path) and not str(path).startswith(("/", ".", "~"))
-                else "")
-        raise ConfigError(f"model.path={path}: no such folder{hint}; this project never downloads weights")
-    if not folder.is_dir():
-        raise ConfigError(f"model.path={path} is a file; model=hf takes a transformers model folder "
-                          "(for a .gguf file use model=smollm2 model.path=FILE)")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"model.path={path}: no config.json; point it at a local transformers model folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{cfg_path}: not readable JSON ({e})") from None
-    mt = cfg.get("model_type")
-    if mt not in RUNTIME_HF_MODEL_TYPES:
-        raise ConfigError(f"{cfg_path}: model_type {mt!r} is not supported by this runtime's model; supported: "
-                          f"{', '.join(RUNTIME_HF_MODEL_TYPES)} (transformers' own model with "
-                          f"kvtestbed_cache() also runs {', '.join(t for t in SUPPORTED_MODEL_TYPES if t not in RUNTIME_HF_MODEL_TYPES)})")
-    missing = [k for k in _HF_KEYS if k not in cfg]
-    if missing:
-        raise ConfigError(f"{cfg_path}: lacks {', '.join(missing)}; not a complete transformers model config")
-    if not any(folder.glob("*.safetensors")):
-        bins = [p.name for p in folder.glob("*.bin")]
-        raise ConfigError(f"model.path={path}: no *.safetensors files" + (
-            f" (found {', '.join(bins[:3])}: convert them, e.g. model.save_pretrained(dir, safe_serialization=True))"
-            if bins else ""))
-    if tokenizer and not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"model.path={path}: no tokenizer.json (evals need the model's tokenizer; "
-                          "tokenizer.save_pretrained(dir) writes it)")
-    return folder
+_defaults = knob_defaults          # the name tests/test_hf.py reads
 
 
 # ----------------------------------------------------------------------------- the Cache
@@ -247,14 +106,15 @@ class KVTestbedCache(_Cache):
         self.config = config
         self.n_layers = text.num_hidden_layers
         self.n_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = _head_dim(text)
-        self.knobs = _check_knobs(self.policy_name, knobs, self.head_dim)
+        self.head_dim = head_dim_of(text)
+        # the declaration, built and checked once; kv_dtype None = the model's, resolved at _build
+        self.knobs, self.spec = check_knobs(self.policy_name, knobs, self.head_dim)
         self.link, self.capacity_hint = link, capacity
         self.kv: KVCache | None = None
         self._step: Step | None = None
         self.pad: torch.Tensor | None = None
         super().__init__(layers=[KVTestbedLayer(self, i) for i in range(self.n_layers)])
-        if not self.uses_attention_interface() and self.policy_name not in FALLBACK_POLICIES:
+        if not self.uses_attention_interface() and not self.spec.hf_fallback:
             self._refuse_fallback()
 
     # -- which path
@@ -268,16 +128,16 @@ class KVTestbedCache(_Cache):
             f"{getattr(self.config, '_attn_implementation', None)!r}): it works on the query, which "
             "Cache.update never sees. `import runtime.hf`, then load the model with "
             f"attn_implementation={ATTN_NAME!r} or call model.set_attn_implementation({ATTN_NAME!r}); "
-            f"only {', '.join(FALLBACK_POLICIES)} have the (slow) Cache.update fallback")
+            f"only {', '.join(n for n in sorted(SPECS) if SPECS[n].hf_fallback)} have the (slow) Cache.update fallback")
 
     # -- building our cache
 
     def _build(self, key_states: torch.Tensor, n_new: int) -> None:
-        kn = dict(self.knobs)
-        if kn["kv_dtype"] is None:
+        kv_dtype = self.knobs["kv_dtype"]
+        if kv_dtype is None:
             names = {v: k for k, v in KV_DTYPES.items()}
-            kn["kv_dtype"] = names.get(key_states.dtype, "auto")
-        policy = policy_spec(self.policy_name, **kn)
+            kv_dtype = names.get(key_states.dtype, "auto")
+        policy = replace(self.spec, kv_dtype=kv_dtype)     # checked in __init__; kv_dtype is one of KV_DTYPES
         B, dev = key_states.shape[0], key_states.device
         if self.link is None:
             from .transfer import make_link
@@ -332,7 +192,7 @@ class KVTestbedCache(_Cache):
             # stored by the attention function, which also has the query
             key_states._kvtestbed = (self, index)
             return key_states, value_states
-        if self.policy_name not in FALLBACK_POLICIES:
+        if not self.spec.hf_fallback:
             self._refuse_fallback()
         step = self._layer_step(index, key_states, _pad_from_positions(key_states, kwargs, self))
         layer = self.kv.layers[index]
@@ -342,7 +202,7 @@ class KVTestbedCache(_Cache):
         self._finish_layer(index, step)
         if step.is_prefill:      # prefill attends in full precision, as `LayerKV.attend` does
             return key_states, value_states
-        k, v = _dense_kv(layer, self.policy_name, step.end)
+        k, v = layer.dense_kv(step.end)
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     # -- bookkeeping transformers and users read
@@ -364,40 +224,33 @@ class KVTestbedCache(_Cache):
         return f"{type(self).__name__}({self.policy_name}{', ' + knobs if knobs else ''})"
 
 
-class KVTestbedFullCache(KVTestbedCache):
-    """`full`: a preallocated buffer written in place (DynamicCache concatenates every step)."""
-    policy_name = "full"
+_CLASSES: dict[str, type] = {}
 
 
-class KVTestbedOffloadCache(KVTestbedCache):
-    """`offload`: every layer's K/V in host memory, two device slots, layer i+1 fetched during layer i."""
-    policy_name = "offload"
-
-
-class KVTestbedKiviCache(KVTestbedCache):
-    """`kivi`: packed low-bit K/V attended in place (no dequantized copy on the attention path)."""
-    policy_name = "kivi"
-
-
-class KVTestbedSpeCache(KVTestbedCache):
-    """`specache`: low-bit K/V on the device, 16-bit on the host, exact top-k fetch per layer and step."""
-    policy_name = "specache"
-
-
-CACHE_CLASSES = {"full": KVTestbedFullCache, "offload": KVTestbedOffloadCache, "kivi": KVTestbedKiviCache,
-                 "specache": KVTestbedSpeCache}
+def cache_class(policy: str) -> type:
+    """The transformers Cache class of a policy (KVTestbed<Name>Cache), made from its declaration
+    on first use; ConfigError for a name without one (`hf_cache` empty: rag, a prefill technique)."""
+    having = sorted(n for n in SPECS if SPECS[n].hf_cache)
+    if policy not in having:
+        raise ConfigError(f"kvtestbed_cache: policy {policy!r} is not known; choose one of "
+                          f"{', '.join(having)} (policy=rag is a prefill technique, not a decode cache)")
+    if policy not in _CLASSES:
+        kv = POLICIES[policy]                 # the runtime cache it holds: its docstring's first line
+        doc = f"`{policy}`: " + (kv.__doc__ or sys.modules[kv.__module__].__doc__).strip().splitlines()[0]
+        _CLASSES[policy] = type(f"KVTestbed{policy.capitalize()}Cache", (KVTestbedCache,),
+                                {"policy_name": policy, "__doc__": doc, "__module__": __name__})
+    return _CLASSES[policy]
 
 
 def kvtestbed_cache(policy: str, config, **knobs) -> KVTestbedCache:
     """A transformers Cache running this project's KV policy `policy` (full | offload | kivi |
-    specache) for a model with `config`, with the policy's knobs (defaults: conf/policy/*.yaml;
-    `kv_dtype` defaults to the model's dtype; `specache` has prefetch=False, see the module docstring).
+    specache: the declarations with `hf_cache`) for a model with `config`, with the policy's knobs
+    (defaults: the declaration's and its `hf_defaults`, e.g. specache's prefetch=False; `kv_dtype`
+    defaults to the model's dtype).
     Pass `link=` (runtime.transfer) to emulate a host link on CPU, `capacity=` to preallocate."""
-    if policy not in CACHE_CLASSES:
-        raise ConfigError(f"kvtestbed_cache: policy {policy!r} is not known; choose one of "
-                          f"{', '.join(sorted(CACHE_CLASSES))} (policy=rag is a prefill technique, not a decode cache)")
+    cls = cache_class(policy)
     register()
-    return CACHE_CLASSES[policy](config, **knobs)
+    return cls(config, **knobs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -414,26 +267,6 @@ def _pad_from_positions(key_states: torch.Tensor, kwargs: dict, cache) -> torch.
     T = key_states.shape[2]
     pos = pos.expand(key_states.shape[0], -1)
     return (T - 1 - pos[:, -1]).clamp(min=0).to(torch.long)
-
-
-def _dense_kv(layer, policy: str, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fallback's dense K/V of columns [0, end): what `sdpa`/`eager` attention needs.
-
-    kivi: codes -> floats with the policy's own `unpack_float`, times scale plus zero per group;
-    then the full-precision residual. This is the wholesale dequantization the attention path avoids.
-    """
-    if policy == "full":
-        return layer.k[:, :, :end], layer.v[:, :, :end]
-    B, H = layer.k_res.shape[:2]
-    D, G, cg = layer.D, layer.G, layer.cg
-    kq, vq = layer.kq, layer.vq
-    codes = unpack_float(layer.k_codes[:, :, :kq], layer.bits, layer.dtype).view(B, H, kq // G, G, D)
-    k = codes * layer.k_scale[:, :, : kq // G, None] + layer.k_zero[:, :, : kq // G, None]
-    codes = unpack_float(layer.v_codes[:, :, :vq], layer.bits, layer.dtype).view(B, H, vq, D // cg, cg)
-    v = codes * layer.v_scale[:, :, :vq, :, None] + layer.v_zero[:, :, :vq, :, None]
-    k = torch.cat([k.reshape(B, H, kq, D), layer.k_res], dim=2)
-    v = torch.cat([v.reshape(B, H, vq, D), layer.v_res], dim=2)
-    return k, v
 
 
 def _pad_from_mask(mask: torch.Tensor | None, B: int, kv_len: int) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ are then the GPU stream's progress between two laps.
 
 With `spans=True` (the `timeline` switch) a step also keeps every lap as (name, start, end), the
 model's layer groups, and the emulated link's copies (runtime/transfer.py), for `chrome_trace`.
+What the phases mean and how to read them: docs/validation.md.
 """
 from __future__ import annotations
 

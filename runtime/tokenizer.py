@@ -63,10 +63,10 @@ def _pre_tokenizer(pre: str):
 
 
 def from_gguf(path: str | Path) -> Tokenizer:
-    from .model import _read_gguf, shipped_gguf_path
+    from .loaders import read_gguf, shipped_gguf_path
 
     path = Path(path) if path is not None else shipped_gguf_path()
-    reader = _read_gguf(path)
+    reader = read_gguf(path)
     f = reader.fields
 
     def get(key, default=None):
@@ -93,11 +93,10 @@ def from_gguf(path: str | Path) -> Tokenizer:
 def from_hf(folder: str | Path) -> Tokenizer:
     import json
 
+    from .loaders import need_file
+
     folder = Path(folder)
-    tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        raise ConfigError(f"model.path={folder}: no tokenizer.json")
-    tok = HFTokenizer.from_file(str(tj))
+    tok = HFTokenizer.from_file(str(need_file(folder, "tokenizer.json")))
     cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
     mcfg = json.loads((folder / "config.json").read_text())
     eos = mcfg.get("eos_token_id", 2)

@@ -123,7 +123,7 @@ class EmulatedLink:
     deadline = start + latency + bytes / bandwidth, and `wait()` sleeps until that absolute
     deadline. An earlier design did the memcpy on a worker thread; on the 2-core box that third
     runnable thread preempted torch's two compute threads at every small copy and doubled a
-    SpeCache decode step even at 100 GB/s (analysis/README.md, validation): a real copy engine
+    SpeCache decode step even at 100 GB/s (docs/results/validation.md): a real copy engine
     steals no CPU core. The memcpy's own cost (bytes / memcpy bandwidth) stays on the caller."""
 
     name = "emulated"

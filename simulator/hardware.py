@@ -1,6 +1,6 @@
 """SimPy hardware: a compute stream, H2D and D2H copy engines, device memory for KV.
 
-A step's operation graph (policies.py) runs in one of two fidelities that must agree:
+A step's operation graph (simulator/policies/) runs in one of two fidelities that must agree:
 
 - *detailed*: every op is a SimPy process that waits for its dependencies' events, then holds
   its engine (a `simpy.Resource(capacity=1)`) for its duration. Engines are in-order streams:
@@ -18,6 +18,7 @@ is walked back from the op that ends last: each op's predecessor is whichever of
 dependencies / the op before it on its engine determined its start (ties: the one on its own
 engine). So a copy hidden behind compute contributes 0, one that stalls compute exactly its
 stall, and the phases sum to the makespan. A `layer` op's PARTS are attributed with it.
+docs/simulator.md says why steps are costed this way.
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ event per iteration, the ops of the first iterations per engine, each request's 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -31,7 +31,10 @@ from core.cli import hydra_entry, run_point
 from core.errors import ConfigError
 from core.phases import STAGES
 from core.provenance import git_revision
-from core.results import key_value_table, latency_kv_rows, serving_metrics, results_folder, write_json_atomic
+from core.results import (key_value_table, latency_kv_rows, results_folder, run_record, serving_metrics,
+                          write_run_record)
+from core.results import phase_line, timeline_path as timeline_file  # noqa: F401  (simulator.run's names)
+from core.results import phase_rows as _phase_rows
 
 from .costs import Costs, ModelShape
 from .policies import ENGINES, make_policy
@@ -49,7 +52,7 @@ CSV_KEYS = ("throughput_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", 
 
 def profile_path(hw, model: str | None = None) -> Path:
     """hardware.profile; else (hardware=cpu|auto) a profile of this machine found by fingerprint
-    (runtime/profile/lookup.py: the user cache, then profiles/; never measured here), else the
+    (core/profile/lookup.py: the user cache, then profiles/; never measured here), else the
     committed CPU profile, which predicts the machine it was measured on (the summary says so)."""
     p = hw.get("profile")
     if p is None:
@@ -121,38 +124,35 @@ def model_preset(name: str, key: str) -> DictConfig:
 
 def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
     """policy.draft_model (RAG, selector=draft): the draft's own costs, from the same profile,
-    for its preset shape; its weights share the device with the target's."""
+    for its preset shape (its weights share the device with the target's: build_sim gives the
+    target's Costs their `extra_weights_bytes`)."""
     pol = cfg.policy
     if pol.get("selector") != "draft" or not pol.get("draft_model"):
         return None
     m = model_preset(str(pol.draft_model), "policy.draft_model")
-    d = Costs.load(path, str(m.name), allow_extrapolation=costs.allow_extrapolation)
-    d.extrapolated = costs.extrapolated
+    # one run, one record of what was read beyond the profile: the draft records into the target's set
+    d = Costs.load(path, str(m.name), allow_extrapolation=costs.allow_extrapolation, extrapolated=costs.extrapolated)
     shape = requested_shape(m, d, "policy.draft_model")
     n_layers = int(m.get("full_n_layers") or shape["n_layers"])
     if not 1 <= pol.draft_layers <= n_layers:
         raise ConfigError(f"policy.draft_layers={pol.draft_layers} must be in [1, {n_layers}] "
                           f"(the layers of policy.draft_model={pol.draft_model})")
-    d.bind(shape, n_layers, kv_elem)
-    if d.analytic:
-        costs.extra_weights_bytes = d.roofline.s.weights_bytes()
-    else:
-        costs.extra_weights_bytes = int(d.memory.get("weights_bytes", 0))
-    return d
+    return d.bind(shape, n_layers, kv_elem)
 
 
 def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     """The simulator a config describes, and the profile it reads."""
     check_config(cfg, "simulator.run")         # the same checks as runtime.bench and runtime.serve
     path = profile_path(cfg.hardware, cfg.model.name)
-    costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)))
-    costs.compute_scale = float(compute_scale)
     link = cfg.hardware.get("link") or {}
-    if link.get("gbps") is not None:                # null = no link; 0 was refused by check_config
-        if costs.profile["device"].get("type") != "cpu":
-            raise ConfigError(f"hardware.link.gbps={link.gbps} emulates a link on a CPU box, but {path} profiles "
-                              f"a {costs.profile['device'].get('type')}; drop hardware.link.gbps (its copies are measured)")
-        costs.link = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
+    emulated = None                                 # null gbps = no link; 0 was refused by check_config
+    if link.get("gbps") is not None:
+        emulated = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
+    costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)),
+                       link=emulated, compute_scale=float(compute_scale))
+    if emulated is not None and costs.profile["device"].get("type") != "cpu":
+        raise ConfigError(f"hardware.link.gbps={link.gbps} emulates a link on a CPU box, but {path} profiles "
+                          f"a {costs.profile['device'].get('type')}; drop hardware.link.gbps (its copies are measured)")
     shape, max_seq = model_shape(cfg, costs)
     check_shape(cfg, "simulator.run", head_dim=shape.head_dim, max_seq_len=max_seq, n_layers=shape.n_layers)
     check_simulation(cfg, shape.n_layers)    # requests and simulated work within core/feasibility.py's limits
@@ -162,6 +162,8 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     draft = draft_costs(cfg, costs, path, shape.kv_elem)
     if draft is not None:
         policy.draft_costs = draft
+        # the target's Costs, complete: the draft's weights take device memory from its KV
+        costs = dataclasses.replace(costs, extra_weights_bytes=draft.weights_bytes)
     cap = cfg.hardware.get("kv_budget_bytes")       # null = the profile's; 0 was refused by check_config
     if cap is None:
         cap = int(costs.memory["kv_available_bytes"])
@@ -185,42 +187,22 @@ def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
     t0 = time.perf_counter()
     reqs = sim.run(cfg.workload, progress=bool(cfg.get("progress", True)))
     wall = time.perf_counter() - t0
-    record = summarize(sim, reqs, cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    record.update({
-        "model": cfg.model.name, "policy": policy.name, "hardware": cfg.hardware.name, "experiment": cfg.experiment,
-        "batch": cfg.workload.batch, "prompt_len": cfg.workload.prompt_len, "gen_len": cfg.workload.gen_len,
-        "sim_wall_s": wall, "sim_iterations": sim.iterations,
-        # axes (and shape keys) read beyond what the profile measured (allow_extrapolation=true)
-        "extrapolated": sorted(costs.extrapolated),
-        "config": resolved,
-        "provenance": {"kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
-                       "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],
-                       "fidelity": cfg.fidelity, "git_revision": git_revision(),
-                       **machine_note(costs, cfg.hardware.get("device", "cpu")), "compute_scale": compute_scale,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    })
+    labels = {"model": cfg.model.name, "policy": policy.name, "hardware": cfg.hardware.name,
+              "experiment": cfg.experiment}
+    extras = {"sim_wall_s": wall, "sim_iterations": sim.iterations,
+              # axes (and shape keys) read beyond what the profile measured (allow_extrapolation=true)
+              "extrapolated": sorted(costs.extrapolated)}
+    record = run_record(cfg, summarize(sim, reqs, cfg), labels, extras, {
+        "kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
+        "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],
+        "fidelity": cfg.fidelity, "git_revision": git_revision(),
+        **machine_note(costs, cfg.hardware.get("device", "cpu")), "compute_scale": compute_scale,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if sim.phases:
         record["phases"] = {stage: sim.stages[stage].record() for stage in STAGES}
-    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = (f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_"
-            f"{cfg.workload.arrival}_{time.strftime('%Y%m%d-%H%M%S')}_{digest}.json")
-    target = Path(cfg.results_dir) / "simulated" / name
-    if sim.timeline:
-        record["timeline_path"] = str(timeline_file(target))
-    path = write_json_atomic(target, record, exclusive=True)
-    if sim.timeline:
-        if path != target:              # the name was taken (same config, same second): `-2`, ...
-            record["timeline_path"] = str(timeline_file(path))
-            write_json_atomic(path, record)
-        write_json_atomic(record["timeline_path"], timeline_trace(sim, reqs, record))
-    record["path"] = str(path)
+    stem = f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_{cfg.workload.arrival}"
+    write_run_record(cfg, record, "simulated", stem, timeline_trace(sim, reqs, record) if sim.timeline else None)
     return record
-
-
-def timeline_file(result: Path) -> Path:
-    """Where a result's timeline goes: beside it, `<stem>.timeline.json`."""
-    return result.with_name(result.stem + ".timeline.json")
 
 
 # ops beyond this many events in all are left out too (each is ~250 bytes of indented JSON)
@@ -311,34 +293,9 @@ def format_table(r: dict) -> str:
     return key_value_table(rows)
 
 
-def phase_line(stage: str, st: dict, floor: float = 0.005) -> str:
-    """One stage's record as `decode step 85.1 ms: layer 78% (mlp 31%, attention 20%, ...),
-    lm_head 9%, overhead 2%`: phases by share of the step, largest first, the layer's parts
-    (shares of the step) after it; shares under `floor` left out."""
-    pct = lambda x: f"{100 * x:.0f}%"    # noqa: E731
-    parts = sorted(((p, v["share"]) for p, v in (st.get("parts") or {}).items() if v["share"] >= floor),
-                   key=lambda x: -x[1])
-    out = []
-    for p, v in sorted(st["phases"].items(), key=lambda x: -x[1]["share"]):
-        if abs(v["share"]) < floor:
-            continue
-        text = f"{p} {pct(v['share'])}"
-        if p == "layer" and parts:
-            text += " (" + ", ".join(f"{q} {pct(x)}" for q, x in parts) + ")"
-        out.append(text)
-    ms = st["step_s"] * 1e3
-    size = f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
-    return f"{stage} step {size} ms: " + ", ".join(out)
-
-
 def phase_rows(r: dict) -> list[tuple[str, str]]:
-    """The closing table's "where a step goes" rows, one per stage that ran (none without `phases`)."""
-    rows = []
-    for stage in STAGES:
-        st = (r.get("phases") or {}).get(stage) or {}
-        if st.get("steps"):
-            rows.append(("where a step goes" if not rows else "", phase_line(stage, st)))
-    return rows
+    """The closing table's "where a step goes" rows in the predicted style (core/results.py)."""
+    return _phase_rows(r, predicted=True)
 
 
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")

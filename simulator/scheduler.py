@@ -10,6 +10,7 @@ Where the time goes (`phases`): every iteration's StepTime carries its phases an
 decode) with the steps' seconds, and `StageSum.record()` is core/phases.py's stage record (means
 per step). `timeline`: every iteration's start, length and stage, and its ops' start and end for
 the first TIMELINE_OP_ITERATIONS iterations (simulator/run.py writes them as a Chrome trace).
+docs/simulator.md describes the serving loop.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import simpy
 
 from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
 from core.errors import ConfigError
-from core.phases import PHASES, STAGES, stage_record
+from core.phases import PHASES, STAGES, add_totals, empty_totals, stage_record
+from core.values import number
+from core.workload import Lengths, Request, open_arrivals
 
 from .costs import Costs, ModelShape
 from .hardware import Hardware, StepTime, solve
 from .policies import Twin
-from core.workload import Lengths, Request, open_arrivals
 
 FIDELITIES = ("fast", "detailed")
 # timeline=true: the first this many iterations carry their ops (each an event per engine); later
@@ -36,28 +38,19 @@ TIMELINE_OP_ITERATIONS = 2000
 
 @dataclass
 class StageSum:
-    """The phases, layer parts and seconds of one stage's steps, summed."""
-    steps: int = 0
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    parts: dict[str, float] = field(default_factory=dict)
+    """The phases, layer parts and seconds of one stage's steps, summed (core/phases.py totals)."""
+    totals: dict = field(default_factory=empty_totals)
     parts_known: bool = True          # False once a step with layer time had no parts (no tables)
 
     def add(self, st: StepTime) -> None:
-        self.steps += 1
-        self.seconds += st.seconds
-        for k, v in st.phases.items():
-            self.phases[k] = self.phases.get(k, 0.0) + v
-        if st.parts:
-            for k, v in st.parts.items():
-                self.parts[k] = self.parts.get(k, 0.0) + v
-        elif st.phases.get("layer", 0.0) > 0:
+        add_totals(self.totals, 1, st.seconds, st.phases, st.parts or {})
+        if not st.parts and st.phases.get("layer", 0.0) > 0:
             self.parts_known = False
 
     def record(self) -> dict:
         """core/phases.py stage_record: mean seconds per step of each phase and part."""
-        return stage_record(self.phases, self.seconds, self.steps,
-                            self.parts if self.parts_known and self.parts else None)
+        t = self.totals
+        return stage_record(t["phases"], t["step_s"], t["steps"], t["parts"] if self.parts_known and t["parts"] else None)
 
 
 @dataclass
@@ -88,8 +81,7 @@ class Sim:
         check_scheduler(self.max_batch, self.order)
         if self.fidelity not in FIDELITIES:
             raise ConfigError(f"fidelity={self.fidelity!r} is not known; choose one of: {', '.join(FIDELITIES)}")
-        if self.ctx_bucket < 1:
-            raise ConfigError(f"scheduler.ctx_bucket={self.ctx_bucket} must be >= 1")
+        number(self.ctx_bucket, "scheduler.ctx_bucket", ge=1)
         self.costs.need(*self.policy.tables())
         self.env = simpy.Environment()
         self.hw = Hardware(self.env, self.kv_capacity, self.host_capacity)

@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from runtime.model import ModelArgs, random_init
+from runtime.loaders import random_init
+from runtime.model import ModelArgs
 
 warnings.filterwarnings("ignore", message=".*pynvml.*")
 
@@ -45,7 +46,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def shipped_model():
-    from runtime.model import load_gguf
+    from runtime.loaders import load_gguf
 
     return load_gguf()
 
@@ -61,7 +62,7 @@ def shipped_tokenizer():
 def hf_shipped():
     """transformers' own GGUF loading of the shipped file: the independent reference."""
     transformers = pytest.importorskip("transformers")
-    from runtime.model import shipped_gguf_path
+    from runtime.loaders import shipped_gguf_path
 
     p = shipped_gguf_path()
     with warnings.catch_warnings():

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from core.admission import Admission, Pool
 from core.errors import ConfigError
-from runtime import model as model_lib
+from runtime import loaders
 from runtime import serve
 from simulator.costs import Costs
 from simulator.policies import make_policy
@@ -32,7 +32,7 @@ def _cfg(*overrides):
 def tiny():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield model_lib.from_config(_cfg().model, CPU)
+    yield loaders.from_config(_cfg().model, CPU)
     torch.set_num_threads(threads)
 
 

@@ -1,4 +1,4 @@
-"""Issue 16, parts 4, 5 and 7: Hydra's errors are ours (one line, choices, nearest name, exit 2), a
+"""Hydra's errors are ours (one line, choices, nearest name, exit 2), a
 bad multirun point is recorded and the rest run, nothing measured is lost (writable check, names
 that cannot collide, orphaned temp files, the persistent chunk store with its cap), and the
 conventions (progress bar, where the sweep CSV is). The cases are tallied in hostile_cases_b.md."""
@@ -171,7 +171,7 @@ def _bench_cfg(*overrides):
 def test_unwritable_results_refused_before_the_run(tmp_path, monkeypatch):
     (tmp_path / "measured").write_text("a file in the way")
     ran = []
-    monkeypatch.setattr(runtime.bench.model_lib, "from_config", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(runtime.bench.loaders, "from_config", lambda *a, **k: ran.append(1))
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         runtime.bench.run(_bench_cfg(f"results_dir={tmp_path}"))
     with pytest.raises(ConfigError, match="results_dir"):

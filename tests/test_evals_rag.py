@@ -1,4 +1,4 @@
-"""runtime.evals.rag: the synthetic multi-document QA, EM/F1, and the resumable rag grid."""
+"""runtime.evals.rag (the package): the synthetic multi-document QA, EM/F1, and the resumable rag grid."""
 import json
 
 import pytest
@@ -82,7 +82,8 @@ def test_points():
 
 def test_tiny_end_to_end_is_resumable(tmp_path):
     from runtime.evals.__main__ import TINY_ARGS
-    from runtime.model import ModelArgs, random_init
+    from runtime.loaders import random_init
+    from runtime.model import ModelArgs
 
     model = random_init(ModelArgs(**TINY_ARGS), seed=0)
     samples = er.rag_samples(BYTES, 1, seed=0, chunk_len=160, n_chunks=2, hops=(1, 2))   # 2 samples
@@ -98,7 +99,7 @@ def test_tiny_end_to_end_is_resumable(tmp_path):
     assert {r["chosen"] for r in recs if r["policy"] == "full"} == {320}
     assert all(r["chosen"] <= 48 and r["ttft_s"] > 0 for r in recs if r["policy"] != "full")
     assert {r["chosen"] for r in recs if r["policy"] == "epic8"} == {2 * 8}     # 8 first tokens of 2 chunks
-    tables = report.report(tmp_path)                     # registered with report.TASKS
+    tables = report.report(tmp_path)                     # rag is one of report.TASKS
     t = tables["rag"]
     assert set(t.hops) == {"all", "1", "2"}
     full = t[(t.hops == "all") & (t.policy == "full")].iloc[0]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from runtime.engine import SamplingParams, generate
-from runtime.model import ModelArgs, random_init
+from runtime.loaders import random_init
+from runtime.model import ModelArgs
 
 from .conftest import TINY, Policy
 

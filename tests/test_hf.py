@@ -1,5 +1,6 @@
 """runtime/hf.py: the KV policies inside transformers' own models (kvtestbed_cache + the
-"kvtestbed" attention), `model=hf` folders for runtime.bench / runtime.evals, and bad input."""
+"kvtestbed" attention); runtime/hf_checks.py: `model=hf` folders for runtime.bench /
+runtime.evals, and bad input."""
 import json
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from runtime import hf as H  # noqa: E402
+from runtime import hf_checks  # noqa: E402
 from runtime.engine import SamplingParams, generate  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 from runtime.kv import policy_spec  # noqa: E402
@@ -178,10 +180,10 @@ def test_unsupported_architecture_names_type_and_supported():
 
 
 def test_transformers_version_outside_tested_range(monkeypatch):
-    monkeypatch.setattr(H, "transformers_version", lambda: "4.46.0")
+    monkeypatch.setattr(hf_checks, "transformers_version", lambda: "4.46.0")
     with pytest.raises(ConfigError, match=r"transformers 4.46.0 is outside the tested range >=5.24,<6"):
         H.kvtestbed_cache("full", transformers.AutoConfig.for_model("llama", **SMALL))
-    monkeypatch.setattr(H, "transformers_version", lambda: "6.0.0")
+    monkeypatch.setattr(hf_checks, "transformers_version", lambda: "6.0.0")
     with pytest.raises(ConfigError, match="outside the tested range"):
         H.check_transformers_version()
 

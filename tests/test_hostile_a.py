@@ -1,4 +1,4 @@
-"""Issue 16, parts 1-3: hostile input through the real entry points, in-process. Each case either
+"""Hostile input through the real entry points, in-process. Each case either
 runs or ends with one line `<prog>: error: ...` naming the field, and exit status 2, quickly.
 The tally of cases tried (before / after) is tests/hostile_cases_a.md."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 16, part 6: tests that hunt. Hypothesis generates configurations across the config groups
+"""Tests that hunt. Hypothesis generates configurations across the config groups
 (model=tiny; policy full / kivi / offload / rag / specache with their knobs; workload static /
 poisson / closed / trace; hardware link / budget / threads; the scheduler, the SLO, results_dir)
 and traces and profiles with hostile values, runs each through the real entry point in this process

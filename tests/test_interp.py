@@ -1,5 +1,5 @@
 """The interpolation rule (core/profile/interp.py), as the simulator reads tables with it
-(simulator/costs.py Table) and the profiler reads its whole/alone ratio (runtime/profile/measure.py)."""
+(simulator/tables.py Table) and the profiler reads its whole/alone ratio (runtime/profile/whole_model.py)."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from runtime.model import ModelArgs, load_gguf, load_hf, random_init
+from runtime.loaders import load_gguf, load_hf, random_init
+from runtime.model import ModelArgs
 
 from .conftest import TINY
 

@@ -1,4 +1,4 @@
-"""Machine identity, the cache root, profile lookup, noise-aware validation, bits tables."""
+"""Machine identity, the cache root, profile lookup and first use, noise-aware validation, bits tables."""
 from __future__ import annotations
 
 import copy
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from runtime import machine as M
+from core import machine as M
 from core.errors import ConfigError
-from core.profile import lookup as core_lookup
-from runtime.profile import lookup
+from core.profile import lookup
+from runtime.profile import first_use, speed
 from core.profile.schema import SCHEMA_VERSION, ProfileError, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("KVTESTBED_CACHE", str(root))
-    monkeypatch.setattr(core_lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
+    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
     return root
 
 
@@ -35,7 +35,7 @@ def this_machine_profile(index: float = 100.0) -> dict:
     """The committed profile's tables, relabelled as a profile of this machine of this schema,
     every kernel table timed on the code path the runtime takes now."""
     from core.profile.schema import current_code_path
-    from runtime.profile.measure import device_facts
+    from core.machine import device_facts
 
     prof = json.loads(COMMITTED.read_text())
     prof["schema_version"] = SCHEMA_VERSION
@@ -50,7 +50,7 @@ def this_machine_profile(index: float = 100.0) -> dict:
 
 def steady_speed(monkeypatch, index: float) -> None:
     """`ensure`'s speed probe (the bracket's before) reads `index`, as the fake profiles do."""
-    monkeypatch.setattr(lookup, "speed_now", lambda device, shape: index)
+    monkeypatch.setattr(first_use, "speed_now", lambda device, shape: index)
 
 
 # ----------------------------------------------------------------------------- identity and cache
@@ -110,8 +110,8 @@ def test_unwritable_cache_exits_2_from_validate(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("KVTESTBED_CACHE", str(blocker / "cache"))
-    monkeypatch.setattr(core_lookup, "REPO_PROFILES", tmp_path / "none")
-    monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": 1.0})
+    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "none")
+    monkeypatch.setattr(speed, "speed_index", lambda *a, **k: {"index": 1.0})
     with pytest.raises(SystemExit) as e:
         V.main(["experiment=validate_quick", f"results_dir={tmp_path}", "only=[full_b1_p512]", "progress=false"])
     assert e.value.code == 2
@@ -120,7 +120,7 @@ def test_unwritable_cache_exits_2_from_validate(tmp_path, monkeypatch, capsys):
 
 
 def test_speed_index_probes_and_index():
-    si = M.speed_index(CPU, {"dim": 64, "n_heads": 4, "n_kv_heads": 2}, reps=2)
+    si = speed.speed_index(CPU, {"dim": 64, "n_heads": 4, "n_kv_heads": 2}, reps=2)
     secs = [si["gemm_s"], si["memcpy_s"], si["attention_s"]]
     assert all(s > 0 for s in secs)
     assert si["index"] == pytest.approx(1 / np.prod(secs) ** (1 / 3))
@@ -132,14 +132,14 @@ def test_lookup_cache_first_then_repo_and_the_committed_profile_is_never_this_ma
     from core.results import write_json_atomic
 
     assert lookup.find(CPU, "smollm2") is None
-    monkeypatch.setattr(core_lookup, "REPO_PROFILES", REPO / "profiles")     # the real repo folder: no fingerprint
+    monkeypatch.setattr(lookup, "REPO_PROFILES", REPO / "profiles")     # the real repo folder: no fingerprint
     assert lookup.find(CPU, "smollm2") is None
     repo = tmp_path / "repo_profiles"
-    monkeypatch.setattr(core_lookup, "REPO_PROFILES", repo)
+    monkeypatch.setattr(lookup, "REPO_PROFILES", repo)
     write_json_atomic(repo / "here.json", this_machine_profile(1.0))
     assert lookup.find(CPU, "smollm2") == repo / "here.json"
     assert lookup.find(CPU, "no_such_model") is None
-    cached = lookup.cached_path(CPU)
+    cached = first_use.cached_path(CPU)
     write_json_atomic(cached, this_machine_profile(2.0))
     assert lookup.find(CPU, "smollm2") == cached
     other = this_machine_profile(3.0)
@@ -149,7 +149,7 @@ def test_lookup_cache_first_then_repo_and_the_committed_profile_is_never_this_ma
 
 
 def test_corrupt_or_foreign_cached_profile_is_re_measured_atomically(cache, monkeypatch, capsys):
-    import runtime.profile.__main__ as P
+    import runtime.profile.measure as P
 
     calls = []
 
@@ -160,41 +160,41 @@ def test_corrupt_or_foreign_cached_profile_is_re_measured_atomically(cache, monk
         return prof
     monkeypatch.setattr(P, "measured_profile", fake_measure)
     steady_speed(monkeypatch, 5.0)
-    path = lookup.cached_path(CPU)
+    path = first_use.cached_path(CPU)
     path.write_text('{"schema_version": 2, "device": {"fingerp')          # truncated
     need = lookup.Need(batch=4, context=1056, tokens=1024, bits={2})
-    got = lookup.ensure(CPU, "smollm2", need, progress=False)
+    got = first_use.ensure(CPU, "smollm2", need, progress=False)
     assert got == path and len(calls) == 1 and calls[0][1] == need.cover()
     err = capsys.readouterr().err
     assert "corrupt" in err and "measuring one" in err and "profiled this machine" in err
     assert validate(json.loads(path.read_text()), path)["device"]["fingerprint"] == M.this_fingerprint(CPU)
     assert not list(path.parent.glob(".*.tmp"))
     # found now: not measured again
-    assert lookup.ensure(CPU, "smollm2", need, progress=False) == path and len(calls) == 1
+    assert first_use.ensure(CPU, "smollm2", need, progress=False) == path and len(calls) == 1
     # a cached file of another schema is re-measured too
     old = json.loads(path.read_text())
     old["schema_version"] = 1
     path.write_text(json.dumps(old))
-    lookup.ensure(CPU, "smollm2", need, progress=False)
+    first_use.ensure(CPU, "smollm2", need, progress=False)
     assert len(calls) == 2 and "schema_version 1" in capsys.readouterr().err
 
 
 def test_a_failed_first_use_measurement_leaves_no_profile(cache, monkeypatch):
-    import runtime.profile.__main__ as P
+    import runtime.profile.measure as P
 
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(P, "measured_profile", boom)
     steady_speed(monkeypatch, 100.0)
     with pytest.raises(KeyboardInterrupt):
-        lookup.ensure(CPU, "smollm2", lookup.Need(), progress=False)
+        first_use.ensure(CPU, "smollm2", lookup.Need(), progress=False)
     assert not [p for p in (cache / "profiles").glob("*") if p.is_file()]
 
 
 def test_need_and_covering_grids():
     from omegaconf import OmegaConf
 
-    from runtime.profile.measure import kernel_axes, model_args
+    from runtime.profile.grids import kernel_axes, model_args
 
     cfg = OmegaConf.create({"workload": {"arrival": "static", "batch": 4, "prompt_len": 4096, "gen_len": 32,
                                          "n_requests": 8},
@@ -249,10 +249,10 @@ def test_simulator_run_says_which_machine_it_predicts(cache):
     assert rec["provenance"]["predicts"] != "this machine" and "Intel" in rec["provenance"]["predicts"]
     from core.results import write_json_atomic
 
-    write_json_atomic(lookup.cached_path(CPU), this_machine_profile())
+    write_json_atomic(first_use.cached_path(CPU), this_machine_profile())
     rec = simulate(cfg)
     assert rec["provenance"]["predicts"] == "this machine"
-    assert Path(rec["provenance"]["profile"]) == lookup.cached_path(CPU)
+    assert Path(rec["provenance"]["profile"]) == first_use.cached_path(CPU)
 
 
 def test_compute_scale_multiplies_kernels_not_transfers():
@@ -359,7 +359,7 @@ def test_interleaving_drift_and_columns(tmp_path, monkeypatch, capsys):
     from analysis import validate as V
 
     order, idx = [], iter([100.0, 100.0, 60.0, 100.0, 100.0, 100.0, 100.0, 100.0])
-    monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": next(idx)})
+    monkeypatch.setattr(speed, "speed_index", lambda *a, **k: {"index": next(idx)})
 
     def fake_measure(entry, cfg):
         order.append(cfg.experiment.split("-", 1)[1])
@@ -405,7 +405,7 @@ def test_drift_corrected_prediction_scales_by_the_speed_index_ratio(tmp_path, ca
     from core.results import write_json_atomic
 
     prof = write_json_atomic(tmp_path / "p.json", this_machine_profile(index=100.0))
-    monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": 50.0})      # twice as slow now
+    monkeypatch.setattr(speed, "speed_index", lambda *a, **k: {"index": 50.0})      # twice as slow now
     monkeypatch.setattr(V, "measure", lambda entry, cfg: {"path": "m.json", "ttft_s": 1.0, "tpot_s": 0.1,
                                                           "throughput_tok_s": 5.0, "kv_bytes_device": 1.0})
     cfg = V.compose_config("validate", [f"results_dir={tmp_path}", "progress=false", "figure=false"])
@@ -436,7 +436,7 @@ def test_gpu_suite_identity_records_fingerprint_and_speed_drift(tmp_path, monkey
 
     monkeypatch.setattr(gpu_suite, "OUT", tmp_path)
     idx = iter([10.0, 8.0])
-    monkeypatch.setattr(M, "speed_index", lambda *a, **k: {"index": next(idx)})
+    monkeypatch.setattr(speed, "speed_index", lambda *a, **k: {"index": next(idx)})
     rows = []
     gpu_suite.identity(rows)
     out = gpu_suite.identity_end(rows)
@@ -448,7 +448,7 @@ def test_gpu_suite_identity_records_fingerprint_and_speed_drift(tmp_path, monkey
 
 
 def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
-    import runtime.profile.__main__ as P
+    import runtime.profile.measure as P
     from core.results import write_json_atomic
 
     covers_seen = []
@@ -458,9 +458,9 @@ def test_re_measuring_for_more_keeps_what_the_cache_covered(cache, monkeypatch):
         return this_machine_profile()
     monkeypatch.setattr(P, "measured_profile", fake_measure)
     steady_speed(monkeypatch, 100.0)
-    write_json_atomic(lookup.cached_path(CPU), this_machine_profile())      # 2-bit tables only
+    write_json_atomic(first_use.cached_path(CPU), this_machine_profile())      # 2-bit tables only
     had = lookup.coverage(this_machine_profile(), "smollm2")
-    lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64, bits={4}), progress=False)
+    first_use.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64, bits={4}), progress=False)
     cover, bits, rag = covers_seen[0]
     assert cover == had.cover() and bits == (2, 4) and rag == had.rag
 
@@ -485,7 +485,7 @@ def test_gpu_suite_help_and_dry_run_run_nothing(tmp_path, monkeypatch, capsys):
 def test_need_keeps_the_static_points_exact_values_and_the_grids_hold_them():
     from omegaconf import OmegaConf
 
-    from runtime.profile.measure import kernel_axes, model_args
+    from runtime.profile.grids import kernel_axes, model_args
 
     def cfg(batch, prompt, gen, policy, arrival="static"):
         return OmegaConf.create({"workload": {"arrival": arrival, "batch": batch, "prompt_len": prompt, "gen_len": gen,
@@ -552,7 +552,7 @@ def test_a_profile_timed_on_another_code_path(cache, monkeypatch):
     k["decode_attention_kivi"]["code_path"] = other
     validate(prof, "p.json")
     assert not lookup.covers(prof, "smollm2", None)
-    write_json_atomic(lookup.cached_path(CPU), prof)
+    write_json_atomic(first_use.cached_path(CPU), prof)
     notes: list[str] = []
     assert lookup.find(CPU, "smollm2", None, notes) is None
     assert "timed on another code path" in notes[0] and "decode_attention_kivi" in notes[0]
@@ -609,7 +609,7 @@ def test_schema_3_tables_say_their_code_path_and_older_schemas_still_load():
 
 
 def test_first_use_profile_is_bracketed_by_the_speed_index(cache, monkeypatch, capsys):
-    import runtime.profile.__main__ as P
+    import runtime.profile.measure as P
 
     def run(afters):
         calls = []
@@ -618,21 +618,21 @@ def test_first_use_profile_is_bracketed_by_the_speed_index(cache, monkeypatch, c
             calls.append(1)
             return this_machine_profile(afters[len(calls) - 1])
         monkeypatch.setattr(P, "measured_profile", fake_measure)
-        got = lookup.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64), progress=False)
+        got = first_use.ensure(CPU, "smollm2", lookup.Need(batch=1, context=100, tokens=64), progress=False)
         return got, len(calls), capsys.readouterr().err
 
     steady_speed(monkeypatch, 100.0)
     got, n, err = run([119.0])                                   # within 20%: measured once, cached
-    assert n == 1 and got == lookup.cached_path(CPU) and "measuring it again" not in err
-    lookup.cached_path(CPU).unlink()
+    assert n == 1 and got == first_use.cached_path(CPU) and "measuring it again" not in err
+    first_use.cached_path(CPU).unlink()
     got, n, err = run([130.0, 140.0])                            # moved, then steady: measured twice, cached
-    assert n == 2 and got == lookup.cached_path(CPU) and "measuring it again" in err
+    assert n == 2 and got == first_use.cached_path(CPU) and "measuring it again" in err
     brackets = json.loads(got.read_text())["provenance"]["first_use"]["speed_brackets"]
     assert [(b["before"], b["after"]) for b in brackets] == [(100.0, 130.0), (130.0, 140.0)]
-    lookup.cached_path(CPU).unlink()
+    first_use.cached_path(CPU).unlink()
     got, n, err = run([70.0, 100.0])                             # moved twice: used for this run, not cached
-    assert n == 2 and got != lookup.cached_path(CPU) and got.is_file()
-    assert not lookup.cached_path(CPU).exists()
+    assert n == 2 and got != first_use.cached_path(CPU) and got.is_file()
+    assert not first_use.cached_path(CPU).exists()
     lines = [ln for ln in err.splitlines() if "not cached" in ln]
     assert len(lines) == 1 and str(got) in lines[0]
     got.unlink()

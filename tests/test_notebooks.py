@@ -11,9 +11,9 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [("analysis/validate.ipynb", "results/validation/validate_cpu.csv",
+CASES = [("analysis/validate.ipynb", "results/reference/validation/validate_cpu.csv",
           ["validate_cpu.png", "validate_cpu_errors.png", "validate_cpu_engine_time.png"]),
-         ("analysis/sweep.ipynb", "results/sweep/sweep_k_bits_r.csv",
+         ("analysis/sweep.ipynb", "results/reference/sweep/sweep_k_bits_r.csv",
           ["sweep_k_bits_r_heatmaps.png", "sweep_k_bits_r_rag.png", "sweep_k_bits_r_pareto.png"])]
 
 

@@ -235,8 +235,8 @@ def test_serve_phases_false(tmp_path):
 def test_timeline_unwritable_results_refused_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "measured").write_text("a file in the way")
     ran = []
-    monkeypatch.setattr(bench.model_lib, "from_config", lambda *a, **k: ran.append(1))
-    monkeypatch.setattr(serve.model_lib, "from_config", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(bench.loaders, "from_config", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(serve.loaders, "from_config", lambda *a, **k: ran.append(1))
     with pytest.raises(ConfigError, match="results_dir"):
         bench.run(_cfg("bench", "experiment=smoke", "timeline=true", f"results_dir={tmp_path}"))
     with pytest.raises(ConfigError, match="results_dir"):

@@ -28,10 +28,9 @@ register()
 
 
 def costs(path=CPU, model="smollm2", link=None):
-    c = Costs.load(path, model, allow_extrapolation=True)
+    c = Costs.load(path, model, allow_extrapolation=True, link=link)
     s = c.shape
     c.bind(s, s["n_layers"], KV_ELEMENT_BYTES[c.kv_dtype_auto])
-    c.link = link
     if not c.analytic:               # the committed CPU profile has 2-bit tables only: stand-ins for 1-bit
         kernels = c.profile["models"][model]["kernels"]
         for name in BITS_KERNELS:

@@ -9,7 +9,9 @@ import torch
 
 from runtime.profile import ProfileError, load, validate
 from runtime.profile import __main__ as cli
-from runtime.profile import measure, roofline
+from runtime.profile import grids, kernels, roofline, transfers
+from runtime.profile.timing import Timer
+from runtime.profile.whole_model import lm_head_in_model, whole_model_prefill
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,14 +74,14 @@ def test_load_names_what_is_wrong(tmp_path, roof):
 @pytest.fixture
 def small_grids(monkeypatch):
     """Shrink every grid so a measured profile takes seconds."""
-    monkeypatch.setattr(measure, "transfer_sizes", lambda quick: [4096, 1 << 20])
-    orig = measure.kernel_axes
+    monkeypatch.setattr(transfers, "transfer_sizes", lambda quick: [4096, 1 << 20])
+    orig = grids.kernel_axes
 
     def axes(args, quick, device, *rest, **kw):
         a = orig(args, True, device, *rest, **kw)
         small = {"tokens": [16, 64], "batch": [1, 2], "context": [256, 512], "k": [16, 64], "m": [16, 32]}
         return {name: {ax: small[ax] for ax in spec} for name, spec in a.items()}
-    monkeypatch.setattr(measure, "kernel_axes", axes)
+    monkeypatch.setattr(grids, "kernel_axes", axes)
 
 
 def test_measured_profile_of_tiny_model(tmp_path, small_grids):
@@ -114,7 +116,7 @@ def test_interrupted_run_leaves_no_file(tmp_path, small_grids, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(measure, "measure_kernels", boom)
+    monkeypatch.setattr(kernels, "measure_kernels", boom)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["--model", "tiny", "--quick", "--out", str(out)])
     assert list(tmp_path.iterdir()) == []
@@ -173,16 +175,17 @@ def test_whole_model_prefill_times_the_exact_prompt_lengths():
     grid's 256), and read between them by core/profile/interp.py's rule, flat past the ends."""
     from core.profile.interp import curve
     from core.profile.schema import table
-    from runtime.model import ModelArgs, random_init
+    from runtime.loaders import random_init
+    from runtime.model import ModelArgs
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, max_seq_len=512)
     m = random_init(args, 0)
     toks = [16, 64, 96, 256]
     alone = table({"tokens": toks}, [1e-4 * (1 + t / 64) for t in toks])
-    timer = measure.Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=0.05)
+    timer = Timer(torch.device("cpu"), repeats=3, warmup=1, budget_s=0.05)
     with torch.inference_mode():
-        out = measure.whole_model_prefill(m, timer, torch.device("cpu"), alone, lambda T: (lambda: None), True,
-                                          tokens_at=[96, 100, 64])      # 100: not a grid point, skipped
+        out = whole_model_prefill(m, timer, torch.device("cpu"), alone, lambda T: (lambda: None), True,
+                                  tokens_at=[96, 100, 64])      # 100: not a grid point, skipped
     w = out["whole_model"]
     assert w["tokens"] == [64, 96, 256] and len(w["ratio_to_alone"]) == 3 and all(3 <= r <= 5 for r in w["alternations"])
     ratio = curve(w["tokens"], w["ratio_to_alone"], toks)
@@ -191,8 +194,6 @@ def test_whole_model_prefill_times_the_exact_prompt_lengths():
 
 
 def test_lm_head_in_model_rescales_the_lone_table_by_hand():
-    from runtime.profile.measure import lm_head_in_model
-
     alone = {"axes": {"batch": [1, 2, 4, 8]}, "unit": "s", "p50": [1.0, 1.2, 2.0, 3.0],
              "p10": [0.9, 1.1, 1.8, 2.7], "p90": [1.1, 1.3, 2.2, 3.3]}
     out = lm_head_in_model(alone, {1: 1.5, 4: 2.0})          # ratios 1.5 at batch 1, 1.0 at batch 4

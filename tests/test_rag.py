@@ -336,11 +336,11 @@ def test_bench_policy_rag_writes_a_record(tmp_path, selector, r, extra, budget):
 def test_bench_policy_rag_equals_engine_on_full(tmp_path):
     """selector=full decodes the same tokens as a plain full-KV generate of the same prompt."""
     from runtime import bench
-    from runtime import model as model_lib
+    from runtime import loaders
     from runtime.engine import resolve_device
 
     cfg = _bench_cfg(tmp_path, "policy.selector=full", "workload.gen_len=6")
-    model = model_lib.from_config(cfg.model, resolve_device("cpu"))
+    model = loaders.from_config(cfg.model, resolve_device("cpu"))
     prompt = bench.make_prompts(cfg.workload, model.args.vocab_size, {0, 1, 2})[0]
     from runtime.bench_rag import bench_rag
 
@@ -429,7 +429,8 @@ def test_separate_draft_with_other_splits_chooses_whole_words(tiny_model, store)
     """Target: one token per byte; draft: one per word. Every target token overlapping a chosen
     draft word is chosen, and nothing else."""
     from runtime.evals.data import ByteTokenizer
-    from runtime.model import ModelArgs, random_init
+    from runtime.loaders import random_init
+    from runtime.model import ModelArgs
     from runtime.rag import Draft
 
     bt = ByteTokenizer()
@@ -501,7 +502,7 @@ def test_separate_draft_same_gguf_is_the_identity(shipped_model, shipped_tokeniz
     and the choice equals the target's own first D layers; forcing the character-offset path on
     a prompt that round-trips gives the identity alignment and the same choice."""
     from runtime.evals import rag as er
-    from runtime.model import shipped_gguf_path
+    from runtime.loaders import shipped_gguf_path
     from runtime.rag import load_draft, split_chunks
 
     s = er.make_rag(shipped_tokenizer, 0, seed=0, chunk_len=96, n_chunks=2, hops=1)

@@ -1,4 +1,4 @@
-"""Issue 17's selection signals against independent references (tiny random model, CPU, fast):
+"""RAG selection signals against independent references (tiny random model, CPU, fast):
 the trace's norms / K/V deviation / question attention vs a hand-written dense forward, the
 oracle's deviation vs a per-token loop over a normal prefill, sink tokens, recall, the shared
 trace giving the same choice as a live selection, the chunk-alone features, the twin's costs."""
@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from core.errors import ConfigError
 from core.policies.rag import RagPolicyConfig, budget_of, deep_layers, feature_bytes
 from runtime.engine import prefill_once
-from runtime.model import ModelArgs, random_init
+from runtime.loaders import random_init
+from runtime.model import ModelArgs
 from runtime.rag import ChunkStore, oracle_set, placed_kv, rag_prefill, recall, select, selector_scores, trace
 from runtime.rag.selectors import sink_positions, span_complete, top_with_sinks
 

@@ -1,6 +1,7 @@
-"""Every command the README shows is composed or dry-run, so a documented command cannot stop parsing.
+"""Every command README.md and docs/**/*.md show is composed or dry-run, so a documented command cannot
+stop parsing; every relative link in them points to a file of the repository.
 
-Commands come from the README's ```bash blocks and from inline `python -m ...` / `python benchmarks/...`
+Commands come from the ```bash blocks and from inline `python -m ...` / `python benchmarks/...`
 / `jupyter ...` / `pip ...` spans. Nothing runs:
 - Hydra entry points (runtime.bench, runtime.serve, simulator.run): `core.cli.check_command_line`, the
   check `main` makes before Hydra runs (every point of a multirun composed, the launcher checked);
@@ -27,6 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("**/*.md"))]
 HYDRA = {"runtime.bench": "bench", "runtime.serve": "serve", "simulator.run": "simulate"}
 COMPOSED = {"analysis.validate": "validate", "analysis.sweep": "sweep"}
 PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "optuna": "hydra_plugins.hydra_optuna_sweeper",
@@ -108,18 +110,24 @@ def _skip_missing_plugins(argv: list[str]) -> None:
                     pytest.skip(f"{' '.join(argv)}: needs {module} (not installed); its overrides parse")
 
 
-COMMANDS = readme_commands()
+def doc_commands() -> list[tuple[str, int, str]]:
+    """(file relative to the root, line, command) of every command README.md and docs/ show."""
+    return [(str(f.relative_to(ROOT)), n, c) for f in DOCS for n, c in readme_commands(f.read_text())]
+
+
+COMMANDS = doc_commands()
 
 
 def test_readme_has_commands():
     assert len(COMMANDS) > 40
-    mods = {normalise(c)[2] for _, c in COMMANDS if c.startswith("python -m ")}
+    mods = {normalise(c)[2] for _, _, c in COMMANDS if c.startswith("python -m ")}
     assert {"runtime.bench", "runtime.serve", "simulator.run", "analysis.validate", "analysis.sweep"} <= mods
+    assert any(f == "README.md" for f, _, _ in COMMANDS)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("line,cmd", COMMANDS, ids=[f"L{n}:{c[:60]}" for n, c in COMMANDS])
-def test_readme_command_parses(line, cmd, parse_only, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("doc,line,cmd", COMMANDS, ids=[f"{f}:L{n}:{c[:60]}" for f, n, c in COMMANDS])
+def test_readme_command_parses(doc, line, cmd, parse_only, monkeypatch, capsys, tmp_path):
     if any(cmd.startswith(p) for p in NOT_CHECKED):
         pytest.skip("not a project command")
     argv = normalise(cmd)
@@ -128,13 +136,13 @@ def test_readme_command_parses(line, cmd, parse_only, monkeypatch, capsys, tmp_p
         declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
         for group in extras:
             for e in group.split(","):
-                assert e in declared, f"README line {line}: pip extra .[{e}] is not in pyproject.toml"
+                assert e in declared, f"{doc} line {line}: pip extra .[{e}] is not in pyproject.toml"
         return
     if argv[0] == "jupyter":
         exe = Path(sys.executable).parent / "jupyter"
-        assert exe.exists(), f"README line {line}: jupyter is not installed by .[dev]"
+        assert exe.exists(), f"{doc} line {line}: jupyter is not installed by .[dev]"
         p = subprocess.run([str(exe), argv[1], "--help"], capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0, f"README line {line}: jupyter {argv[1]} missing: {p.stderr[-300:]}"
+        assert p.returncode == 0, f"{doc} line {line}: jupyter {argv[1]} missing: {p.stderr[-300:]}"
         return
     assert argv[0] == "python", cmd
     monkeypatch.chdir(ROOT)
@@ -148,7 +156,7 @@ def test_readme_command_parses(line, cmd, parse_only, monkeypatch, capsys, tmp_p
             try:
                 check_command_line(module, HYDRA[module], args)
             except SystemExit as e:
-                pytest.fail(f"README line {line}: {cmd}\n{capsys.readouterr().err.strip()} (exit {e.code})")
+                pytest.fail(f"{doc} line {line}: {cmd}\n{capsys.readouterr().err.strip()} (exit {e.code})")
             return
         if module in COMPOSED:
             compose = importlib.import_module(module).compose_config
@@ -161,10 +169,10 @@ def test_readme_command_parses(line, cmd, parse_only, monkeypatch, capsys, tmp_p
         except Parsed:
             return
         except SystemExit as e:
-            pytest.fail(f"README line {line}: {cmd}: exit {e.code}: {capsys.readouterr().err.strip()[-500:]}")
-        pytest.fail(f"README line {line}: {cmd}: main() returned without parsing arguments")
+            pytest.fail(f"{doc} line {line}: {cmd}: exit {e.code}: {capsys.readouterr().err.strip()[-500:]}")
+        pytest.fail(f"{doc} line {line}: {cmd}: main() returned without parsing arguments")
     script = ROOT / argv[1]
-    assert script.is_file(), f"README line {line}: {argv[1]} does not exist"
+    assert script.is_file(), f"{doc} line {line}: {argv[1]} does not exist"
     monkeypatch.setattr(sys, "argv", [str(script), *argv[2:]])
     monkeypatch.syspath_prepend(str(script.parent))      # as `python script.py` puts it first
     try:
@@ -172,8 +180,8 @@ def test_readme_command_parses(line, cmd, parse_only, monkeypatch, capsys, tmp_p
     except Parsed:
         return
     except SystemExit as e:
-        pytest.fail(f"README line {line}: {cmd}: exit {e.code}: {capsys.readouterr().err.strip()[-500:]}")
-    pytest.fail(f"README line {line}: {cmd}: ran without parsing arguments")
+        pytest.fail(f"{doc} line {line}: {cmd}: exit {e.code}: {capsys.readouterr().err.strip()[-500:]}")
+    pytest.fail(f"{doc} line {line}: {cmd}: ran without parsing arguments")
 
 
 def test_extraction_handles_the_readme_forms():
@@ -186,3 +194,53 @@ def test_extraction_handles_the_readme_forms():
     assert normalise(cmds[3]) == ["python", "-m", "runtime.profile"]
     assert normalise(cmds[4]) == ["python", "-m", "runtime.evals", "passkey"]
     assert normalise("OMP_NUM_THREADS=1 nice -n 19 python -m x a=[1,2]") == ["python", "-m", "x", "a=[1,2]"]
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def doc_links(text: str) -> list[tuple[int, str]]:
+    """(line, target) of every markdown link outside code (fenced blocks and `spans`)."""
+    out, fence = [], False
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fence = not fence
+            continue
+        if not fence:
+            out += [(i, m.group(1)) for m in LINK.finditer(re.sub(r"`[^`]*`", "", line))]
+    return out
+
+
+LINKS = [(str(f.relative_to(ROOT)), n, t) for f in DOCS for n, t in doc_links(f.read_text())]
+
+
+def test_docs_have_links():
+    assert any(f == "README.md" for f, _, _ in LINKS) and len(LINKS) > 20
+
+
+@pytest.mark.parametrize("doc,line,target", LINKS, ids=[f"{f}:L{n}:{t}" for f, n, t in LINKS])
+def test_doc_link_resolves(doc, line, target):
+    """A relative link names a file (or folder) of this repository; no link leaves it: a clone
+    has nothing outside, and the docs speak about this project only."""
+    assert not re.match(r"[a-z][a-z0-9+.-]*:", target), f"{doc} line {line}: {target} links outside the repository"
+    path = target.split("#", 1)[0]
+    if not path:                                          # an anchor in the same page
+        assert target[1:] in heading_slugs((ROOT / doc).read_text()), f"{doc} line {line}: no heading {target}"
+        return
+    resolved = ((ROOT / doc).parent / path).resolve()
+    assert resolved.is_relative_to(ROOT), f"{doc} line {line}: {target} points outside the repository"
+    assert resolved.exists(), f"{doc} line {line}: {target} does not exist ({resolved.relative_to(ROOT)})"
+    if "#" in target and resolved.suffix == ".md":
+        anchor = target.split("#", 1)[1]
+        assert anchor in heading_slugs(resolved.read_text()), f"{doc} line {line}: no heading #{anchor} in {path}"
+
+
+def heading_slugs(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation out, spaces to dashes."""
+    heads = [line.lstrip("#").strip() for line in text.splitlines() if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_link_extraction():
+    text = "see [a](docs/a.md#x) and ![f](r/f.png)\n`[not](code)`\n```\n[no](link)\n```\n[in](#page)\n"
+    assert doc_links(text) == [(1, "docs/a.md#x"), (1, "r/f.png"), (6, "#page")]

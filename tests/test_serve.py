@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from runtime import model as model_lib
+from runtime import loaders
 from runtime import serve
 from runtime.engine import SamplingParams, generate
 from core.errors import ConfigError
@@ -29,7 +29,7 @@ def _cfg(*overrides, name="serve"):
 def tiny():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # a 2-core box shared with others: one thread is faster and steadier
-    yield model_lib.from_config(_cfg().model, CPU)
+    yield loaders.from_config(_cfg().model, CPU)
     torch.set_num_threads(threads)
 
 
@@ -124,17 +124,16 @@ def test_budget_of_two_requests_admits_two_at_a_time_in_fifo_order(tiny, policy)
         serve.serve(tiny, _cfg(*base, f"hardware.kv_budget_bytes={budget // 2 - 1}"))
 
 
-def test_bad_input_names_the_field(tiny):
-    with pytest.raises(ConfigError, match="kv_budget_bytes=0"):
-        serve.serve(tiny, _cfg("hardware.kv_budget_bytes=0"))
-    with pytest.raises(ConfigError, match="workload.arrival='bursty'"):
-        serve.serve(tiny, _cfg("workload.arrival=bursty"))
-    with pytest.raises(ConfigError, match="context"):
-        serve.serve(tiny, _cfg("workload.prompt_len=2040", "workload.gen_len=16"))
-    with pytest.raises(ConfigError, match="scheduler.order"):
-        serve.serve(tiny, _cfg("scheduler.order=lifo"))
-    with pytest.raises(ConfigError, match="policy='rag'"):
-        serve.serve(tiny, _cfg("policy=rag"))
+@pytest.mark.parametrize("overrides,message", [
+    (["hardware.kv_budget_bytes=0"], "kv_budget_bytes=0"),
+    (["workload.arrival=bursty"], "workload.arrival='bursty'"),
+    (["workload.prompt_len=2040", "workload.gen_len=16"], "context"),
+    (["scheduler.order=lifo"], "scheduler.order"),
+    (["policy=rag"], "policy='rag'"),
+])
+def test_bad_input_names_the_field(tiny, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        serve.serve(tiny, _cfg(*overrides))
 
 
 def test_trace_arrivals_are_replayed_in_real_time(tiny, tmp_path):

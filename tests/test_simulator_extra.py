@@ -77,3 +77,27 @@ def test_rho_is_the_design_ratio():
     assert fh.rho(2, 64, 2) == pytest.approx((2 + 32 / 64) / 16)
     assert fh.rho(1, 32, 2) == pytest.approx((1 + 1) / 16)
     assert fh.rho(2, 64, 4) == pytest.approx((2 + 1) / 32)     # float32 K/V: scale, zero in float32
+
+
+def test_a_costs_is_complete_when_built_and_a_draft_shares_the_record():
+    """build_sim gives Costs.load the run's link and compute_scale; a RAG draft records into the
+    target's `extrapolated` set itself (one run, one record), and the target's Costs carry the
+    draft's weights (its KV room shrinks by them)."""
+    from analysis.validate import compose_config
+    from simulator.run import build_sim
+
+    over = ["hardware=a100", "model=llama3_8b_shape", "policy=rag", "workload=rag", "workload.prompt_len=3104",
+            "policy.selector=draft", "policy.draft_layers=16", "policy.draft_model=llama32_1b_shape"]
+    sim, _ = build_sim(compose_config("simulate", over), compute_scale=1.5)
+    d = sim.policy.draft_costs
+    assert d.extrapolated is sim.costs.extrapolated
+    assert sim.costs.compute_scale == 1.5 and sim.costs.link is None
+    assert sim.costs.extra_weights_bytes == d.weights_bytes > 0
+    d.extrapolated.add("probe")                     # what the draft records, the run's result reports
+    assert "probe" in sim.costs.extrapolated
+    cpu, _ = build_sim(compose_config("simulate", ["policy=offload", "hardware.link.gbps=2"]))
+    assert cpu.costs.link == pytest.approx((2e9, 0.0)) and cpu.costs.link_kind == "emulated"
+    # a Costs loaded alone records into a set of its own
+    a = Costs.load(ROOT / CASES[2][0], "smollm2")
+    b = Costs.load(ROOT / CASES[2][0], "smollm2", extrapolated=a.extrapolated)
+    assert b.extrapolated is a.extrapolated and Costs.load(ROOT / CASES[2][0], "smollm2").extrapolated is not a.extrapolated

@@ -1,4 +1,4 @@
-"""How the simulator runs copies, against hand-computed step times (simulator/costs.py link_kind).
+"""How the simulator runs copies, against hand-computed step times (simulator/copies.py link_kind).
 
 A CPU box without link emulation copies on the compute thread (a step is the plain sum of its
 ops); with `hardware.link.gbps` one worker thread carries both directions beside compute (a
@@ -22,10 +22,8 @@ SHAPE = ModelShape(n_layers=30, n_kv_heads=3, head_dim=64, kv_dtype="float32")
 
 
 def costs(path=CPU, model="smollm2", gbps=None, latency_us=0.0) -> Costs:
-    c = Costs.load(path, model, allow_extrapolation=True)
-    if gbps:
-        c.link = (gbps * 1e9, latency_us * 1e-6)
-    return c
+    link = (gbps * 1e9, latency_us * 1e-6) if gbps else None
+    return Costs.load(path, model, allow_extrapolation=True, link=link)
 
 
 @pytest.mark.parametrize("policy", [Offload(), Specache(k=64, prefetch=True), Specache(k=64, prefetch=False)],

@@ -1,14 +1,17 @@
 """What every policy declaration shares: the model shape its byte formulas read, the base
-dataclass (`name`, `kv_dtype`), the registry both halves look names up in."""
+dataclass (`name`, `kv_dtype`), the registry both halves look names up in, and `spec_of`, which
+builds and checks a run's declaration once (docs/policies.md)."""
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from omegaconf import MISSING
 
 from core.errors import ConfigError
+
+from .registry import Registry
 
 KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_DTYPES = ("auto", *KV_ELEMENT_BYTES)
@@ -53,11 +56,58 @@ class PolicyConfig:
     # (core/checks.py: every other check is the same code in both halves). Empty for most.
     simulator_only: ClassVar[dict[str, str]] = {}
 
+    # -- what the policy is to the other entry points (properties of the policy, not of a run)
+
+    # runtime/hf.py, transformers' generate(): whether it has a Cache class there, whether a dense
+    # Cache.update fallback exists (attention other than attn_implementation="kvtestbed"), and
+    # knob defaults that differ there
+    hf_cache: ClassVar[bool] = True
+    hf_fallback: ClassVar[bool] = False
+    hf_defaults: ClassVar[dict] = {}
+    # runtime/evals/specs.py, short command-line names (`kivi2-g32`, `specache-k64-b2`): the
+    # grammar shown (None = no short name), the knob the name's own digits give, option letter ->
+    # integer knob, flag -> (knob, value), the options that must be given
+    short_form: ClassVar[Optional[str]] = ""     # "": the bare name (`full`); None: none
+    short_head: ClassVar[str] = ""
+    short_options: ClassVar[dict[str, str]] = {}
+    short_flags: ClassVar[dict[str, tuple]] = {}
+    short_required: ClassVar[tuple[str, ...]] = ()
+    # analysis/sweep.py: the knobs a result label (`label()`) encodes, in order, e.g. ("k", "bits")
+    label_knobs: ClassVar[tuple[str, ...]] = ()
+
     def check(self, head_dim: int | None = None) -> None:
         """One-line ConfigErrors naming the field; `head_dim` when the model is known. Every
-        number a knob holds is finite (NaN / inf refused by core/checks.py before this)."""
+        number a knob holds is finite (NaN / inf refused by core/checks.py before this). A run
+        calls it once (core/checks.py check_config) and carries the checked object."""
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"policy.kv_dtype={self.kv_dtype!r} is not known; use one of {', '.join(KV_DTYPES)}")
+        self.check_knobs()
+        if head_dim is not None:
+            self.check_head_dim(head_dim)
+
+    def check_knobs(self) -> None:
+        """A subclass's own knob rules, run by `check` before the head_dim ones (which may
+        divide by a knob this refuses)."""
+
+    @staticmethod
+    def require_choice(key: str, value, allowed) -> None:
+        """The one-line error of a knob that takes one of a few names."""
+        if value not in allowed:
+            raise ConfigError(f"policy.{key}={value!r} is not known; choose one of: {', '.join(allowed)}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """The knob rules that need the model's head_dim (run by `check` when it is known, and
+        by core/checks.py check_shape / runtime.kv make_cache once the model is loaded)."""
+
+    @classmethod
+    def plugin(cls) -> str | None:
+        """The package a declaration shipped outside this project lives in (its `policy.plugin`,
+        whose `kv` and `twin` modules the halves import), None for one in tree."""
+        pkg = cls.__module__.rpartition(".")[0]
+        return None if pkg in ("core.policies", "runtime.kv", "simulator.policies") else pkg
+
+    def hf_check(self) -> None:
+        """Refuse knobs transformers' generate() cannot run (runtime/hf.py)."""
 
     def check_model(self, max_seq_len: int, n_layers: int, runner: str = "runtime.bench") -> None:
         """The checks that need the model (its context, its layers), for `runner`
@@ -92,6 +142,11 @@ class PolicyConfig:
     def knob_label(self) -> str:
         return ""
 
+    def topk_rows(self) -> int | None:
+        """16-bit rows fetched per KV head per step, for tables that compare the low-bit
+        policies on one axis (kivi: 0, specache: k); None where the notion does not apply."""
+        return None
+
     def profile_bits(self) -> set[int]:
         """The low-bit widths whose profile tables this policy reads."""
         return set()
@@ -109,13 +164,12 @@ class PolicyConfig:
         return None
 
 
-SPECS: dict[str, type[PolicyConfig]] = {}
+SPECS = Registry("core.policies")      # name -> declaration: core/policies/<name>.py, or a plugin's
 
 
 def declare(cls: type[PolicyConfig]) -> type[PolicyConfig]:
     """Class decorator: enter a policy declaration in the registry under its `name`."""
-    SPECS[cls.name] = cls
-    return cls
+    return SPECS.add(cls.name, cls)
 
 
 def _get(cfg, key, default=None):
@@ -128,7 +182,7 @@ def load_plugin(cfg, part: str = "declaration") -> None:
     """Import `<policy.plugin>.<part>`, if the config sets `plugin`: a policy shipped outside this
     package is a package with `declaration` (its knobs, checks and bytes), `kv` (the runtime
     cache) and `twin` (the simulator twin) modules, each entering itself in its registry."""
-    pkg = _get(cfg, "plugin")
+    pkg = cfg.plugin() if isinstance(cfg, PolicyConfig) else _get(cfg, "plugin")
     if pkg:
         try:
             importlib.import_module(f"{pkg}.{part}")
@@ -150,12 +204,14 @@ def knobs_of(cfg, cls: type) -> dict:
 
 
 def spec_of(cfg, head_dim: int | None = None, check: bool = True) -> PolicyConfig:
-    """The declaration of a policy config (`name` and its knobs), checked unless told not to."""
+    """The declaration of a policy config (`name` and its knobs: a DictConfig, dict or
+    namespace), checked unless told not to. A declaration is returned as it is: it was built
+    and checked once, where the run began (core/checks.py)."""
+    if isinstance(cfg, PolicyConfig):
+        return cfg
     load_plugin(cfg)
-    name = _get(cfg, "name")
-    if name not in SPECS:
-        raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(SPECS))}")
-    spec = SPECS[name](**knobs_of(cfg, SPECS[name]))
+    cls = SPECS.lookup(_get(cfg, "name"))
+    spec = cls(**knobs_of(cfg, cls))
     if check:
         spec.check(head_dim)
     return spec

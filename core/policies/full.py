@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import PolicyConfig, declare
 
@@ -9,4 +10,6 @@ from .base import PolicyConfig, declare
 @declare
 @dataclass
 class FullPolicyConfig(PolicyConfig):
+    """No knob but kv_dtype; the base of the policies whose held cache is a `full` one (rag)."""
     name: str = "full"
+    hf_fallback: ClassVar[bool] = True     # transformers' dense Cache.update path: the buffer itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 from core.errors import ConfigError
 
@@ -27,8 +28,13 @@ class KiviPolicyConfig(PolicyConfig):
     residual: int = 64              # newest tokens kept in full precision; a multiple of group_size
     one_bit_rule: str = "specache"  # specache: codes decode to half-range centres | plain: to min/max
 
-    def check(self, head_dim: int | None = None) -> None:
-        super().check(head_dim)
+    hf_fallback: ClassVar[bool] = True
+    short_form: ClassVar[Optional[str]] = "kivi<bits>[-g<N>][-r<N>]"
+    short_head: ClassVar[str] = "bits"
+    short_options: ClassVar[dict[str, str]] = {"g": "group_size", "r": "residual"}
+    label_knobs: ClassVar[tuple[str, ...]] = ("bits",)
+
+    def check_knobs(self) -> None:
         if self.bits not in BITS:
             raise ConfigError(f"policy.bits={self.bits} is not supported; use one of {', '.join(map(str, BITS))}")
         if self.group_size < 1:
@@ -38,7 +44,9 @@ class KiviPolicyConfig(PolicyConfig):
                               f"policy.group_size={self.group_size} (keys are quantized a group at a time)")
         if self.one_bit_rule not in ONE_BIT_RULES:
             raise ConfigError(f"policy.one_bit_rule={self.one_bit_rule!r}; use one of {', '.join(ONE_BIT_RULES)}")
-        if head_dim is not None and head_dim % value_group(self.group_size, head_dim):
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % value_group(self.group_size, head_dim):
             raise ConfigError(f"policy.group_size={self.group_size} must divide head_dim={head_dim} "
                               "(values are grouped along channels)")
 
@@ -70,6 +78,9 @@ class KiviPolicyConfig(PolicyConfig):
 
     def knob_label(self) -> str:
         return f"{self.bits}b"
+
+    def topk_rows(self) -> int | None:
+        return 0
 
     def profile_bits(self) -> set[int]:
         return {int(self.bits)}

@@ -64,12 +64,15 @@ class RagPolicyConfig(FullPolicyConfig):
     store_max_bytes: Optional[int] = 4 * 2 ** 30   # store=disk (runtime only): cap of the chunk files under <cache root>/chunks; least recently used evicted past it; null = no cap
     question_len: int = 32          # runtime.bench / simulator: the prompt's last tokens are the question, the rest chunks of chunk_len
 
+    hf_cache: ClassVar[bool] = False         # a prefill technique, not a decode cache
+    hf_fallback: ClassVar[bool] = False
+    short_form: ClassVar[Optional[str]] = None
+    label_knobs: ClassVar[tuple[str, ...]] = ("selector", "recompute_ratio", "draft_layers", "sink_tokens")
+
     def check(self, head_dim: int | None = None) -> None:
         super().check(head_dim)
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"policy.selector={self.selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
-        if self.store not in STORES:
-            raise ConfigError(f"policy.store={self.store!r} is not known; choose one of: {', '.join(STORES)}")
+        self.require_choice("selector", self.selector, SELECTORS)
+        self.require_choice("store", self.store, STORES)
         r = float(self.recompute_ratio)
         if math.isnan(r) or not 0.0 <= r <= 1.0:
             raise ConfigError(f"policy.recompute_ratio={r} must be in [0, 1]")

@@ -3,6 +3,7 @@ token's K/V in `kv_dtype` on the host."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 from core.errors import ConfigError
 
@@ -20,12 +21,28 @@ class SpecachePolicyConfig(KiviPolicyConfig):
     prefetch: bool = True           # speculative pre-decoding: fetch the next step's top-k during this one
     gather: str = "host"            # host: index_select into pinned staging + one copy | device: a device kernel reads the pinned host rows (UVA, zero-copy)
 
+    hf_fallback: ClassVar[bool] = False
+    hf_defaults: ClassVar[dict] = {"prefetch": False}   # speculative pre-decoding needs the engine's loop
+    short_form: ClassVar[Optional[str]] = "specache-k<k>-b<bits>[-g<N>][-r<N>][-noprefetch]"
+    short_head: ClassVar[str] = ""
+    short_options: ClassVar[dict[str, str]] = {"k": "k", "b": "bits", "g": "group_size", "r": "residual"}
+    short_flags: ClassVar[dict[str, tuple]] = {"noprefetch": ("prefetch", False)}
+    short_required: ClassVar[tuple[str, ...]] = ("k", "b")
+    label_knobs: ClassVar[tuple[str, ...]] = ("k", "bits", "prefetch")
+
     def check(self, head_dim: int | None = None) -> None:
         super().check(head_dim)
         if self.k < 0:
             raise ConfigError(f"policy.k={self.k} must be >= 0 (0 = plain KIVI; k beyond the context is clamped)")
-        if self.gather not in GATHERS:
-            raise ConfigError(f"policy.gather={self.gather!r} is not known; choose one of: {', '.join(GATHERS)}")
+        self.require_choice("gather", self.gather, GATHERS)
+
+    def hf_check(self) -> None:
+        if self.prefetch:
+            raise ConfigError("kvtestbed_cache('specache'): prefetch=True (speculative pre-decoding) is not available "
+                              "inside transformers' generate(): it needs two tokens per forward (the real one and a "
+                              "guess of the next) and an extra first pass, and generate() feeds one. Use "
+                              "prefetch=False (exact top-k, the default here) or this project's runtime "
+                              "(python -m runtime.bench policy=specache)")
 
     def k_eff(self, ctx: float) -> int:
         return min(self.k, self.quantized(int(ctx))[0])
@@ -40,6 +57,9 @@ class SpecachePolicyConfig(KiviPolicyConfig):
 
     def knob_label(self) -> str:
         return f"k{self.k}-{self.bits}b" + ("" if self.prefetch else "-noprefetch")
+
+    def topk_rows(self) -> int | None:
+        return self.k
 
     def query_rows(self, batch: int) -> int:
         return 2 * batch if (self.prefetch and self.k > 0) else batch

@@ -11,27 +11,18 @@ from a grid, so a GQA-8 shape costs what GQA-8 reads, at 32K context as at 4K.
 `runtime/profile/roofline.py` writes roofline profile files from these same formulas (tables on
 the measured grids, for `--compare` against a measured profile and for older readers); the
 simulator (`simulator/costs.py`) calls the formulas directly for any roofline profile.
+The GPUs' datasheet peaks are gpus.toml beside this file; docs/profiles.md says why these formulas.
 """
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
-# Peaks from the vendors' datasheets: dense FP16/BF16 tensor-core FLOP/s (no sparsity), HBM/GDDR
-# bandwidth, memory, PCIe generation x width. PCIe per-direction rate after 128b/130b coding.
-GPUS = {
-    "h100-sxm": dict(name="NVIDIA H100 SXM5 80GB", flops=989e12, hbm=3.35e12, memory=80e9, pcie=(5, 16),
-                     source="NVIDIA H100 Tensor Core GPU datasheet (SXM5: 989 TFLOPS dense BF16, 3.35 TB/s)"),
-    "h100-pcie": dict(name="NVIDIA H100 PCIe 80GB", flops=756e12, hbm=2.0e12, memory=80e9, pcie=(5, 16),
-                      source="NVIDIA H100 Tensor Core GPU datasheet (PCIe: 756 TFLOPS dense BF16, 2.0 TB/s)"),
-    "h200": dict(name="NVIDIA H200 SXM 141GB", flops=989e12, hbm=4.8e12, memory=141e9, pcie=(5, 16),
-                 source="NVIDIA H200 Tensor Core GPU datasheet (989 TFLOPS dense BF16, 4.8 TB/s, 141 GB)"),
-    "a100": dict(name="NVIDIA A100 SXM4 80GB", flops=312e12, hbm=2.039e12, memory=80e9, pcie=(4, 16),
-                 source="NVIDIA A100 Tensor Core GPU datasheet (312 TFLOPS dense BF16, 2,039 GB/s)"),
-    "a6000": dict(name="NVIDIA RTX A6000", flops=154.8e12, hbm=768e9, memory=48e9, pcie=(4, 16),
-                  source="NVIDIA RTX A6000 datasheet (309.7 TFLOPS tensor with sparsity -> 154.8 dense, 768 GB/s)"),
-    "l40s": dict(name="NVIDIA L40S", flops=362e12, hbm=864e9, memory=48e9, pcie=(4, 16),
-                 source="NVIDIA L40S datasheet (733 TFLOPS FP16 with sparsity -> 362 dense, 864 GB/s)"),
-}
+# Peaks from the vendors' datasheets (gpus.toml beside this file): dense FP16/BF16 tensor-core
+# FLOP/s, HBM/GDDR bandwidth, memory, PCIe generation x width, and the datasheet each comes from
+GPUS = {name: {**gpu, "pcie": tuple(gpu["pcie"])}
+        for name, gpu in tomllib.loads(Path(__file__).with_name("gpus.toml").read_text()).items()}
 PCIE_LANE = {3: 0.985e9, 4: 1.969e9, 5: 3.938e9}
 
 ASSUMPTIONS = {

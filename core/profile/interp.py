@@ -1,7 +1,7 @@
 """The one rule by which a profile table is read between its grid points.
 
-Both halves read tables with it: the simulator (simulator/costs.py `Table`, every cost) and the
-profiler (runtime/profile/measure.py `whole_model_prefill`, the whole/alone ratio between the
+Both halves read tables with it: the simulator (simulator/tables.py `Table`, every cost) and the
+profiler (runtime/profile/whole_model.py `whole_model_prefill`, the whole/alone ratio between the
 lengths it timed inside the whole model). Nothing else interpolates a profile.
 
 The costs a profile holds have the form a + b x (a fixed cost plus a per-byte / per-token /

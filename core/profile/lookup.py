@@ -1,5 +1,5 @@
 """Find a profile of *this* machine by fingerprint (what the simulator needs; measuring one at
-first use is runtime/profile/lookup.py `ensure`).
+first use is runtime/profile/first_use.py `ensure`).
 
 Where: `<cache root>/profiles/` first (core/machine.py cache_root; first-use profiles are
 written there as `<slug>-<fingerprint>.json`), then the repo's `profiles/`. A profile matches
@@ -11,6 +11,7 @@ prompt lengths, batches and contexts as grid points). The committed CPU profile 
 fingerprint: it never matches, it predicts the machine it was measured on.
 
 `simulator.run` only finds (`find`); `analysis.validate` finds or measures (`ensure`).
+docs/profiles.md says how profiles are found and when one is re-measured.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from core.machine import cache_root, this_fingerprint
 from core.policies import spec_of
 from core.provenance import REPO
 from core.profile.schema import (SCHEMA_VERSION, ProfileError, bits_table, current_code_path, recorded_code_path,
-                                 validate)
+                                 tables_of, validate)
 
 REPO_PROFILES = REPO / "profiles"
 
@@ -35,7 +36,7 @@ class Need:
     and prefill tokens, the low-bit widths, whether RAG's tables are needed, and the exact values
     the static points read (`at_batch`: batch sizes and query rows; `at_context`: prompt + new
     tokens; `at_tokens`: prompt lengths). A first-use profile puts the exact values on its grids
-    (runtime/profile/measure.py kernel_axes), so a point's own prompt length is timed, not read
+    (runtime/profile/grids.py kernel_axes), so a point's own prompt length is timed, not read
     between two grid points; `covers` reuses a cached profile only when they are grid points."""
     batch: int = 1
     context: int = 1
@@ -152,8 +153,8 @@ def other_code_paths(prof: dict, model: str, code_path=current_code_path) -> lis
     """'<table> <timed>, now <path>' for each kernel table of `model` timed on another path."""
     dev = prof.get("device", {}).get("type", "cpu")
     out = []
-    for name, t in prof["models"][model]["kernels"].items():
-        if isinstance(t, dict) and "axes" in t and recorded_code_path(t) != code_path(dev, name):
+    for name, t in tables_of(prof["models"][model]["kernels"]):
+        if recorded_code_path(t) != code_path(dev, name):
             out.append(f"{name} {recorded_code_path(t)}, now {code_path(dev, name)}")
     return out
 

@@ -3,7 +3,7 @@
     {
       "schema_version": 1,
       "device":     {"name", "type" (cpu|cuda), "memory_bytes", "slug", "fingerprint" (measured,
-                     runtime/machine.py), "facts" (what the fingerprint is made of)},
+                     core/machine.py), "facts" (what the fingerprint is made of)},
       "speed_index": {"index", "gemm_s", "memcpy_s", "attention_s", ...}   (measured profiles)
       "provenance": {"kind" (measured|roofline), "host", "torch", "cuda", "time", "git_revision",
                      "command", "repeats", "warmup", "sources" (roofline)},
@@ -14,7 +14,7 @@
                              "kernels": {name: table}}}
     }
 
-A *table* is one measured (or derived) function on a grid, the form simulator/costs.py
+A *table* is one measured (or derived) function on a grid, the form simulator/tables.py
 interpolates (core/profile/interp.py): {"axes": {"tokens": [..]} or {"batch": [..], "context":
 [..]}, "unit": "s" or "bytes_per_s", "p50": values (nested lists in axis order), "p10": ...,
 "p90": ...}. Schema 3: every kernel table of a measured profile also says which code path it
@@ -27,7 +27,7 @@ timed, `code_path` (CODE_PATHS):
 - `cuda`: a CUDA device.
 `current_code_path` is the rule the runtime follows; the simulator refuses (schema 3) or warns
 about (older) a table timed on another path than the runtime's now, and a first-use lookup
-re-measures such a profile (core/profile/lookup.py covers).
+re-measures such a profile (core/profile/lookup.py covers). docs/profiles.md describes the files.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ import re
 import shutil
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_file
 from ..policies.base import KV_ELEMENT_BYTES
-from ..values import finite
+from ..values import finite, out_of_bounds
 
 SCHEMA_VERSION = 3            # 2: device.fingerprint / device.facts, speed_index, low-bit tables per bit-width;
 #                               3: code_path per kernel table
@@ -147,10 +147,9 @@ def _num(v, where: str, path, *, gt: float | None = None, ge: float | None = Non
     """A profile number: finite (JSON's NaN / Infinity refused), within its bound."""
     if not finite(v):
         raise ProfileError(f"{path}: {where}={v!r} is not a finite number; re-profile or fix the file")
-    if gt is not None and not v > gt:
-        raise ProfileError(f"{path}: {where}={v!r} must be > {gt:g}; re-profile or fix the file")
-    if ge is not None and not v >= ge:
-        raise ProfileError(f"{path}: {where}={v!r} must be >= {ge:g}; re-profile or fix the file")
+    bad = out_of_bounds(v, gt=gt, ge=ge)
+    if bad:
+        raise ProfileError(f"{path}: {where}={v!r} {bad}; re-profile or fix the file")
     return v
 
 
@@ -194,6 +193,28 @@ def _whole(v, where: str, path) -> None:
         raise ProfileError(f"{path}: {where}={v!r} must be a whole number >= 1; re-profile or fix the file")
 
 
+def is_table(t) -> bool:
+    """A table, not another entry of its group (`transfers.overlap`, notes)."""
+    return isinstance(t, dict) and "axes" in t
+
+
+def tables_of(group: dict) -> list[tuple[str, dict]]:
+    """The (name, table) pairs of a group of tables (`transfers`, a model's `kernels`)."""
+    return [(name, t) for name, t in group.items() if is_table(t)]
+
+
+def _require(d: dict, keys, where: str, path, fix: str = "") -> None:
+    """Each of `keys` in `d`, else one line naming the first missing one as `where`<key>."""
+    for key in keys:
+        if key not in d:
+            raise ProfileError(f"{path}: missing '{where}{key}'{fix}")
+
+
+def _is_table(t, where: str, path) -> None:
+    if not is_table(t):
+        raise ProfileError(f"{path}: {where} is not a table (expected an object with axes and p50)")
+
+
 def validate(prof: dict, path) -> dict:
     """Raise ProfileError naming the first missing or malformed field; return prof."""
     if not isinstance(prof, dict):
@@ -204,50 +225,36 @@ def validate(prof: dict, path) -> dict:
     if not isinstance(ver, int) or ver > SCHEMA_VERSION:
         raise ProfileError(f"{path}: schema_version {ver!r} is newer than this code reads ({SCHEMA_VERSION}); "
                            "update kvtestbed or re-profile")
-    for key in ("device", "provenance", "transfers", "models"):
-        if key not in prof:
-            raise ProfileError(f"{path}: missing '{key}'")
-    for key in ("name", "type", "memory_bytes"):
-        if key not in prof["device"]:
-            raise ProfileError(f"{path}: missing 'device.{key}'")
+    _require(prof, ("device", "provenance", "transfers", "models"), "", path)
+    _require(prof["device"], ("name", "type", "memory_bytes"), "device.", path)
     kind = prof["provenance"].get("kind")
     if kind not in KINDS:
         raise ProfileError(f"{path}: provenance.kind={kind!r}; expected one of {', '.join(KINDS)}")
     if ver >= 2 and kind == "measured":
-        for key in ("fingerprint", "facts"):
-            if key not in prof["device"]:
-                raise ProfileError(f"{path}: missing 'device.{key}'; re-profile")
+        _require(prof["device"], ("fingerprint", "facts"), "device.", path, "; re-profile")
         si = prof.get("speed_index")
         if not isinstance(si, dict) or not finite(si.get("index")) or not si["index"] > 0:
             raise ProfileError(f"{path}: missing or malformed 'speed_index.index'; "
                                "re-profile (python -m runtime.profile --speed-index re-measures it alone)")
     for name in TRANSFERS:
-        if name not in prof["transfers"]:
-            raise ProfileError(f"{path}: missing 'transfers.{name}'")
-        if not isinstance(prof["transfers"][name], dict) or "axes" not in prof["transfers"][name]:
-            raise ProfileError(f"{path}: transfers.{name} is not a table (expected an object with axes and p50)")
-    for name, t in prof["transfers"].items():
-        if isinstance(t, dict) and "axes" in t:
-            validate_table(t, f"transfers.{name}", path)
+        _require(prof["transfers"], (name,), "transfers.", path)
+        _is_table(prof["transfers"][name], f"transfers.{name}", path)
+    for name, t in tables_of(prof["transfers"]):
+        validate_table(t, f"transfers.{name}", path)
     if not prof["models"]:
         raise ProfileError(f"{path}: 'models' is empty; run python -m runtime.profile --model NAME")
     for model, m in prof["models"].items():
-        for key in ("shape", "kernels", "memory"):
-            if key not in m:
-                raise ProfileError(f"{path}: missing 'models.{model}.{key}'")
-        for name in KERNELS:
-            if name not in m["kernels"]:
-                raise ProfileError(f"{path}: missing 'models.{model}.kernels.{name}'")
-        for name, t in m["kernels"].items():
-            if isinstance(t, dict) and "axes" in t:
-                validate_table(t, f"models.{model}.kernels.{name}", path)
-                cp = t.get("code_path")
-                if cp is None and ver >= 3 and kind == "measured":
-                    raise ProfileError(f"{path}: models.{model}.kernels.{name} lacks 'code_path' (schema 3: one of "
-                                       f"{', '.join(CODE_PATHS)}); re-profile (python -m runtime.profile --model {model})")
-                if cp is not None and cp not in CODE_PATHS:
-                    raise ProfileError(f"{path}: models.{model}.kernels.{name}.code_path={cp!r}; expected one of "
-                                       f"{', '.join(CODE_PATHS)}")
+        _require(m, ("shape", "kernels", "memory"), f"models.{model}.", path)
+        _require(m["kernels"], KERNELS, f"models.{model}.kernels.", path)
+        for name, t in tables_of(m["kernels"]):
+            validate_table(t, f"models.{model}.kernels.{name}", path)
+            cp = t.get("code_path")
+            if cp is None and ver >= 3 and kind == "measured":
+                raise ProfileError(f"{path}: models.{model}.kernels.{name} lacks 'code_path' (schema 3: one of "
+                                   f"{', '.join(CODE_PATHS)}); re-profile (python -m runtime.profile --model {model})")
+            if cp is not None and cp not in CODE_PATHS:
+                raise ProfileError(f"{path}: models.{model}.kernels.{name}.code_path={cp!r}; expected one of "
+                                   f"{', '.join(CODE_PATHS)}")
         if "kv_available_bytes" not in m["memory"]:
             raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
         validate_model(model, m, path)
@@ -280,8 +287,7 @@ def validate_model(model: str, m: dict, path) -> None:
     if not isinstance(m["kernels"], dict):
         raise ProfileError(f"{path}: {where}.kernels is not an object")
     for name in KERNELS:
-        if not isinstance(m["kernels"][name], dict) or "axes" not in m["kernels"][name]:
-            raise ProfileError(f"{path}: {where}.kernels.{name} is not a table (expected an object with axes and p50)")
+        _is_table(m["kernels"][name], f"{where}.kernels.{name}", path)
 
 
 ROOFLINE_ASSUMPTIONS = ("compute_efficiency", "memory_efficiency", "pcie_efficiency", "pageable_factor",
@@ -323,10 +329,8 @@ def validate_numbers(prof: dict, kind: str, path) -> None:
 def load(path: str | Path) -> dict:
     """Read and validate a profile; every problem is one line naming the field and the file."""
     path = Path(path)
-    if path.is_dir():
-        raise ProfileError(f"{path} is a directory; give a profile JSON file (profiles/*.json)")
-    if not path.is_file():
-        raise ProfileError(f"{path}: no such profile; run python -m runtime.profile, or pick one in profiles/")
+    check_file(path, str(path), "give a profile JSON file (profiles/*.json)",
+               "no such profile; run python -m runtime.profile, or pick one in profiles/", ProfileError)
     try:
         prof = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -1,4 +1,5 @@
-"""python -m runtime.evals {passkey, ppl, report}: see `runtime/evals/__init__.py` for the tour.
+"""python -m runtime.evals {passkey, ppl, rag, report}: the command line; `runtime/evals/__init__.py`
+has the tour, docs/evals.md the method.
 
 argparse rather than Hydra: a grid here is a list of policy specs and sample counts, and its
 results are one resumable folder, not one JSON per config point.
@@ -15,9 +16,10 @@ from ..engine import resolve_device
 from core.checks import check_threads
 from core.errors import ConfigError, cli_errors
 from core.values import number
-from ..model import ModelArgs, load_gguf, random_init
+from ..loaders import load_gguf, random_init
+from ..model import ModelArgs
 from . import data
-from . import rag as _rag  # noqa: F401 - registers the rag task with report.TASKS
+from . import rag
 from .report import report
 from .run import passkey_task, ppl_task, run_grid
 from .specs import GRAMMAR, PRESETS, expand
@@ -38,7 +40,7 @@ def load_model(name: str, device: torch.device, path: Path | None = None):
         return random_init(ModelArgs(**TINY_ARGS), seed=0, device=device), data.ByteTokenizer()
     if name == "hf":
         from ..hf import check_hf_folder
-        from ..model import load_hf
+        from ..loaders import load_hf
         from ..tokenizer import from_hf
 
         folder = check_hf_folder(path, tokenizer=True)
@@ -86,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--last", type=int, default=512, help="tokens scored, after a prefill of the rest")
     pp.add_argument("--n", type=int, default=8, help="samples")
     _common(pp, "ppl")
-    rg = sub.add_parser("rag", help="synthetic multi-document QA under policy=rag selectors (runtime/evals/rag.py)")
+    rg = sub.add_parser("rag", help="synthetic multi-document QA under policy=rag selectors (runtime/evals/rag/)")
     rg.add_argument("--n", type=int, default=8, help="samples per hop count")
     rg.add_argument("--chunks", type=int, default=8)
     rg.add_argument("--chunk-len", type=int, default=512)
@@ -142,14 +144,19 @@ def check_args(a: argparse.Namespace) -> None:
             number(v, f"--{key}", ge=0, le=1)
 
 
-def run(a: argparse.Namespace) -> None:
-    check_args(a)
-    specs = expand(a.policies)
+def _load(a: argparse.Namespace):
+    """(model, tokenizer) of --model on --device, with --threads set first."""
     device = resolve_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+    return load_model(a.model, device, a.model_path)
+
+
+def run(a: argparse.Namespace) -> None:
+    check_args(a)
+    specs = expand(a.policies)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device, a.model_path)
+    model, tok = _load(a)
     if a.cmd == "passkey":
         too_long = [L for L in a.lengths if L + a.max_new_tokens > model.args.max_seq_len]
         if too_long:
@@ -172,16 +179,11 @@ def run(a: argparse.Namespace) -> None:
 
 
 def run_rag_cmd(a: argparse.Namespace) -> None:
-    from . import rag
-
     check_args(a)
     pts = rag.points(a.selectors, a.r, a.draft_layers, a.chunk_len, a.draft_model, a.sink_tokens)
     shard = rag.parse_shard(a.shard)
-    device = resolve_device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, device, a.model_path)
+    model, tok = _load(a)
     if "draft" in a.selectors and a.draft_model:
         from ..rag import load_draft
 

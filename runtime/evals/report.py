@@ -1,7 +1,8 @@
-"""Tables (CSV) and figures (PNG, seaborn) from the JSON lines of `runtime.evals`.
+"""Tables (CSV) and figures (PNG, seaborn) from the JSON lines of `runtime.evals`: passkey and
+ppl here, rag's from rag/report.py, one <task>.csv and <task>.png per task with results.
 
 Every statistic is paired with `full` on the samples both completed: McNemar for retrieval,
-bootstrap intervals of per-sample differences for log-probs and NLL (see `stats.py`).
+bootstrap intervals of per-sample differences for log-probs and NLL (`stats.py`; docs/evals.md).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from core.errors import ConfigError
+from .rag.report import rag_figure, rag_table
 from .run import ResultLog
-from .stats import Interval, mcnemar_exact, paired_delta, perplexity, perplexity_ratio
+from .stats import mcnemar_exact, paired_delta, perplexity, perplexity_ratio
+from .tables import by_policy, ci_columns, paired, plotting, save
 
 STAT_KEYS = ("guess_accuracy", "topk_recall")
 
@@ -36,35 +39,19 @@ def load(path: Path) -> pd.DataFrame:
     return df
 
 
-def _ci(prefix: str, iv: Interval) -> dict:
-    return {prefix: iv.mean, f"{prefix}_lo": iv.lo, f"{prefix}_hi": iv.hi}
-
-
-def _policy_order(df: pd.DataFrame) -> list[str]:
-    order = list(dict.fromkeys(df["policy"]))
-    return ["full"] + [p for p in order if p != "full"] if "full" in order else order
-
-
-def _paired(g: pd.DataFrame, base: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """The policy's successful rows joined with full's on sample_id."""
-    return g[g.ok].merge(base[base.ok][["sample_id", *cols]], on="sample_id", suffixes=("", "_full"))
-
-
 def passkey_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for length, dl in df.groupby("length"):
         base = dl[dl.policy == "full"]
-        for pol in _policy_order(dl):
-            g = dl[dl.policy == pol]
-            ok = g[g.ok]
-            pair = _paired(g, base, ["correct", "digit_logprob"])
+        for pol, g, ok in by_policy(dl):
+            pair = paired(g, base, ["correct", "digit_logprob"])
             mc = mcnemar_exact(list(pair.correct_full), list(pair.correct)) if len(pair) else None
             rows.append({"task": "passkey", "length": length, "policy": pol, "n": len(ok),
                          "errors": int((~g.ok).sum()), "accuracy": ok.correct.mean() if len(ok) else math.nan,
                          "n_paired": len(pair), "only_full": mc.only_full if mc else None,
                          "only_policy": mc.only_policy if mc else None,
                          "mcnemar_p": mc.p if mc else math.nan,
-                         **_ci("digit_lp_delta", paired_delta(pair.digit_logprob, pair.digit_logprob_full)),
+                         **ci_columns("digit_lp_delta", paired_delta(pair.digit_logprob, pair.digit_logprob_full)),
                          "digit_logprob": ok.digit_logprob.mean() if len(ok) else math.nan,
                          **{k: ok[k].mean() for k in STAT_KEYS},
                          "seconds": ok.seconds.mean() if len(ok) else math.nan,
@@ -76,13 +63,11 @@ def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (context, last), dc in df.groupby(["context", "last"]):
         base = dc[dc.policy == "full"]
-        for pol in _policy_order(dc):
-            g = dc[dc.policy == pol]
-            ok = g[g.ok]
-            pair = _paired(g, base, ["nll_mean"])
+        for pol, g, ok in by_policy(dc):
+            pair = paired(g, base, ["nll_mean"])
             rows.append({"task": "ppl", "context": context, "last": last, "policy": pol, "n": len(ok),
-                         "errors": int((~g.ok).sum()), **_ci("ppl", perplexity(ok.nll_mean)),
-                         "n_paired": len(pair), **_ci("ppl_ratio", perplexity_ratio(pair.nll_mean, pair.nll_mean_full)),
+                         "errors": int((~g.ok).sum()), **ci_columns("ppl", perplexity(ok.nll_mean)),
+                         "n_paired": len(pair), **ci_columns("ppl_ratio", perplexity_ratio(pair.nll_mean, pair.nll_mean_full)),
                          **{k: ok[k].mean() for k in STAT_KEYS},
                          "seconds": ok.seconds.mean() if len(ok) else math.nan,
                          "error": g.error.dropna().iloc[-1] if (~g.ok).any() else None})
@@ -100,11 +85,7 @@ def _errorbars(ax, table: pd.DataFrame, x: str, y: str, hue: str | None) -> None
 
 
 def passkey_figure(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = plotting()
     t = table[table.n > 0].copy()
     t["length"] = t["length"].astype(str)
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.45 * t.policy.nunique() + 3), 8), sharex=True)
@@ -116,17 +97,11 @@ def passkey_figure(table: pd.DataFrame, path: Path) -> None:
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].set_ylabel("digit log-prob - full (nats, 95% CI)")
     axes[1].tick_params(axis="x", rotation=75)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def ppl_figure(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt, sns = plotting()
     t = table[table.n_paired > 0].copy()
     t["context"] = t["context"].astype(str)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * t.policy.nunique() + 3), 4.5))
@@ -136,12 +111,12 @@ def ppl_figure(table: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("perplexity / full's (95% CI)")
     ax.set_title("teacher-forced perplexity vs full")
     ax.tick_params(axis="x", rotation=75)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
-TASKS = {"passkey": (passkey_table, passkey_figure), "ppl": (ppl_table, ppl_figure)}
+# each task's (table, figure); rag's live with the rest of its task in rag/report.py
+TASKS = {"passkey": (passkey_table, passkey_figure), "ppl": (ppl_table, ppl_figure),
+         "rag": (rag_table, rag_figure)}
 
 
 def report(out: Path) -> dict[str, pd.DataFrame]:

@@ -6,7 +6,8 @@ Grammar (dash-separated, order of the options free):
     kivi<bits>                [-g<group_size>] [-r<residual>]
     specache-k<k>-b<bits>     [-g<group_size>] [-r<residual>] [-noprefetch]
 
-bits, group_size, residual and one_bit_rule as declared in core/policies/kivi.py; prefetch on.
+Each policy's short form is its declaration's (core/policies/<name>.py: `short_form`, the knob
+its digits give, its option letters and flags); the other knobs keep their declared defaults.
 A spec becomes the policy config the engine reads (`.name`, `.kv_dtype`, the policy's knobs).
 Parsing never asks whether the policy is implemented: `make_cache` does that per grid point,
 so a grid naming a policy that is not written yet records an error for it and goes on.
@@ -17,44 +18,43 @@ import re
 from types import SimpleNamespace
 
 from core.errors import ConfigError
-from core.policies import defaults
+from core.policies import SPECS, defaults
 from core.policies.kivi import BITS
 
-DEFAULTS = {k: v for k, v in defaults("kivi").items() if k in ("group_size", "residual", "one_bit_rule")}
-_OPT = re.compile(r"^(?:(k|b|g|r)(\d+)|(noprefetch))$")
-GRAMMAR = ("full | offload | kivi<bits>[-g<N>][-r<N>] | specache-k<k>-b<bits>[-g<N>][-r<N>][-noprefetch] "
-           f"(bits in {BITS})")
+FORMS = {name: SPECS[name] for name in sorted(SPECS) if SPECS[name].short_form is not None}   # those with a short form
+GRAMMAR = " | ".join(d.short_form or d.name for d in FORMS.values()) + f" (bits in {BITS})"
+_OPT = re.compile(r"^([a-z]+?)(\d+)$")
 
 
 def parse_spec(spec: str, kv_dtype: str = "auto") -> SimpleNamespace:
     """A policy config from a short name; ConfigError naming the grammar if it does not parse."""
     head, *opts = spec.split("-")
-    if head in ("full", "offload") and not opts:
-        return SimpleNamespace(name=head, kv_dtype=kv_dtype, spec=spec)
-    m = re.fullmatch(r"(kivi)(\d+)|(specache)", head)
-    if not m:
+    m = re.fullmatch(r"([a-z_]+?)(\d*)", head)
+    decl = FORMS.get(m.group(1)) if m else None
+    if decl is None or bool(m.group(2)) != bool(decl.short_head):
         raise ConfigError(f"policy spec {spec!r} does not parse; use {GRAMMAR}")
-    name = m.group(1) or m.group(3)
-    knobs: dict = {}
-    if name == "kivi":
-        knobs["b"] = int(m.group(2))
+    given: dict = {}                                  # option letter (or flag) -> value
     for opt in opts:
         o = _OPT.match(opt)
-        key = (o.group(1) or o.group(3)) if o else None
-        if key is None or key in knobs or (key in ("k", "noprefetch") and name != "specache"):
+        key = o.group(1) if o and o.group(1) in decl.short_options else opt if opt in decl.short_flags else None
+        if key is None or key in given:
             raise ConfigError(f"policy spec {spec!r}: option {opt!r} is not valid or repeated; use {GRAMMAR}")
-        knobs[key] = True if key == "noprefetch" else int(o.group(2))
-    if name == "specache" and ("k" not in knobs or "b" not in knobs):
-        raise ConfigError(f"policy spec {spec!r} needs both -k<k> and -b<bits>; e.g. specache-k64-b2")
-    if knobs["b"] not in BITS:
-        raise ConfigError(f"policy spec {spec!r}: bits={knobs['b']} must be one of {BITS}")
-    cfg = SimpleNamespace(name=name, kv_dtype=kv_dtype, spec=spec, bits=knobs["b"],
-                          group_size=knobs.get("g", DEFAULTS["group_size"]),
-                          residual=knobs.get("r", DEFAULTS["residual"]), one_bit_rule=DEFAULTS["one_bit_rule"])
-    if name == "specache":
-        cfg.k = knobs["k"]
-        cfg.prefetch = not knobs.get("noprefetch", False)
-    return cfg
+        given[key] = decl.short_flags[key][1] if key in decl.short_flags else int(o.group(2))
+    missing = [k for k in decl.short_required if k not in given]
+    if missing:
+        raise ConfigError(f"policy spec {spec!r} needs {' and '.join(f'-{k}<{decl.short_options[k]}>' for k in missing)}; "
+                          f"use {decl.short_form or decl.name}")
+    knobs = {k: v for k, v in defaults(decl.name).items() if k != "kv_dtype"}
+    if decl.short_head:
+        knobs[decl.short_head] = int(m.group(2))
+    for key, v in given.items():
+        knobs[decl.short_flags[key][0] if key in decl.short_flags else decl.short_options[key]] = v
+    if "bits" in knobs and knobs["bits"] not in BITS:
+        raise ConfigError(f"policy spec {spec!r}: bits={knobs['bits']} must be one of {BITS}")
+    named = ((decl.short_head,) if decl.short_head else ()) + tuple(
+        decl.short_flags[key][0] if key in decl.short_flags else decl.short_options[key] for key in given)
+    # `given`: the knobs the spec sets (the rest keep their defaults); not a knob, make_cache ignores it
+    return SimpleNamespace(name=decl.name, kv_dtype=kv_dtype, spec=spec, given=named, **knobs)
 
 
 def default_grid() -> list[str]:

@@ -18,9 +18,23 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from core.policies import PolicyConfig, Registry
+
+POLICIES = Registry("runtime.kv")     # name -> LayerKV class: runtime/kv/<name>.py, or a plugin's `kv`
+
+
+def register(name, cls: type | None = None):
+    """Enter a runtime policy (a LayerKV subclass with `build`) in POLICIES: `@register` on a
+    class with a `declaration` (its name is the declaration's), or `register(name, cls)` (a
+    plugin's `kv` module)."""
+    if cls is None and isinstance(name, type):
+        return POLICIES.add(name.declaration.name, name)
+    return POLICIES.add(name, cls)
 
 
 @dataclass
@@ -35,19 +49,14 @@ class Step:
     # per-pass memo: every layer of a pass asks for the same mask; building it (and the
     # `pad.any()` behind has_pad, a host sync on CUDA) once per pass instead of once per layer
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # derived once: a step is never changed after it is made
+    end: int = field(init=False, repr=False, compare=False)         # column after the last new token (a guess included)
+    n_store: int = field(init=False, repr=False, compare=False)     # new tokens that enter the cache (all but a guess)
+    stored_end: int = field(init=False, repr=False, compare=False)  # column after the last stored token
 
-    @property
-    def end(self) -> int:
-        return self.start + self.n_new
-
-    @property
-    def n_store(self) -> int:
-        """New tokens that enter the cache (all but a speculative guess)."""
-        return self.n_new - int(self.spec)
-
-    @property
-    def stored_end(self) -> int:
-        return self.start + self.n_store
+    def __post_init__(self):
+        self.n_store = self.n_new - int(self.spec)
+        self.end, self.stored_end = self.start + self.n_new, self.start + self.n_store
 
     @property
     def is_prefill(self) -> bool:
@@ -175,10 +184,13 @@ class LayerKV(ABC):
         return self.decode(q, k, v, step)
 
     dtype: torch.dtype
+    declaration: ClassVar[type[PolicyConfig]]   # its knobs (core/policies/<name>.py); `spec` is the checked instance
     serves = True          # runtime.serve can batch it continuously
-    # runtime.bench's timed runs for a policy with its own prefill: bench(model, cfg, prompts,
-    # params, link) -> [BatchResult]; None = the engine's generate() over the batch
-    bench = None
+    # runtime.bench's timed runs for a policy with its own prefill: "module:function" naming
+    # bench(model, cfg, prompts, params, link, spec=<the checked declaration>) -> [BatchResult];
+    # None = the engine's generate(). A name, not the function: the runner imports it when it
+    # runs, so the cache module does not import the runner (runtime/bench_rag.py for rag).
+    bench: str | None = None
 
     @abstractmethod
     def load(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> None:
@@ -197,9 +209,10 @@ class LayerKV(ABC):
         return {}
 
     @classmethod
-    def build(cls, policy, shape: CacheShape, link=None) -> "KVCache":
-        """A model's cache of this policy: one layer object per layer by default."""
-        return KVCache([cls(policy, shape, link) for _ in range(shape.n_layers)], policy.name)
+    def build(cls, spec: PolicyConfig, shape: CacheShape, link=None) -> "KVCache":
+        """A model's cache of this policy from its checked declaration (runtime.kv.make_cache):
+        one layer object per layer by default."""
+        return KVCache([cls(spec, shape, link) for _ in range(shape.n_layers)], spec.name)
 
 
 class KVCache:

@@ -1,9 +1,12 @@
 """`full`: the uncompressed baseline. K/V of every token in device memory, in `kv_dtype`."""
 from __future__ import annotations
 
-from .base import CacheShape, LayerKV, Step, grow_columns, sdpa_gqa
+from core.policies.full import FullPolicyConfig
+
+from .base import CacheShape, LayerKV, Step, grow_columns, register, sdpa_gqa
 
 
+@register
 class FullKV(LayerKV):
     """A preallocated (B, H_kv, capacity, D) buffer written in place.
 
@@ -12,7 +15,9 @@ class FullKV(LayerKV):
     if a caller goes past the capacity it asked for.
     """
 
-    def __init__(self, policy, shape: CacheShape, link=None):
+    declaration = FullPolicyConfig
+
+    def __init__(self, spec, shape: CacheShape, link=None):
         self.dtype = shape.dtype
         self.k, self.v = shape.buffer(), shape.buffer()
         self.len = 0          # columns written, pads included
@@ -47,3 +52,7 @@ class FullKV(LayerKV):
         # dense layout, not of the policy.
         per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size()
         return 2 * per_token * self.n_real, 0
+
+    def dense_kv(self, end: int):
+        """K/V of columns [0, end) as dense tensors (transformers' Cache.update fallback)."""
+        return self.k[:, :, :end], self.v[:, :, :end]

@@ -26,23 +26,12 @@ import math
 
 import torch
 
-from core.errors import ConfigError  # noqa: F401
-from core.policies import knobs_of
+from core.policies import spec_of
 from core.policies.kivi import BITS, ONE_BIT_RULES, KiviPolicyConfig, value_group  # noqa: F401
 
 from .. import phases
 from . import lowbit_cpu
-from .base import CacheShape, LayerKV, Step, grow_columns
-
-
-
-def check_knobs(policy, head_dim: int | None = None, declaration: type = KiviPolicyConfig) -> KiviPolicyConfig:
-    """The policy's declaration (core/policies/) built from a config object and checked: one-line
-    errors naming the field, for kivi and everything built on it."""
-    knobs = {k: v for k, v in knobs_of(policy, declaration).items() if k != "name"}
-    spec = declaration(**knobs)
-    spec.check(head_dim)
-    return spec
+from .base import CacheShape, LayerKV, Step, grow_columns, register
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -115,13 +104,15 @@ def unpack_float(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.T
 
 # ----------------------------------------------------------------------------- the layer
 
+@register
 class KiviKV(LayerKV):
     """Packed low-bit keys and values in device memory, plus the full-precision residual."""
 
     declaration = KiviPolicyConfig
 
-    def __init__(self, policy, shape: CacheShape, link=None):
-        self.spec = check_knobs(policy, shape.head_dim, type(self).declaration)
+    def __init__(self, spec: KiviPolicyConfig, shape: CacheShape, link=None):
+        # the checked declaration (make_cache); a config built in code is checked here
+        self.spec = spec_of(spec, shape.head_dim)
         self.bits, self.G, self.R = self.spec.bits, self.spec.group_size, self.spec.residual
         self.rule = self.spec.one_bit_rule
         self.dtype = shape.dtype
@@ -269,6 +260,20 @@ class KiviKV(LayerKV):
         p = masked_softmax(scores, step, q.shape[1] // k_res.shape[1])
         o = self.lowbit_values(p[..., : self.vq]) + p[..., self.vq :] @ v_res
         return unfold(o, q.shape[1]).to(q.dtype)
+
+    def dense_kv(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K/V of columns [0, end) for transformers' Cache.update fallback: codes -> floats
+        with `unpack_float`, times scale plus zero per group, then the full-precision residual
+        (the wholesale dequantization the attention path avoids)."""
+        B, H = self.k_res.shape[:2]
+        D, G, cg, kq, vq = self.D, self.G, self.cg, self.kq, self.vq
+        codes = unpack_float(self.k_codes[:, :, :kq], self.bits, self.dtype).view(B, H, kq // G, G, D)
+        k = codes * self.k_scale[:, :, : kq // G, None] + self.k_zero[:, :, : kq // G, None]
+        codes = unpack_float(self.v_codes[:, :, :vq], self.bits, self.dtype).view(B, H, vq, D // cg, cg)
+        v = codes * self.v_scale[:, :, :vq, :, None] + self.v_zero[:, :, :vq, :, None]
+        k = torch.cat([k.reshape(B, H, kq, D), self.k_res], dim=2)
+        v = torch.cat([v.reshape(B, H, vq, D), self.v_res], dim=2)
+        return k, v
 
     # -- accounting
 

@@ -306,6 +306,17 @@ def _usable(tensors, rows: int, head_dim: int, group: int, bits: int) -> bool:
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.uint8) for t in tensors)
 
 
+def _strides(q, codes, scale, zero, rows: int, head_dim: int, group: int, bits: int) -> tuple[int, int] | None:
+    """The (b, h) strides of the packed codes and of scale / zero when a kernel can serve the
+    call (`_usable`, each walkable with one stride, zero laid out as scale), else None."""
+    if not _usable((q, codes, scale, zero), rows, head_dim, group, bits):
+        return None
+    cs, ss = _bh_stride(codes), _bh_stride(scale)
+    if cs < 0 or ss < 0 or zero.stride() != scale.stride():
+        return None
+    return cs, ss
+
+
 def _bh_stride(t: torch.Tensor) -> int:
     """Elements between consecutive (b, h) blocks of a (B, H, rows, cols) tensor whose last two
     dims are row-major; -1 when (b, h) cannot be walked with one stride."""
@@ -323,15 +334,13 @@ def scores(qf, codes, scale, zero, kq: int, group: int, bits: int, out: torch.Te
     a (B, H_kv, n, >= kq) float32 buffer whose rows are contiguous, when given), or None when the
     kernel cannot serve the call (the caller keeps the torch path)."""
     B, H, n, D = qf.shape
-    if not _usable((qf, codes, scale, zero), n, D, group, bits):
+    strides = _strides(qf, codes, scale, zero, n, D, group, bits)      # (codes', scales') or None
+    if strides is None or (out is not None and (out.stride(-1) != 1 or out.stride(1) != n * out.stride(2)
+                                                or out.stride(0) != H * out.stride(1))):
         return None
-    cs, ss = _bh_stride(codes), _bh_stride(scale)
-    if cs < 0 or ss < 0 or zero.stride() != scale.stride():
-        return None
+    cs, ss = strides
     if out is None:
         out = torch.empty(B, H, n, kq, dtype=torch.float32)
-    elif out.stride(-1) != 1 or out.stride(1) != n * out.stride(2) or out.stride(0) != H * out.stride(1):
-        return None
     lib = library(n, D, group, bits, value_group(group, D))
     if lib is None:
         return None
@@ -347,11 +356,10 @@ def values(p, codes, scale, zero, vq: int, group: int, bits: int):
     D*bits/8); scale, zero (B, H_kv, cap, D / value_group). Returns (B, H_kv, n, D), or None."""
     B, H, n = p.shape[:3]
     D = codes.shape[-1] * 8 // bits
-    if not _usable((p, codes, scale, zero), n, D, group, bits):
+    strides = _strides(p, codes, scale, zero, n, D, group, bits)
+    if strides is None:
         return None
-    cs, ss = _bh_stride(codes), _bh_stride(scale)
-    if cs < 0 or ss < 0 or zero.stride() != scale.stride():
-        return None
+    cs, ss = strides
     lib = library(n, D, group, bits, value_group(group, D))
     if lib is None:
         return None

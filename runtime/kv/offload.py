@@ -12,9 +12,11 @@ that speed would (runtime/transfer.py), so the overlap can be measured without a
 """
 from __future__ import annotations
 
+from core.policies.offload import OffloadPolicyConfig
+
 from .. import phases
 from ..transfer import DONE, DirectLink
-from .base import CacheShape, KVCache, LayerKV, Step, grow_columns, sdpa_gqa
+from .base import CacheShape, KVCache, LayerKV, Step, grow_columns, register, sdpa_gqa
 
 
 class _Slots:
@@ -57,8 +59,13 @@ class _Slots:
         return self.bufs[self.slot_of[i]]
 
 
+@register
 class OffloadKV(LayerKV):
-    def __init__(self, policy, shape: CacheShape, link=None, *, index: int = 0, slots: _Slots | None = None):
+    """Every layer's K/V in host memory, two device slots, layer i+1 fetched during layer i."""
+
+    declaration = OffloadPolicyConfig
+
+    def __init__(self, spec, shape: CacheShape, link=None, *, index: int = 0, slots: _Slots | None = None):
         self.dtype = shape.dtype
         pin = shape.device.type == "cuda"
         self.k_host, self.v_host = shape.buffer(pin=pin), shape.buffer(pin=pin)
@@ -67,10 +74,10 @@ class OffloadKV(LayerKV):
         self.n_real = 0
 
     @classmethod
-    def build(cls, policy, shape: CacheShape, link=None) -> KVCache:
+    def build(cls, spec, shape: CacheShape, link=None) -> KVCache:
         slots = _Slots(shape, link if link is not None else DirectLink())
-        slots.layers = [cls(policy, shape, link, index=i, slots=slots) for i in range(shape.n_layers)]
-        return KVCache(slots.layers, policy.name)
+        slots.layers = [cls(spec, shape, link, index=i, slots=slots) for i in range(shape.n_layers)]
+        return KVCache(slots.layers, spec.name)
 
     def _write_back(self, k, v, lo: int, hi: int) -> None:
         if hi > self.k_host.shape[2]:

@@ -33,7 +33,7 @@ from core.policies.specache import SpecachePolicyConfig
 
 from .. import phases
 from ..transfer import DirectLink, gather_rows
-from .base import CacheShape, KVCache, Step, grow_columns
+from .base import CacheShape, KVCache, Step, grow_columns, register
 from .kivi import KiviKV, fold, masked_softmax, unfold
 
 
@@ -51,11 +51,13 @@ class _Fetch:
         return self
 
 
+@register
 class SpeCacheKV(KiviKV):
+    """KIVI's device copy + every token's 16-bit K/V on the host, k rows fetched per step."""
     declaration = SpecachePolicyConfig
 
-    def __init__(self, policy, shape: CacheShape, link=None):
-        super().__init__(policy, shape, link)          # checks the knobs (core/policies/specache.py)
+    def __init__(self, spec, shape: CacheShape, link=None):
+        super().__init__(spec, shape, link)             # the KIVI copy: self.spec, the low-bit buffers
         self.k_top = min(int(self.spec.k), shape.capacity)   # clamped to the context before any allocation
         self.prefetch = bool(self.spec.prefetch)
         self.gather = str(self.spec.gather)
@@ -80,9 +82,9 @@ class SpeCacheKV(KiviKV):
         self._fetched_dev = None               # gather=device on CUDA: fetched rows, summed on the device
 
     @classmethod
-    def build(cls, policy, shape: CacheShape, link=None) -> KVCache:
-        cache = super().build(policy, shape, link)
-        spec = cache.layers[0].spec
+    def build(cls, spec: SpecachePolicyConfig, shape: CacheShape, link=None) -> KVCache:
+        cache = super().build(spec, shape, link)
+        spec = cache.layers[0].spec                    # a config built in code, checked by the layer
         cache.speculative = bool(spec.prefetch) and spec.k > 0
         return cache
 

@@ -7,7 +7,7 @@
 
 One file per device; kernel tables are keyed by model, so a second --model run adds to the file
 (transfers are re-measured each run). Written atomically: an interrupted run leaves the old
-file as it was and no partial one.
+file as it was and no partial one. What is measured: measure.py; the file: docs/profiles.md.
 """
 from __future__ import annotations
 
@@ -17,67 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from ..engine import resolve_device
-from core.values import number
 from core.errors import ConfigError, cli_errors
-from ..model import weight_dtype
-from core.provenance import REPO, provenance
+from core.machine import device_facts, resolve_device, this_fingerprint
+from core.profile.schema import ProfileError, load, validate
+from core.provenance import REPO
 from core.results import write_json_atomic
-from . import measure, roofline
-from ..machine import speed_index
-from core.profile.schema import PROFILED_BITS, SCHEMA_VERSION, ProfileError, recorded_code_path, validate
+from core.values import number
 
-def measured_profile(models: list[str], quick: bool, device: torch.device, repeats: int, out_existing: dict | None,
-                     cover: dict | None = None, bits=PROFILED_BITS, rag: bool = True, progress: bool = True) -> dict:
-    """A measured profile of this machine. `cover`, `bits`, `rag`: see measure.kernel_axes
-    (analysis.validate's first-use profile measures only what its points read)."""
-    timer = measure.Timer(device, repeats=repeats, warmup=2, budget_s=0.5 if quick else 3.0)
-    dtype = weight_dtype("auto", device)
-    shapes = {m: measure.model_args(m) for m in models}
-    n_points = len(measure.transfer_sizes(quick)) * 4 + (6 if quick else 7) + 2
-    all_axes = {}
-    for name, args in shapes.items():
-        all_axes[name] = measure.kernel_axes(args, quick, device, cover, tuple(bits), rag)
-        n_points += sum(measure.grid_size(a) for a in all_axes[name].values())
-    bar = tqdm(total=n_points, desc="profile", unit="pt", file=sys.stderr, disable=not progress)
-    with torch.inference_mode():
-        head_dim = max(a.head_dim for a in shapes.values())
-        transfers = measure.measure_transfers(timer, device, quick, bar, head_dim=head_dim,
-                                              dtype=torch.float16 if device.type == "cuda" else torch.float32)
-        prof_models = dict(out_existing["models"]) if out_existing else {}
-        for kept in prof_models.values():         # an older schema's tables: read as `torch` (schema.py)
-            for t in kept.get("kernels", {}).values():
-                if isinstance(t, dict) and "axes" in t:
-                    t.setdefault("code_path", recorded_code_path(t))
-        for name, args in shapes.items():
-            bar.set_description(f"profile {name}")
-            kernels = measure.measure_kernels(args, timer, device, dtype, "auto", quick, bar, all_axes[name], cover)
-            grids = kernels.pop("grids")
-            prof_models[name] = {
-                "shape": {**vars(args), "head_dim": args.head_dim},
-                "weight_dtype": str(dtype).replace("torch.", ""),
-                "kv_dtype": str(torch.float32 if device.type == "cpu" else torch.float16).replace("torch.", ""),
-                "policy_knobs": {"kivi": measure.KIVI_KNOBS, "specache": {**measure.KIVI_KNOBS, "k": 64},
-                                 "bits_profiled": sorted(set(bits) | {2})},
-                "grids": grids,
-                "kernels": kernels,
-                "memory": measure.measure_memory(args, device, dtype),
-                "quick": quick,
-            }
-    bar.close()
-    facts = measure.device_facts(device)
-    model0 = shapes[models[0]]
-    speed = speed_index(device, {**vars(model0), "head_dim": model0.head_dim})
-    prov = provenance(device)
-    prov.update({"repeats": repeats, "warmup": timer.warmup, "spread": "p10/p50/p90 per point",
-                 "warmup_policy": f"{timer.warmup} untimed run(s) per point, then up to {repeats} timed "
-                                  f"(fewer when a point exceeds {timer.budget_s} s)",
-                 "quick": quick, "points": timer.points})
-    return {"schema_version": SCHEMA_VERSION, "device": facts, "provenance": prov, "speed_index": speed,
-            "transfers": transfers, "models": prof_models}
+from . import roofline
+from .grids import model_args
+from .measure import measured_profile, write_profile
+from .speed import speed_index
 
 
 def main(argv=None) -> None:
@@ -106,7 +56,7 @@ def main(argv=None) -> None:
             out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
         else:
             device = resolve_device(a.device)
-            facts = measure.device_facts(device)
+            facts = device_facts(device)
             # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
             out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
             existing = None
@@ -129,22 +79,16 @@ def main(argv=None) -> None:
             prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
             prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
         validate(prof, out)
-        try:
-            write_json_atomic(out, prof)
-        except OSError as e:
-            raise ConfigError(f"--out {out}: cannot write ({e.strerror}); pick a writable path") from None
+        write_profile(out, prof, f"--out {out}: cannot write ({{why}}); pick a writable path")
     print(summary(prof, out))
 
 
 def speed_index_command(a) -> str:
     """`--speed-index`: this machine's index now; with --out (a profile of this machine) it is
     stored there (atomically) and the change from the stored one is printed."""
-    from ..machine import this_fingerprint
-    from core.profile.schema import load
-
     device = resolve_device(a.device)
-    shape = vars(measure.model_args(a.model[0]))
-    si = speed_index(device, {**shape, "head_dim": measure.model_args(a.model[0]).head_dim})
+    args = model_args(a.model[0])
+    si = speed_index(device, {**vars(args), "head_dim": args.head_dim})
     line = (f"speed index {si['index']:.2f} (gemm {si['gemm_s'] * 1e3:.2f} ms, memcpy {si['memcpy_s'] * 1e3:.2f} ms, "
             f"attention {si['attention_s'] * 1e3:.2f} ms; {si['probe_wall_s']:.2f} s), machine {this_fingerprint(device)}")
     if a.out:
@@ -163,8 +107,6 @@ def format_comparison(path_a: Path, path_b: Path) -> str:
     """Per table, the median over its points of B / A (p50s on the same axes), and overall the
     median over all points of |B / A - 1|."""
     import numpy as np
-
-    from core.profile.schema import load
 
     a, b = load(path_a), load(path_b)
     rows, devs = [], []

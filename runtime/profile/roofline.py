@@ -4,7 +4,7 @@ Each kernel's time is max(FLOPs / (peak FLOP/s x compute efficiency), bytes / (H
 memory efficiency)) plus its kernel launches; transfers are latency + bytes / (PCIe rate x
 link efficiency). The efficiencies are stated in the file (`provenance.assumptions`): they are
 typical achieved fractions, not measurements, and a measured profile of the same GPU replaces
-the whole file (`compare` prints how far the two are apart, per table).
+the whole file (`--compare` prints how far the two are apart, per table). Why: docs/profiles.md.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from core.errors import ConfigError
 from core.provenance import git_revision
-from .measure import kernel_axes, model_args
+from .grids import kernel_axes, model_args
 from core.profile.schema import SCHEMA_VERSION, table
 
 from core.profile.analytic import ASSUMPTIONS, GPUS, PCIE_LANE, Roofline, Shape  # noqa: F401  (GPUS, PCIE_LANE re-exported)

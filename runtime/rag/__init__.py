@@ -1,4 +1,4 @@
-"""RAG chunk K/V reuse with selective recompute (`policy=rag`; the README's "RAG chunk reuse").
+"""RAG chunk K/V reuse with selective recompute (`policy=rag`; the method: docs/rag.md).
 
 store: the chunk K/V store (and chunk-alone features); placement: RoPE re-positioning; tracing: one
 pass recording every signal (norms, K/V deviation, question attention); selectors: which tokens to
@@ -15,8 +15,8 @@ from .prefill import RagResult, oracle_set, rag_prefill, select, selective_prefi
 from .selectors import Trace, draft_scores, recall, selector_scores, span_complete, trace
 from .store import FORMAT, ChunkKV, ChunkStore, default_cache_dir, model_identity
 
-__all__ = ["FORMAT", "SELECTORS", "STORES", "ChunkKV", "ChunkStore", "Draft", "RagResult", "align", "budget_of",
-           "check_policy", "default_cache_dir", "draft_scores", "encode_with_offsets", "load_draft",
-           "model_identity", "oracle_set", "placed_kv", "recall", "selector_scores", "trace", "Trace", "prefill_at", "rag_prefill", "rerotate", "select", "selective_prefill",
-           "separate_draft_select", "span_complete", "split_chunks", "split_prompt", "text_and_offsets",
-           "token_bytes"]
+__all__ = ["FORMAT", "SELECTORS", "STORES", "ChunkKV", "ChunkStore", "Draft", "RagResult", "Trace", "align",
+           "budget_of", "check_policy", "default_cache_dir", "draft_scores", "encode_with_offsets", "load_draft",
+           "model_identity", "oracle_set", "placed_kv", "prefill_at", "rag_prefill", "recall", "rerotate", "select",
+           "selective_prefill", "selector_scores", "separate_draft_select", "span_complete", "split_chunks",
+           "split_prompt", "text_and_offsets", "token_bytes", "trace"]

@@ -9,12 +9,18 @@ from core.policies.rag import RagPolicyConfig
 from ..model import Transformer
 
 
-def check_policy(policy, model: Transformer, separate_draft: bool = False) -> None:
-    """Raise ConfigError (one line naming the field) for a bad `policy=rag` config.
-    separate_draft: a Draft is given, so draft_layers is checked against it, not the target."""
-    spec = RagPolicyConfig(**{k: v for k, v in knobs_of(policy, RagPolicyConfig).items() if k != "name"})
-    spec.check()
+def check_policy(policy, model: Transformer, separate_draft: bool = False) -> RagPolicyConfig:
+    """Raise ConfigError (one line naming the field) for a bad `policy=rag` config; returns its
+    declaration. `policy`: the checked declaration (only the model checks run), or a config
+    (built and checked here). separate_draft: a Draft is given, so draft_layers is checked
+    against it, not the target."""
+    if isinstance(policy, RagPolicyConfig):
+        spec = policy
+    else:
+        spec = RagPolicyConfig(**{k: v for k, v in knobs_of(policy, RagPolicyConfig).items() if k != "name"})
+        spec.check()
     spec.check_model(model.args.max_seq_len, model.args.n_layers, separate_draft=separate_draft)
+    return spec
 
 
 def split_chunks(ids: list[int], chunk_len: int) -> list[list[int]]:

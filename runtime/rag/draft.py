@@ -144,7 +144,7 @@ def align(draft_offsets: list[tuple[int, int]], target_offsets: list[tuple[int, 
 
 @functools.lru_cache(maxsize=2)
 def _load_draft_model(path: str, dtype: torch.dtype, device: str) -> tuple[Transformer, Any]:
-    from ..model import load_gguf, load_hf
+    from ..loaders import load_gguf, load_hf
     from ..tokenizer import from_gguf, from_hf
 
     p = Path(path).expanduser()

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from core.errors import ConfigError
 from core.phases import PARTS, PHASES, phase_of
-from core.policies import SPECS, ModelShape, knobs_of, load_plugin
+from core.policies import SPECS, ModelShape, Registry, knobs_of, load_plugin
 
 from ..costs import EXTRAPOLATION_MARGIN, Costs
 
@@ -118,6 +118,18 @@ def attention_point(c: Costs, table: str, batch: float, ctx: float, rows: float)
     return (table, batch, ctx) if two else (table, rows, ctx)
 
 
+def chain(ops: list[Op], prev: str, name: str, engine: str, seconds: float, **kw) -> str:
+    """Append op `name` after `prev`; returns its name, what the next op of the chain waits for."""
+    ops.append(Op(name, engine, seconds, (prev,), **kw))
+    return name
+
+
+def lm_head(ops: list[Op], c: Costs, prev: str, rows: int) -> list[Op]:
+    """The step's last op, the LM head and sampling of `rows` query rows after `prev`; returns ops."""
+    ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))
+    return ops
+
+
 def beside(d: float, c: float, s: float) -> float:
     """Compute d seconds long, started with a copy c seconds long that slows it by s
     (the profile's transfers.overlap.gemm_slowdown_with_copy): d + min(d (s - 1), c (1 - 1/s))."""
@@ -157,15 +169,12 @@ class Twin:
             ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=split_parts(layer, base)))
             prev = f"layer{i}"
             if extra:
-                ops.append(Op(f"quantize{i}", "compute", extra, (prev,), phase="store"))
-                prev = f"quantize{i}"
+                prev = chain(ops, prev, f"quantize{i}", "compute", extra, phase="store")
             if issue:
-                ops.append(Op(f"store_issue{i}", "compute", issue, (prev,), phase="store"))
-                prev = f"store_issue{i}"
+                prev = chain(ops, prev, f"store_issue{i}", "compute", issue, phase="store")
             if store:
                 ops.append(Op(f"store{i}", c.engine("d2h"), store, (prev,)))
-        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(n), (prev,)))
-        return ops
+        return lm_head(ops, c, prev, n)
 
     def prefill_extra(self, c: Costs, prompts: list[int]) -> float:
         return 0.0
@@ -192,30 +201,25 @@ class Twin:
         for i in range(s.n_layers):
             ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=parts))
             prev = f"layer{i}"
-        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(self.query_rows(batch)), (prev,)))
-        return ops
+        return lm_head(ops, c, prev, self.query_rows(batch))
 
 
-TWINS: dict[str, type] = {}
+TWINS = Registry("simulator.policies")    # name -> twin: simulator/policies/<name>.py, or a plugin's `twin`
 
 
 def twin(cls: type) -> type:
     """Class decorator: enter a twin in the registry under its policy's `name`."""
-    TWINS[cls.name] = cls
-    return cls
+    return TWINS.add(cls.name, cls)
 
 
 def make_policy(cfg) -> Twin:
     """The checked twin of a policy config (`name` and its knobs, as in conf/policy/*.yaml)."""
     load_plugin(cfg, "twin")
-    name = cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)
-    if name not in TWINS:
-        raise ConfigError(f"policy={name!r} is not known; choose one of: {', '.join(sorted(TWINS))}")
-    cls = TWINS[name]
+    cls = TWINS.lookup(cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None))
     pol = cls(**knobs_of(cfg, cls))
     pol.check()
     return pol
 
 
-__all__ = ["ENGINES", "Op", "SPECS", "TWINS", "Twin", "attention_point", "beside", "make_policy", "part_costs",
-           "read_quiet", "split_parts", "twin"]
+__all__ = ["ENGINES", "Op", "SPECS", "TWINS", "Twin", "attention_point", "beside", "chain", "lm_head", "make_policy",
+           "part_costs", "read_quiet", "split_parts", "twin"]

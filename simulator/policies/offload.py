@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from core.policies.offload import OffloadPolicyConfig
 
-from .base import Op, beside, split_parts, twin
+from .base import Op, beside, chain, lm_head, split_parts, twin
 from .full import Full
 
 
@@ -38,6 +38,5 @@ class Offload(OffloadPolicyConfig, Full):
             d = beside(layer, fetch, c.gemm_slowdown) + issue
             ops.append(Op(f"layer{i}", "compute", d, deps, parts=split_parts(d, base, attention=issue)))
             prev = f"layer{i}"
-            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
-        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(batch), (prev,)))
-        return ops
+            chain(ops, prev, f"back{i}", c.engine("d2h"), back)
+        return lm_head(ops, c, prev, batch)

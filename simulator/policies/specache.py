@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from core.policies.specache import SpecachePolicyConfig
 from core.profile.schema import bits_table
 
-from .base import Op, beside, split_parts, twin
+from .base import Op, beside, chain, lm_head, split_parts, twin
 from .kivi import Kivi
 
 
@@ -68,22 +68,24 @@ class Specache(SpecachePolicyConfig, Kivi):
                 ops.append(Op(f"replace{i}", "compute", replace, (f"score{i}",), phase="layer",
                               parts=(("attention", replace),)))
                 prev = f"replace{i}"
-                if fetch_cpu:
-                    ops.append(Op(f"fetch_issue{i}", "compute", fetch_cpu, (prev,), phase="fetch"))
-                    prev = f"fetch_issue{i}"
-                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (prev,)))
+                prev = self.fetch_ops(ops, c, prev, i, fetch_cpu, fetch)
             else:
                 # score -> fetch -> attend with the rows: the fetch is on the critical path
                 ops.append(Op(f"layer{i}", "compute", layer, (prev,), parts=plain))
                 ops.append(Op(f"score{i}", "compute", score, (f"layer{i}",)))
-                after = f"score{i}"
-                if fetch_cpu:
-                    ops.append(Op(f"fetch_issue{i}", "compute", fetch_cpu, (after,), phase="fetch"))
-                    after = f"fetch_issue{i}"
-                ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (after,)))
+                self.fetch_ops(ops, c, f"score{i}", i, fetch_cpu, fetch)
                 ops.append(Op(f"replace{i}", "compute", replace, (f"fetch{i}",), phase="layer",
                               parts=(("attention", replace),)))
                 prev = f"replace{i}"
-            ops.append(Op(f"back{i}", c.engine("d2h"), back, (prev,)))
-        ops.append(Op("lm_head", "compute", c.table("lm_head_sample")(rows), (prev,)))
-        return ops
+            chain(ops, prev, f"back{i}", c.engine("d2h"), back)
+        return lm_head(ops, c, prev, rows)
+
+    @staticmethod
+    def fetch_ops(ops: list[Op], c, after: str, i: int, fetch_cpu: float, fetch: float) -> str:
+        """Layer i's fetch of its rows after `after`: the gather and memcpy on the compute thread
+        (an emulated link, phase fetch), then the transit on h2d. Returns the compute chain's end
+        (the fetch itself runs beside it)."""
+        if fetch_cpu:
+            after = chain(ops, after, f"fetch_issue{i}", "compute", fetch_cpu, phase="fetch")
+        ops.append(Op(f"fetch{i}", c.engine("h2d"), fetch, (after,)))
+        return after

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from core.policies import knobs_of
 from runtime.kv import register
 from runtime.kv.base import grow_columns
 from runtime.kv.full import FullKV
@@ -12,13 +11,15 @@ from runtime.kv.full import FullKV
 from .declaration import ToyPolicyConfig
 
 
+@register
 class ToyKV(FullKV):
-    def __init__(self, policy, shape, link=None):
-        super().__init__(policy, shape, link)
-        self.spec = ToyPolicyConfig(**{k: v for k, v in knobs_of(policy, ToyPolicyConfig).items() if k != "name"})
-        self.spec.check(shape.head_dim)
-        self.hk = torch.empty(self.k.shape, dtype=self.k.dtype) if self.spec.mirror else None
-        self.hv = torch.empty_like(self.hk) if self.spec.mirror else None
+    declaration = ToyPolicyConfig
+
+    def __init__(self, spec: ToyPolicyConfig, shape, link=None):
+        super().__init__(spec, shape, link)
+        self.spec = spec                # the checked declaration (runtime.kv.make_cache)
+        self.hk = torch.empty(self.k.shape, dtype=self.k.dtype) if spec.mirror else None
+        self.hv = torch.empty_like(self.hk) if spec.mirror else None
 
     def _write(self, k, v, step) -> None:
         held = self.len
@@ -31,6 +32,3 @@ class ToyKV(FullKV):
     def nbytes(self):
         device, _ = super().nbytes()
         return device, (device if self.spec.mirror else 0)
-
-
-register("toy", ToyKV)

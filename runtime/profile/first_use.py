@@ -1,6 +1,6 @@
-"""A profile of *this* machine, found (core/profile/lookup.py) or measured at first use and cached.
-
-`simulator.run` only finds (`find`); `analysis.validate` finds or measures (`ensure`).
+"""A profile of *this* machine, found (core/profile/lookup.py `find`) or else measured at first
+use, over grids covering what the points read, and cached (`ensure`, for analysis.validate;
+simulator.run only finds). Why a first-use profile and its speed bracket: docs/profiles.md.
 """
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from pathlib import Path
 
 import torch
 
-from core.errors import ConfigError
-from core.machine import PROFILE_SPEED_DRIFT, speed_moved, this_fingerprint
-from core.profile.lookup import (REPO_PROFILES, Need, cache_dir, coverage, covers, find,  # noqa: F401
-                                 need_of)
+from core.machine import PROFILE_SPEED_DRIFT, device_facts, speed_moved, this_fingerprint
+from core.profile.lookup import Need, cache_dir, coverage, find
 from core.profile.schema import SCHEMA_VERSION, ProfileError, validate
+from core.results import write_json_atomic
 
-from ..machine import speed_index
+from . import measure
+from .grids import model_args
+from .speed import speed_index
 
 
 def cached_path(device: torch.device) -> Path:
-    from .measure import device_facts
-
+    """This machine's file in the user's profile cache (the folder is created)."""
     f = device_facts(device)
     d = cache_dir(create=True)
     d.mkdir(exist_ok=True)
@@ -31,8 +31,8 @@ def cached_path(device: torch.device) -> Path:
 
 
 def speed_now(device: torch.device, shape: dict) -> float:
-    """This machine's speed index now (runtime/machine.py), after an untimed probe: the first
-    probe of a process reads ~20% slow (lazy initialisation), as much as the bracket allows."""
+    """This machine's speed index now (speed.py), after an untimed probe: the first probe of a
+    process reads ~20% slow (lazy initialisation), as much as the bracket allows."""
     speed_index(device, shape, reps=3)
     return float(speed_index(device, shape)["index"])
 
@@ -40,19 +40,15 @@ def speed_now(device: torch.device, shape: dict) -> float:
 def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.validate", progress: bool = True,
            quick: bool = True, repeats: int = 5) -> Path:
     """find(), else measure a profile of this machine for `model` over grids covering `need`
-    (quick grids extended, the points' exact values inserted: runtime.profile.measure.kernel_axes),
+    (quick grids extended, the points' exact values inserted: runtime/profile/grids.py kernel_axes),
     write it atomically to the cache (other models already in that file are kept) and say so in
     one line.
 
-    The measurement is bracketed by the speed index (runtime/machine.py; the profile's own,
-    taken at its end, is the bracket's after): when after / before moved by more than
+    The measurement is bracketed by the speed index (speed.py; the profile's own, taken at its
+    end, is the bracket's after): when after / before moved by more than
     PROFILE_SPEED_DRIFT (20%, either way), the machine changed speed while it was measured (a
     neighbour started or stopped), so it is measured once more; when that one moves too it is
     used for this run only (a temporary file, one line says so) and nothing is cached."""
-    from core.results import write_json_atomic
-    from .__main__ import measured_profile
-    from .measure import model_args
-
     notes: list[str] = []
     path = find(device, model, need, notes)
     for n in notes:
@@ -81,8 +77,8 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
     brackets = []
     for attempt in (1, 2):
         with torch.inference_mode():
-            prof = measured_profile([model], quick, device, repeats, existing, cover=need.cover(),
-                                    bits=tuple(sorted(need.bits | {2})), rag=need.rag, progress=progress)
+            prof = measure.measured_profile([model], quick, device, repeats, existing, cover=need.cover(),
+                                            bits=tuple(sorted(need.bits | {2})), rag=need.rag, progress=progress)
         after = float((prof.get("speed_index") or {}).get("index") or speed_now(device, shape))
         brackets.append({"before": before, "after": after, "after_over_before": after / before if before else None})
         if not speed_moved(before, after):
@@ -103,9 +99,6 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
         print(f"{prog}: the speed index moved again (x{b['after'] / b['before']:.2f}) during the second profile; "
               f"using it for this run only, not cached: {tmp}", file=sys.stderr)
         return tmp
-    try:
-        write_json_atomic(out, prof)
-    except OSError as e:
-        raise ConfigError(f"cache folder {out.parent} is not writable ({e.strerror}); set KVTESTBED_CACHE") from None
+    measure.write_profile(out, prof, f"cache folder {out.parent} is not writable ({{why}}); set KVTESTBED_CACHE")
     print(f"{prog}: profiled this machine in {time.perf_counter() - t:.0f} s -> {out}", file=sys.stderr)
     return out
