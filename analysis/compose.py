@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.config import register
 from core.errors import ConfigError
 from core.policies import spec_of
+from core.workload import DRAW_DEFAULTS
 
 from .table import SPLITS
 
@@ -124,9 +125,15 @@ def differing_keys(a: DictConfig, b: DictConfig) -> list[str]:
 def config_hash(run_cfg: DictConfig, sim_cfg: DictConfig) -> str:
     both = {"runtime": OmegaConf.to_container(run_cfg, resolve=True), "simulator": OmegaConf.to_container(sim_cfg, resolve=True)}
     for half in both.values():
-        for key in ("results_dir", "progress", "experiment", "phases", "timeline"):   # not what is measured
+        for key in ("results_dir", "progress", "experiment", "phases", "timeline", "speed_index",
+                    "metrics", "timeseries"):   # not what is measured
             half.pop(key, None)
+        if "slo" in half and half["slo"].get("e2e_s", 0) is None:   # unset: the hash of before it existed
+            half["slo"].pop("e2e_s")
         half["hardware"].pop("profile", None)   # where the profile lies (GPU box vs here) is not the config
+        for key, default in DRAW_DEFAULTS.items():   # the draw keys at the values that draw what they always drew
+            if half["workload"].get(key, default) == default:
+                half["workload"].pop(key, None)
     return hashlib.sha1(json.dumps(both, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -134,7 +141,7 @@ def describe(cfg: DictConfig) -> dict:
     """The columns that say what a point is (for grouping in the notebook)."""
     p, w, h = cfg.policy, cfg.workload, cfg.hardware
     return {"policy": p.name, "label": spec_of(p, check=False).label(), "model": cfg.model.name, "batch": w.batch, "prompt_len": w.prompt_len,
-            "gen_len": w.gen_len, "arrival": w.arrival, "rate": w.rate if w.arrival == "poisson" else math.nan,
+            "gen_len": w.gen_len, "arrival": w.arrival, "rate": w.rate if w.arrival in ("poisson", "gamma") else math.nan,
             "n_requests": w.n_requests if w.arrival != "static" else w.batch,
             "link_gbps": h.link.gbps if h.link.gbps else math.nan}
 
@@ -151,6 +158,23 @@ def speed_shape(sim_cfg: DictConfig) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the simulator's profile
+
+_SHA: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a profile file's bytes ("" when it cannot be read): resume re-predicts a point
+    whose profile changed under the same path."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return ""
+    k = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if k not in _SHA:
+        _SHA[k] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return _SHA[k]
+
 
 def simulator_profile(hw) -> Path:
     from simulator.run import profile_path

@@ -10,7 +10,9 @@ the profile; a failing point is a row with its error. Quality is not simulated: 
 measured evals (evals_dir, default results/reference/evals) hold the same knobs, their accuracy
 is joined in: passkey accuracy for (policy, k, bits), and RAG exact match for (selector, r) when a
 RAG eval has been run. The table goes to results/sweep/<experiment>.csv; analysis/sweep.ipynb
-draws it. Why a sweep is simulator-only: docs/simulator.md.
+draws it. Every point is also merged, as it finishes, into results/sweep/<experiment>.points.csv
+(under a lock, with its config hash): a rerun skips the points whose hash is there and ok
+(resume=false redoes them). Why a sweep is simulator-only, and resume: docs/simulator.md.
 
 For ad-hoc sweeps of one policy, Hydra's multirun does the same one point per job:
 `python -m simulator.run -m policy=specache policy.k=0,16,64,256 policy.bits=1,2,4`.
@@ -20,7 +22,9 @@ This module builds the grid, runs the points and writes the table; the parts: sw
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,18 +33,20 @@ from typing import Any, Optional
 
 import pandas as pd
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from core.errors import ConfigError, cli_errors
 from core.policies import spec_of
+from core.sweeps import merge_reads, parse_reads, reads_text, stretched_line
 
-from .compose import argv_or_help, compose_config, describe
-from .paper import PAPER, paper_label, paper_table, prefill_detail, step_detail  # noqa: F401
+from .compose import argv_or_help, compose_config, describe, file_sha256
+from .paper import (PAPER, format_verdicts, paper_label, paper_table, prefill_detail,  # noqa: F401
+                    step_detail, verdicts)
 from .sweep_join import (EVALS, check_evals_dir, join_quality, passkey_quality,  # noqa: F401
                          rag_quality)
 from .sweep_plots import pareto, plot_heatmaps, plot_paper, plot_pareto, plot_rag  # noqa: F401
-from .table import write_csv_atomic
+from .table import merge_rows, write_csv_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("throughput_tok_s", "ttft_s", "tpot_s", "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16")
@@ -63,6 +69,7 @@ class SweepConfig:
     results_dir: str = "results"
     evals_dir: str = str(EVALS)
     progress: bool = True
+    resume: bool = True     # skip points whose config hash is in <experiment>.points.csv with status ok
 
 
 ConfigStore.instance().store(name="base_sweep", node=SweepConfig)
@@ -88,12 +95,38 @@ def points(cfg: DictConfig) -> list[tuple[str, list[str]]]:
     return out
 
 
-def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | None = None) -> dict:
+def compose_point(overrides: list[str], results_dir: str) -> DictConfig:
+    return compose_config("simulate", [*overrides, f"results_dir={results_dir}"])
+
+
+def point_hash(grid: str, overrides: list[str], cfg: DictConfig | None) -> str:
+    """What says "the same point" on resume: the grid and the composed config (less where results
+    go and how they are shown) and the sha256 of the profile it reads; a point that does not
+    compose hashes its overrides."""
+    from simulator.run import profile_path
+
+    if cfg is None:
+        what: Any = {"grid": grid, "overrides": overrides}
+    else:
+        c = OmegaConf.to_container(cfg, resolve=True)
+        for key in ("results_dir", "progress", "experiment", "phases", "timeline"):
+            c.pop(key, None)
+        try:
+            sha = file_sha256(profile_path(cfg.hardware, cfg.model.name))
+        except Exception:           # no profile: the point fails when run, and is rerun next time
+            sha = ""
+        what = {"grid": grid, "config": c, "profile_sha256": sha}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | None = None,
+              cfg: DictConfig | None = None) -> dict:
+    """One point's row (`cfg`: the point already composed by compose_point)."""
     from simulator.run import simulate
 
     row: dict[str, Any] = {"grid": grid, "overrides": " ".join(overrides), "status": "ok"}
     try:
-        cfg = compose_config("simulate", [*overrides, f"results_dir={results_dir}"])
+        cfg = cfg if cfg is not None else compose_point(overrides, results_dir)
         p = cfg.policy
         row.update(describe(cfg))
         row.update({"hardware": cfg.hardware.name,
@@ -105,6 +138,7 @@ def run_point(grid: str, overrides: list[str], results_dir: str, paper: str | No
         rec = simulate(cfg)
         row.update({m: rec.get(m, math.nan) for m in METRICS})
         row["extrapolated"] = " ".join(rec.get("extrapolated", []))
+        row["extrapolated_reads"] = reads_text(rec.get("extrapolated_reads") or {})    # how far (core/sweeps.py)
         if paper:
             row.update({"gather": p.get("gather", ""), "draft_model": p.get("draft_model") or "",
                         "max_batch_reached": rec["max_batch_reached"], "requests": rec["requests"],
@@ -128,9 +162,24 @@ def sweep(cfg: DictConfig) -> pd.DataFrame:
     paper = cfg.sweep.get("paper")
     if paper not in (None, "specache", "rag"):
         raise ConfigError(f"sweep.paper={paper!r} is not known; use specache, rag or null")
-    rows = [run_point(g, ov, cfg.results_dir, paper)
-            for g, ov in tqdm(pts, desc=f"sweep {cfg.experiment}", unit="point", disable=not cfg.progress)]
-    df = pd.DataFrame(rows)
+    store = points_path(cfg)
+    done = load_points(store) if cfg.get("resume", True) else {}
+    rows: dict[str, dict] = {}
+    for g, ov in tqdm(pts, desc=f"sweep {cfg.experiment}", unit="point", disable=not cfg.progress):
+        try:
+            composed = compose_point(ov, cfg.results_dir)
+        except Exception:               # recorded by run_point
+            composed = None
+        h = point_hash(g, ov, composed)
+        if h in rows:
+            continue                    # the same point twice in one grid
+        prev = done.get(h)
+        if prev is not None and prev.get("status") == "ok":
+            rows[h] = prev
+            continue
+        rows[h] = {**run_point(g, ov, cfg.results_dir, paper, composed), "config_hash": h}
+        merge_rows(store, {h: rows[h]}, key="config_hash", exact=True)      # a stopped sweep keeps it
+    df = pd.DataFrame(list(rows.values()))
     if paper:
         df = paper_table(df, paper)
         write_csv_atomic(df, csv_path(cfg))
@@ -143,6 +192,18 @@ def sweep(cfg: DictConfig) -> pd.DataFrame:
 
 def csv_path(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / "sweep" / f"{cfg.experiment or 'sweep'}.csv"
+
+
+def points_path(cfg: DictConfig) -> Path:
+    """Every point's row as it finished, keyed by config_hash: what a rerun resumes from."""
+    return Path(cfg.results_dir) / "sweep" / f"{cfg.experiment or 'sweep'}.points.csv"
+
+
+def load_points(path: Path) -> dict[str, dict]:
+    """{config_hash: row} of a points table ({} when there is none)."""
+    from .table import read_rows
+
+    return read_rows(path, key="config_hash", exact=True) if path.exists() else {}
 
 
 def check_sweep_experiment(argv: list[str]) -> None:
@@ -162,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = argv_or_help(argv, __doc__)
     if argv is None:
         return
-    with cli_errors("analysis.sweep"):
+    with cli_errors("analysis.sweep", resume="run the same command again: resume=true skips the finished points"):
         check_sweep_experiment(argv)
         cfg = compose_config("sweep", argv)
         df = sweep(cfg)
@@ -179,6 +240,14 @@ def main(argv: list[str] | None = None) -> None:
             print(ok.reindex(columns=cols).to_string(index=False))
     for r in df[df.status != "ok"].itertuples():
         print(f"FAILED {r.overrides}: {r.status}")
+    stretched = ok[(ok["extrapolated"].fillna("").astype(str) != "") | (ok["extrapolated_reads"].fillna("").astype(str)
+                                                                       != "")] if "extrapolated_reads" in ok else ok.iloc[:0]
+    if len(stretched):         # what was read beyond a profile's grid, how far (its farthest over the points)
+        print(stretched_line(merge_reads(parse_reads(t) for t in stretched.get("extrapolated_reads", [])),
+                             {t for x in stretched["extrapolated"].fillna("") for t in str(x).split()},
+                             points=f"{len(stretched)} of {len(df)} points"))
+    if cfg.sweep.get("paper"):                 # per headline figure: ours, the paper's, inside or not, and why
+        print(format_verdicts(verdicts(df, cfg.sweep.paper), cfg.sweep.paper))
     print(f"\n{csv_path(cfg)}  ({len(ok)} ok, {len(df) - len(ok)} failed)")
 
 

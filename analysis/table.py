@@ -1,29 +1,37 @@
 """The validation table: where `<experiment>.csv` lies (and its committed reference), writing it
-atomically, reading it back (a file that is not one is one line), and the two printed tables
-(per point, and the per-split summary of errors and noise).
+atomically, merging rows into it under a lock (two runs into one folder keep every row), reading
+it back (a file that is not one is one line), and the two printed tables (per point, and the
+per-split summary of errors and noise).
 
     <results_dir>/validation/<experiment>.csv                 what a run writes (git-ignored)
     <results_dir>/reference/validation/<experiment>.csv       the committed measurements
 
-Column meanings and how to read the summary: docs/validation.md.
+Column meanings, resume and concurrent runs: docs/validation.md.
 """
 from __future__ import annotations
 
+import fcntl
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
+from core.files import write_kept
 from core.results import write_atomic
 
 SPLITS = ("calibration", "heldout")
 METRICS = ("throughput_tok_s", "ttft_s", "tpot_s", "decode_tok_s", "kv_bytes_device")
 HEADLINE = ("throughput_tok_s", "ttft_s", "tpot_s")
 CSV_COLUMNS = ("id", "status")     # what every row of a validation CSV has (the rest may be NaN)
-TEXT_COLUMNS = ("id", "config_hash", "machine_fingerprint", "profile_fingerprint", "host")
+# identifiers stay text when read back: an all-digit hash or fingerprint read as a number (and one
+# with a leading 0 losing it) never matches again, so nothing would resume
+TEXT_COLUMNS = ("id", "config_hash", "machine_fingerprint", "profile_fingerprint", "profile_sha256", "profile_path",
+                "host", "measured_path", "simulated_path", "grid", "overrides")
 
 
 def csv_path(cfg: DictConfig) -> Path:
@@ -36,10 +44,72 @@ def reference_path(cfg: DictConfig) -> Path:
     return Path(cfg.results_dir) / "reference" / "validation" / f"{cfg.experiment or 'validate'}.csv"
 
 
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
+def write_csv_atomic(df: pd.DataFrame, path: Path, exact: bool = False) -> Path:
     """The table written atomically (core/results.py write_atomic): a reader, or a crash, never
-    sees half of it."""
-    return write_atomic(path, lambda f: df.to_csv(f, index=False))
+    sees half of it. exact=True writes NaN as `nan`, so an empty string reads back as one."""
+    # a failed write (a full disk) keeps the table in the cache and is one line (core/files.py write_kept)
+    return write_kept(path, lambda f: df.to_csv(f, index=False, **({"na_rep": "nan"} if exact else {})))
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock beside a table: `<name>.lock`. Not the table itself, which an atomic write
+    replaces (a lock held on the old file would lock nothing)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """One writer at a time for the table at `path` (an exclusive flock on its lock file; it is
+    released when the holder exits, even by kill -9)."""
+    lp = lock_path(path)
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    with open(lp, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_rows(path: str | Path, key: str = "id", exact: bool = False) -> dict[str, dict]:
+    """{key: row} of a table as written (identifiers as text), {} when there is none; exact: one
+    written with exact=True (empty strings stay strings)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    df = _read(path, exact)
+    if key not in df.columns:
+        raise ConfigError(f"{path} has no column {key!r}; move it away (or delete it) and run again")
+    return {str(r[key]): {k: v for k, v in r.items() if not k.endswith("_abs_err")} for r in df.to_dict("records")}
+
+
+def _read(path: Path, exact: bool = False) -> pd.DataFrame:
+    na = {"keep_default_na": False, "na_values": ["nan"]} if exact else {}
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory where the validation CSV should be; move it away (or delete "
+                          "it) and run again")
+    try:
+        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, **na)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable CSV ({type(e).__name__}); move it away (or delete it) "
+                          "and run again") from None
+
+
+def merge_rows(path: str | Path, updates: dict[str, dict], order: Iterable[str] | None = None, *,
+               key: str = "id", seed: dict[str, dict] | None = None, exact: bool = False) -> pd.DataFrame:
+    """Read, merge, replace under the table's lock: `updates` replace the rows of the same `key`,
+    every other row of the file stays (another run's). `order`: the keys in the order the table
+    keeps (rows not in it are dropped: points no longer in the experiment); `seed`: the rows a
+    table that does not exist yet starts from (the committed reference); exact: see write_csv_atomic."""
+    path = Path(path)
+    with locked(path):
+        rows = read_rows(path, key, exact) if path.exists() else dict(seed or {})
+        rows.update({str(k): v for k, v in updates.items()})
+        keys = [str(k) for k in order] if order is not None else list(rows)
+        df = pd.DataFrame([rows[k] for k in keys if k in rows])
+        write_csv_atomic(df, path, exact)
+    return df
 
 
 def load(path: str | Path) -> pd.DataFrame:
@@ -112,10 +182,22 @@ def format_summary(df: pd.DataFrame) -> str:
     if "drift_flagged" in df and df.drift_flagged.fillna(False).astype(bool).any():
         lines.append("drift flagged (the machine's speed changed during the point twice): "
                      + ", ".join(df[df.drift_flagged.fillna(False).astype(bool)].id))
+    unpredicted = unpredicted_ids(df)
+    if unpredicted:
+        lines.append(f"measured, not predicted ({len(unpredicted)}, left out above; python -m analysis.validate "
+                     f"halves=simulator predicts them): " + ", ".join(unpredicted))
     failed = df[df.status != "ok"]
     for r in failed.itertuples():
         lines.append(f"FAILED {r.id}: {r.status}")
     return "\n".join(lines)
+
+
+def unpredicted_ids(df: pd.DataFrame) -> list[str]:
+    """The ok points without a prediction (halves=runtime, or a run stopped before predicting)."""
+    ok = df[df.status == "ok"]
+    if "predicted_ttft_s" not in ok:
+        return [str(i) for i in ok.id]
+    return [str(i) for i in ok[pd.to_numeric(ok.predicted_ttft_s, errors="coerce").isna()].id]
 
 
 def format_points(df: pd.DataFrame) -> str:

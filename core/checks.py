@@ -97,8 +97,20 @@ def check_scheduler(s) -> None:
 
 
 def check_slo(slo) -> None:
-    for key in ("ttft_s", "tpot_s"):
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
         number(_get(slo, key), f"slo.{key}", gt=0, null="no limit")
+
+
+def check_metrics(m) -> tuple[float, ...]:
+    """metrics.percentiles: each a number in (0, 100) (the extra percentiles core/results.py adds
+    beside p50 / p90 / p99); returns them as floats."""
+    ps = _get(m, "percentiles") or []
+    for i, p in enumerate(ps):
+        number(p, f"metrics.percentiles[{i}]")          # a finite number
+        if not 0 < p < 100:
+            raise ConfigError(f"metrics.percentiles[{i}]={p} is outside (0, 100); give percentiles strictly "
+                              "between 0 and 100, e.g. metrics.percentiles=[99.9]")
+    return tuple(float(p) for p in ps)
 
 
 def check_config(cfg, runner: str) -> PolicyConfig:
@@ -111,11 +123,12 @@ def check_config(cfg, runner: str) -> PolicyConfig:
         raise ConfigError(f"workload.arrival={w.arrival}: runtime.bench runs one static batch (workload.batch "
                           "requests at t = 0); replay arrivals with python -m runtime.serve (or simulate them "
                           "with python -m simulator.run), or use workload=default")
-    check_workload(w)
+    check_workload(w, runner)
     check_hardware(cfg.hardware)
     if runner in ("runtime.serve", "simulator.run"):
         check_scheduler(cfg.scheduler)
         check_slo(_get(cfg, "slo"))
+        check_metrics(_get(cfg, "metrics"))
     if runner == "runtime.bench":
         number(_get(cfg, "repeats", 1), "repeats", ge=1, integer=True)
     check_finite(cfg)            # every other number (policy knobs, model args, ...): finite
@@ -130,6 +143,59 @@ def head_dim_of(model_cfg) -> int | None:
     if _get(args, "dim") and _get(args, "n_heads"):
         return int(args["dim"]) // int(args["n_heads"])
     return None
+
+
+# A result's times and rates that are positive whenever a run served a request (keys starting so,
+# every percentile included): NaN, infinity, zero or a negative there is a fault upstream (a
+# profile table of zeros, a timer that read nothing), not a number to compare.
+POSITIVE_RESULT_KEYS = ("throughput_tok_s", "ttft_s", "wall_s", "prefill_s")
+# NaN only where documented: TPOT and the decode rate when no request generated a second token
+# (gen_len = 1); otherwise positive too. An idle engine's utilisation (util_*, NaN or 0) and
+# analysis.validate's uncorrected prediction are not checked here.
+ONE_TOKEN_NAN_KEYS = ("tpot_s", "decode_tok_s")
+
+
+def _keyed(key: str, names: tuple[str, ...]) -> bool:
+    """`key` is one of `names` or one of their suffixed keys (`ttft_s_p99`), not another metric
+    that shares the prefix (`ttft_std_s`, which is 0 when every request waits alike)."""
+    return key in names or key.startswith(tuple(f"{n}_" for n in names))
+
+
+class ResultError(ConfigError):
+    """A result that cannot be represented: NaN, infinity or <= 0 where a positive time must be."""
+
+
+def check_result(record: dict) -> None:
+    """Refuse (one line, ResultError) a runtime.bench / runtime.serve / simulator.run record with
+    a NaN, an infinity, a zero or a negative where a positive time or rate must be
+    (POSITIVE_RESULT_KEYS; ONE_TOKEN_NAN_KEYS unless every request generated one token; each
+    stage's `phases.<stage>.step_s` when it has steps). core/results.py write_run_record calls
+    it before writing: such a record is never written. docs/runtime.md (results schema)."""
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    one_token = record.get("output_tokens") is not None and record.get("requests") \
+        and record["output_tokens"] <= record["requests"]
+    bad = []
+    # runtime.bench's `<metric>_ci`: [lo, hi] of the median over its repeats, each end checked as
+    # the metric is; null with one run (runtime/repeats.py)
+    items = [(k, x) for k, v in record.items()
+             for x in ((v or []) if k.endswith("_ci") and (v is None or isinstance(v, list)) else [v])]
+    for key, v in items:
+        if _keyed(key, POSITIVE_RESULT_KEYS) and not positive(v):
+            bad.append((key, v))
+        elif _keyed(key, ONE_TOKEN_NAN_KEYS) and not positive(v):
+            if not (one_token and isinstance(v, float) and math.isnan(v)):
+                bad.append((key, v))
+    for stage, st in (record.get("phases") or {}).items():
+        if isinstance(st, dict) and st.get("steps") and not positive(st.get("step_s")):
+            bad.append((f"phases.{stage}.step_s", st.get("step_s")))
+    if bad:
+        key, v = bad[0]
+        more = f" (and {', '.join(k for k, _ in bad[1:4])}{', ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+        raise ResultError(f"the result has {key}={v!r}{more} where a positive time or rate must be: not a result, "
+                          "nothing written (a profile table of zeros, or a timer that read nothing: check "
+                          "hardware.profile or re-run)")
 
 
 def check_shape(cfg, runner: str, *, head_dim: int, max_seq_len: int, n_layers: int,

@@ -9,26 +9,28 @@ analysis.validate and analysis.sweep compose through `compose_or_explain`).
 2. **A bad point in a multirun is recorded**, not the end of the sweep: `run_point` runs one point;
    in a multirun a failure (a ConfigError or anything else) is a CSV row with its error and the
    other points still run; every point's row goes to `<results_dir>/<kind>/sweeps/<sweep>.csv`
-   (named after the sweep's own folder, unique per sweep), and the path is printed.
+   (named after the sweep's own folder, unique per sweep), and the path is printed. The CSV's
+   columns (every override its own, the full metric set) and the closing summary: core/sweeps.py.
 
 The config keys and groups themselves: docs/configuration.md.
 """
 from __future__ import annotations
 
-import csv
 import difflib
-import fcntl
 import math
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from core.errors import ConfigError, cli_errors
-from core.results import check_writable
+from core.errors import ConfigError, WriteError, cli_errors
+from core.files import check_results, check_writable, run_bytes
+from core.interrupts import at_point, clean_exit, stops_sweep
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MAX_CHECKED_POINTS = 1000          # a multirun larger than this is checked on its first points only
+# a Hydra plugin's option (or its first word) -> the pyproject extra that installs it
+PLUGIN_EXTRAS = {"joblib": "sweep", "optuna": "sweep", "ray": "ray", "submitit": "cluster"}
 
 
 # ----------------------------------------------------------------------------- one-line errors
@@ -104,9 +106,14 @@ def explain(e: BaseException, overrides: list[str], base_cfg: Callable[[list[str
         options = _choices(e.options or [])
         if group:
             if not options:
+                # a group of a plugin's (hydra/launcher/ray_local.yaml starts from the plugin's `ray`)
+                asked = next((o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith(f"{group}=")), "")
+                extra = PLUGIN_EXTRAS.get(asked.partition("=")[2].split("_")[0]) or PLUGIN_EXTRAS.get(option.split("_")[0])
+                if group.startswith("hydra/") and extra:
+                    return (f"{asked or f'{group}={option}'}: its Hydra plugin is not installed (no {group}={option} "
+                            f"config); pip install -e \".[{extra}]\"")
                 return f"{group}={option}: there is no config group {group!r}"
-            extra = {"joblib": "sweep", "optuna": "sweep", "ray": "ray", "ray_local": "ray", "submitit": "cluster"}
-            plugin = extra.get(option) or extra.get(option.split("_")[0])
+            plugin = PLUGIN_EXTRAS.get(option) or PLUGIN_EXTRAS.get(option.split("_")[0])
             hint = (f" (a Hydra plugin that is not installed: pip install -e \".[{plugin}]\")"
                     if group.startswith("hydra/") and plugin else "")
             return (f"{group}={option}: no such option{hint}; choose one of {', '.join(options)}"
@@ -265,11 +272,14 @@ def check_command_line(prog: str, config_name: str, argv: list[str] | None = Non
             or args.config_dir or args.experimental_rerun):
         return
     name = args.config_name or config_name
+    cfgs = []                              # returned: hydra_entry checks their results folders
     with cli_errors(prog):
         for i, point in enumerate(command_points(list(args.overrides), bool(args.multirun))):
             cfg = compose_or_explain(name, point, conf_dir, hydra_config=True)
+            cfgs.append(cfg)
             if i == 0 and args.multirun:
                 check_launcher(cfg.hydra.launcher)
+    return cfgs
 
 
 def check_launcher(launcher) -> None:
@@ -283,8 +293,9 @@ def check_launcher(launcher) -> None:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"hydra/launcher: {target} cannot be imported ({e}); install its plugin "
-                              "(pip install -e \".[sweep]\" for joblib, \".[ray]\" for Ray)") from None
+            extra = next((x for w, x in PLUGIN_EXTRAS.items() if w in target.lower()), None)
+            fix = f"pip install -e \".[{extra}]\"" if extra else "pip install -e \".[sweep]\" (joblib), \".[ray]\" (Ray)"
+            raise ConfigError(f"hydra/launcher: {target} cannot be imported ({e}); install its plugin: {fix}") from None
     if target.endswith("RayLauncher"):
         init = launcher.ray.get("init") or {}
         if init.get("address") is not None and "object_store_memory" not in init:
@@ -292,66 +303,15 @@ def check_launcher(launcher) -> None:
                               "object_store_memory, which Ray refuses for a running cluster; use "
                               "hydra/launcher=ray_local (conf/hydra/launcher/ray_local.yaml) or add "
                               "+hydra.launcher.ray.init.object_store_memory=null")
+        if init.get("address") is not None and (problem := ray_cluster_problem(init.get("address"))):
+            raise ConfigError(problem)      # not a ConnectionError traceback once the sweep has begun
 
 
 # ----------------------------------------------------------------------------- sweep points
 
-def sweep_csv(cfg, kind: str) -> Path:
-    """The CSV a multirun's points append to: named after the sweep's folder (unique per sweep)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    sweep = Path(HydraConfig.get().sweep.dir)
-    return Path(str(cfg.results_dir)) / kind / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
-
-
-def sweep_csv_of(config, kind: str) -> Path:
-    """The same path as `sweep_csv`, from a config that carries its hydra node (a callback's)."""
-    sweep = Path(str(config.hydra.sweep.dir))
-    return Path(str(config.results_dir)) / kind / "sweeps" / f"{sweep.parent.name}_{sweep.name}.csv"
-
-
-try:
-    from hydra.experimental.callback import Callback as _Callback
-except ImportError:                       # pragma: no cover  (hydra-core < 1.1)
-    _Callback = object
-
-
-class SweepSummary(_Callback):
-    """hydra.callbacks.sweep_summary (conf/bench.yaml, serve.yaml, simulate.yaml): at the end of a
-    multirun, one line with the sweep CSV's path and how many of its points failed."""
-
-    def __init__(self, kind: str = "simulated"):
-        self.kind = kind
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        path = sweep_csv_of(config, self.kind)
-        try:
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        except OSError:
-            print(f"sweep CSV: {path} (not written: no point finished)")
-            return
-        failed = sum(1 for r in rows if r.get("error"))
-        print(f"sweep CSV: {path} ({len(rows)} points, {failed} failed)")
-
-
-def sweep_row(path: Path, job: int, overrides: list[str], record: dict | None, error: str | None,
-              keys: tuple[str, ...]) -> None:
-    """Append one point to a sweep's CSV; parallel launchers append from several processes, so one
-    writer at a time and the header only when the file is still empty under the lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    row = {"job": job, "overrides": " ".join(overrides), "error": error or ""}
-    row.update({k: (record or {}).get(k, "") for k in keys})
-    with path.open("a", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if f.tell() == 0 and path.stat().st_size == 0:
-                w.writeheader()
-            w.writerow(row)
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+# a multirun's CSV and closing summary (core/sweeps.py); these names stay importable from here
+from core.sweeps import (SweepSummary, ray_cluster_problem, record_stretched_line, sweep_csv,  # noqa: E402,F401
+                         sweep_csv_of, sweep_row)
 
 
 def run_point(prog: str, cfg, run: Callable[[Any], dict], table: Callable[[dict], str], *, kind: str,
@@ -367,29 +327,42 @@ def run_point(prog: str, cfg, run: Callable[[Any], dict], table: Callable[[dict]
         with cli_errors(prog):
             record = run(cfg)
         print(table(record))
+        if line := record_stretched_line(record):    # what was read beyond a grid, how far
+            print(line)
         return record.get(objective) if objective else None
     path = sweep_csv(cfg, kind)
     overrides = list(hc.overrides.task)
-    with cli_errors(prog):                 # nowhere to record the point: stop the sweep, one line
-        check_writable(path.parent, "results_dir")
+    at_point(path, hc.job.num, overrides)  # from here a point that cannot record itself stops the sweep, one line
+    with stops_sweep(prog, code=2):
+        check_writable(path.parent, "results_dir", need=run_bytes(cfg))
     try:
         record = run(cfg)
-    except Exception as e:                 # a failing point is recorded, the sweep goes on
-        sweep_row(path, hc.job.num, overrides, None, f"{type(e).__name__}: {e}", keys)
+    except Exception as e:                 # a failing point is recorded, the sweep goes on (not past a lost write)
+        with stops_sweep(prog, then=str(e) if isinstance(e, WriteError) else None):
+            sweep_row(path, hc.job.num, overrides, None, f"{type(e).__name__}: {e}", keys)
         print(f"{prog}: point {hc.job.num} ({' '.join(overrides)}) failed: {e}", file=sys.stderr)
         print(f"sweep CSV: {path}")
         return math.nan if objective else None
-    sweep_row(path, hc.job.num, overrides, record, None, keys)
+    with stops_sweep(prog, detail=f"its result is in {record.get('path')}"):
+        sweep_row(path, hc.job.num, overrides, record, None, keys)
     print(table(record))
+    if line := record_stretched_line(record):
+        print(line)
     print(f"sweep CSV: {path}")
     return record.get(objective) if objective else None
 
 
-def hydra_entry(prog: str, config_name: str, task: Callable[[], Any]) -> Callable[[], Any]:
-    """main() of a Hydra entry point: the command line checked (1.), then Hydra's own main."""
+def hydra_entry(prog: str, config_name: str, task: Callable[[], Any], prepare: Callable | None = None):
+    """main() of a Hydra entry point: the command line (1.) and its results folders (they resolve, have
+    room) checked, `prepare(cfgs)` in a multirun, Hydra's main; Ctrl-C / SIGTERM: one line, exit 130 / 143."""
     def main():
-        check_command_line(prog, config_name)
-        return task()
+        with clean_exit(prog):
+            cfgs, multirun = check_command_line(prog, config_name) or [], {"-m", "--multirun"} & set(sys.argv[1:])
+            with cli_errors(prog):         # before Hydra writes anything
+                check_results(cfgs, bool(multirun))
+                if prepare is not None and multirun and cfgs:
+                    prepare(cfgs)
+            return task()
     main.__doc__ = task.__doc__
     main.task = task
     return main

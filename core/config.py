@@ -30,20 +30,29 @@ class ModelConfig:
 @dataclass
 class WorkloadConfig:
     batch: int = 4                  # static: requests that arrive together
-    prompt_len: int = 512           # prompt tokens per request (random tokens, seeded)
-    prompt_len_min: Optional[int] = None  # per-request prompt lengths uniform in [min, prompt_len]; null = all equal
-    gen_len: int = 64               # tokens generated per request
+    prompt_len: int = 512           # prompt tokens per request (random tokens, seeded); drawn lengths: the longest (draws are clamped to it)
+    prompt_len_min: Optional[int] = None  # per-request prompt lengths uniform in [min, prompt_len]; null = all equal; drawn lengths: the shortest
+    gen_len: int = 64               # tokens generated per request; drawn lengths: the longest
     seed: int = 0                   # prompt tokens, prompt lengths, arrivals and sampling
     ignore_eos: bool = True         # always generate gen_len tokens (benchmarks)
     temperature: float = 0.0        # sampling; 0 = greedy
     top_p: float = 1.0              # nucleus sampling, in (0, 1]
     # the simulator's arrivals (core/workload.py); runtime.bench runs `static` only
-    arrival: str = "static"         # static | poisson | closed | trace
-    rate: float = 1.0               # poisson: requests per second
-    n_requests: int = 100           # poisson / closed: requests in all
+    arrival: str = "static"         # static | poisson | gamma | closed | trace
+    rate: float = 1.0               # poisson / gamma: requests per second
+    n_requests: int = 100           # poisson / gamma / closed: requests in all
     users: int = 1                  # closed: concurrent users
     think_s: float = 0.0            # closed: pause between a user's requests
-    trace: Optional[str] = None     # trace: CSV with columns arrival_s, prompt_len, gen_len
+    trace: Optional[str] = None     # trace: CSV with columns arrival_s, prompt_len, gen_len (also the rows prompt_dist / gen_dist = trace resample)
+    burstiness: float = 1.0         # gamma: shape of the gaps (vLLM's definition), CV 1 / sqrt(burstiness); 1 = Poisson, < 1 burstier
+    # request lengths (core/workload.py Lengths), drawn in [*_len_min or 1, *_len]
+    prompt_dist: Optional[str] = None   # fixed | uniform | lognormal | trace (rows of `trace`); null = uniform when prompt_len_min is set, else fixed
+    prompt_len_mean: Optional[float] = None  # lognormal: mean prompt tokens (before clamping)
+    prompt_len_cv: float = 1.0      # lognormal: coefficient of variation (std / mean), 0..100
+    gen_dist: Optional[str] = None  # output lengths, as prompt_dist; null = uniform when gen_len_min is set, else fixed (gen_len)
+    gen_len_min: Optional[int] = None   # uniform / lognormal / trace: the shortest output
+    gen_len_mean: Optional[float] = None  # lognormal: mean output tokens (before clamping)
+    gen_len_cv: float = 1.0         # lognormal: coefficient of variation of the output lengths
 
 
 @dataclass
@@ -57,7 +66,7 @@ class LinkConfig:
 class HardwareConfig:
     name: str = "auto"              # the option's name, recorded in results
     device: str = "auto"            # auto | cpu | cuda[:N]
-    threads: Optional[int] = None   # torch intra-op threads on CPU, 1..1024; null = torch's default
+    threads: Optional[int] = None   # torch intra-op threads on CPU, 1..1024; null = torch's default for this machine's cores; simulator: the thread count whose profile of this machine it reads (part of the fingerprint), whatever threads a launcher gives its worker
     link: LinkConfig = field(default_factory=LinkConfig)
     profile: Optional[str] = None   # simulator: the profile JSON; null = this machine's profile found
                                     # by fingerprint, else the committed CPU profile (hardware=cpu|auto)
@@ -77,8 +86,17 @@ class SchedulerConfig:
 @dataclass
 class SloConfig:
     ttft_s: Optional[float] = None  # time-to-first-token limit, seconds; goodput counts requests
-                                    # within both limits (null = no limit)
+                                    # within every limit set (null = no limit; no limit at all: no goodput_*)
     tpot_s: Optional[float] = None  # time-per-output-token limit, seconds
+    e2e_s: Optional[float] = None   # end-to-end limit (arrival to last token), seconds
+
+
+@dataclass
+class MetricsConfig:
+    """Which serving metrics a result carries beyond the fixed ones (core/results.py)."""
+    # extra percentiles of TTFT, TPOT, ITL, E2E and queueing delay, each in (0, 100), beside the
+    # p50 / p90 / p99 always written: [99.9] adds ttft_p99_9_s, ...
+    percentiles: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -103,7 +121,10 @@ class RunConfig:
 @dataclass
 class BenchConfig(RunConfig):
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
-    repeats: int = 1                   # timed runs of the whole batch; percentiles pool their requests
+    # timed runs of the whole batch after the warm-up: tokens/s is their median with an
+    # order-statistic interval (`*_ci`, `ci_level`); TTFT / TPOT percentiles pool their requests
+    repeats: int = 3
+    speed_index: bool = True           # the machine's speed index before and after the timed runs (~0.2 s each)
     progress: bool = True              # a tqdm bar of decode steps
 
 
@@ -112,6 +133,10 @@ class SimulateConfig(RunConfig):
     scheduler: Any = MISSING
     fidelity: str = "fast"             # fast (cached recurrence) | detailed (a SimPy process per op)
     slo: SloConfig = field(default_factory=SloConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # the run's time series beside the result (`<stem>.timeseries.csv`, `timeseries_path`): batch,
+    # queue, KV bytes held and busy at every scheduler event
+    timeseries: bool = False
     progress: bool = True              # a tqdm bar of completed requests on runs longer than a second
 
 
@@ -121,6 +146,7 @@ class ServeConfig(RunConfig):
     scheduler: Any = MISSING
     warmup: bool = True                # one short untimed generate first (allocator, kernels, caches)
     slo: SloConfig = field(default_factory=SloConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     progress: bool = True              # a tqdm bar of completed requests
 
 

@@ -129,7 +129,7 @@ def check_runtime_memory(cfg, runner: str, spec: PolicyConfig, model, device) ->
 
 def check_span(w, n: int) -> None:
     """runtime.serve waits for arrivals in real time: refuse a replay longer than SERVE_MAX_SPAN_S."""
-    if w.arrival == "poisson":
+    if w.arrival in ("poisson", "gamma"):
         span, field = n / float(w.rate), "workload.rate"
     elif w.arrival == "closed":
         # each user sends its next request think_s after its last one: the last of n waits

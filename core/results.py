@@ -1,8 +1,12 @@
 """The one results schema of measured and simulated runs: its metrics, the record, its one writer
-(`write_run_record`, atomic, never over another run's file) and the closing table's shared rows.
+(`write_run_record`, atomic, never over another run's file; a failed write keeps the record in the
+cache: core/files.py, which also holds the atomic writes) and the closing table's shared rows.
 
 Scalar means `throughput_tok_s`, `ttft_s`, `tpot_s`; percentiles as their own keys
-(`ttft_s_p50`, `_p90`, `_p99`, same for `tpot_s`); `kv_bytes_device`, `kv_bytes_host`,
+(`ttft_s_p50`, `_p90`, `_p99`, same for `tpot_s`); runtime.serve and simulator.run add the
+serving metrics (`serving_metrics`: `<m>_mean_s`, `_std_s`, `_p50_s`, ... of TTFT, TPOT, ITL,
+E2E and queueing delay, `completion_rate`, goodput under an SLO; the per-request records are
+core/per_request.py); `kv_bytes_device`, `kv_bytes_host`,
 `kv_ratio_vs_fp16`; then the resolved config and provenance, so analysis joins measured and
 simulated rows on the config.
 
@@ -15,20 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TextIO
 
 import numpy as np
 from omegaconf import OmegaConf
 
+# the file-writing half lives in core/files.py; its names stay importable from here
+from .files import (ORPHAN_AGE_S, check_writable, clean_orphans, keep_unsaved,  # noqa: F401
+                    results_folder, write_atomic, write_json_atomic)
 from .phases import PARTS, PHASES, STAGES, UNACCOUNTED, add_totals, empty_totals, stage_record
 
 # ----------------------------------------------------------------------------- metrics
 
-PERCENTILES = (50, 90, 99)
+from .per_request import PERCENTILES, METRICS, metric_stats, percentile_key, request_rows  # noqa: F401
+
+SLO_KEYS = ("ttft_s", "tpot_s", "e2e_s")
 
 
 def stats(name: str, xs: list[float]) -> dict[str, float]:
@@ -40,24 +46,58 @@ def stats(name: str, xs: list[float]) -> dict[str, float]:
     return {name: float(a.mean()), **{f"{name}_p{p}": float(np.percentile(a, p)) for p in PERCENTILES}}
 
 
-def serving_metrics(reqs, slo) -> dict:
-    """The schema's metrics of served requests (anything with arrival_s, done_s, gen_len and the
-    ttft_s / tpot_s properties, as core.workload.Request): throughput over the span from the
-    first arrival to the last completion, TTFT / TPOT statistics, goodput under `slo`. One
-    definition for the simulator and runtime.serve, so the two are compared like for like."""
+def slo_limits(slo) -> dict[str, float]:
+    """The SLO limits that are set ({"ttft_s": 1.0, ...}); {} when none is."""
+    get = (lambda k: slo.get(k)) if hasattr(slo, "get") else (lambda k: getattr(slo, k, None))
+    return {k: float(get(k)) for k in SLO_KEYS if slo is not None and get(k) is not None}
+
+
+def serving_metrics(reqs, slo, percentiles=(), times=None, rows: dict | None = None) -> dict:
+    """The schema's metrics of served requests (anything with arrival_s, admitted_s, done_s,
+    gen_len and the ttft_s / tpot_s properties, as core.workload.Request): throughput over the
+    span from the first arrival to the last completion; TTFT / TPOT as before (`ttft_s`,
+    `ttft_s_p50`, ...); `completion_rate` (requests completed per second of that span); goodput
+    (`goodput_req_s`, `goodput_fraction`: requests within every limit of `slo`) only when a limit
+    is set; then TTFT, TPOT, ITL, E2E and queueing delay each as `<m>_mean_s`, `_std_s`, `_p50_s`,
+    `_p90_s`, `_p99_s` and the extra `percentiles` (core/per_request.py metric_stats). ITL pools
+    every gap of every request (`times`, a core.per_request.TokenTimes; None: NaN). `rows`: the
+    requests' core.per_request.request_rows, if already made. One definition for the simulator
+    and runtime.serve, so the two are compared like for like."""
     span = max(r.done_s for r in reqs) - min(r.arrival_s for r in reqs)
     out_tokens = sum(r.gen_len for r in reqs)
-    good = [r for r in reqs if (slo.ttft_s is None or r.ttft_s <= slo.ttft_s)
-            and (slo.tpot_s is None or r.gen_len < 2 or r.tpot_s <= slo.tpot_s)]
     per_s = (lambda n: n / span) if span > 0 else (lambda n: math.nan)
-    return {
+    out = {
         "throughput_tok_s": per_s(out_tokens),
         **stats("ttft_s", [r.ttft_s for r in reqs]),
         **stats("tpot_s", [r.tpot_s for r in reqs]),
         "wall_s": span, "output_tokens": out_tokens, "requests": len(reqs),
-        "goodput_req_s": per_s(len(good)),
-        "goodput_fraction": len(good) / len(reqs),
     }
+    lim = slo_limits(slo)
+    if lim:
+        t, p, e = lim.get("ttft_s"), lim.get("tpot_s"), lim.get("e2e_s")
+        good = [r for r in reqs if (t is None or r.ttft_s <= t) and (p is None or r.gen_len < 2 or r.tpot_s <= p)
+                and (e is None or r.done_s - r.arrival_s <= e)]
+        out["goodput_req_s"] = per_s(len(good))
+        out["goodput_fraction"] = len(good) / len(reqs)
+    out["completion_rate"] = per_s(len(reqs))
+    rows = rows if rows is not None else request_rows(reqs)
+    for m in METRICS:
+        if m == "itl":
+            vals, counts = times.pooled() if times is not None else ([], None)
+            out.update(metric_stats(m, vals, percentiles, counts))
+        else:
+            out.update(metric_stats(m, rows[f"{m}_s"], percentiles))
+    return out
+
+
+def completion_rate_of(record: dict) -> float:
+    """A record's completion rate (requests/s), old records too: before `completion_rate` was
+    written, `goodput_req_s` of a run without an SLO was that rate under another name."""
+    if "completion_rate" in record:
+        return record["completion_rate"]
+    if not slo_limits((record.get("config") or {}).get("slo") or {}) and "goodput_req_s" in record:
+        return record["goodput_req_s"]
+    return math.nan
 
 
 def summarize(runs) -> dict:
@@ -108,13 +148,23 @@ def run_record(cfg, metrics: dict, labels: dict, extras: dict, provenance: dict)
             "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance}
 
 
-def write_run_record(cfg, record: dict, kind: str, stem: str, trace: dict | None = None) -> Path:
+def write_run_record(cfg, record: dict, kind: str, stem: str, trace: dict | None = None,
+                     sidecars: dict | None = None) -> Path:
     """The one writer of runtime.bench's, runtime.serve's and simulator.run's records:
     `<results_dir>/<kind>/<stem>_<YYYYmmdd-HHMMSS>_<digest>.json` (digest: `config_digest` of
     record["config"], the resolved config), written by `write_result` (never over another run's
-    file; with a Chrome `trace`, its timeline beside it). Sets record["path"]; returns it."""
+    file; with a Chrome `trace`, its timeline beside it). Sets record["path"]; returns it. A write
+    that fails raises a one-line core.errors.WriteError naming where the record was kept instead
+    (core/files.py keep_unsaved)."""
+    from core.checks import check_result
+
+    check_result(record)          # NaN / zero where a positive time must be: one line, not a result
     name = f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{config_digest(record['config'])}.json"
-    return write_result(Path(str(cfg.results_dir)) / kind / name, record, trace)
+    path = Path(str(cfg.results_dir)) / kind / name
+    try:
+        return write_result(path, record, trace, sidecars)
+    except OSError as e:          # a full disk, a vanished folder: the measurement is kept elsewhere
+        raise keep_unsaved(path, record, e, lambda keep: write_result(keep, record, trace, sidecars)) from None
 
 
 def config_digest(resolved: dict) -> str:
@@ -122,19 +172,26 @@ def config_digest(resolved: dict) -> str:
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def write_result(path: str | Path, record: dict, trace: dict | None = None) -> Path:
+def write_result(path: str | Path, record: dict, trace: dict | None = None, sidecars: dict | None = None) -> Path:
     """Write a result record under a name nobody holds (`write_json_atomic(exclusive=True)`) and,
     with a Chrome `trace`, the timeline beside it (atomically), its path in the record as
-    `timeline_path`. Sets record["path"] afterwards (not in the file); returns it."""
+    `timeline_path`; `sidecars` {record key: (where(result path) -> path, write(path))}: other
+    files beside it the same way (the per-request CSV: core/per_request.py). Sets record["path"]
+    afterwards (not in the file); returns it."""
     path = Path(path)
+    side = dict(sidecars or {})
     if trace is not None:
-        record["timeline_path"] = str(timeline_path(path))
+        side = {"timeline_path": (timeline_path, lambda p: write_json_atomic(p, trace)), **side}
+    for key, (where, _) in side.items():
+        record[key] = str(where(path))
     written = write_json_atomic(path, record, exclusive=True)
-    if trace is not None:
+    if side:
         if written != path:                      # the name was taken (-2, -3, ...): follow it
-            record["timeline_path"] = str(timeline_path(written))
+            for key, (where, _) in side.items():
+                record[key] = str(where(written))
             write_json_atomic(written, record)
-        write_json_atomic(record["timeline_path"], trace)
+        for key, (_, write) in side.items():
+            write(Path(record[key]))
     record["path"] = str(written)
     return written
 
@@ -156,6 +213,31 @@ def latency_kv_rows(r: dict) -> list[tuple[str, str]]:
         ("KV device / host", f"{r['kv_bytes_device'] / mib:.1f} / {r['kv_bytes_host'] / mib:.1f} MiB "
                              f"({r['kv_ratio_vs_fp16']:.3f}x of fp16)"),
     ]
+
+
+def goodput_row(r: dict) -> str:
+    """`goodput 1.2 req/s (93% within the SLO)` when the run had an SLO, else `completed 1.3 req/s`."""
+    if "goodput_req_s" in r and slo_limits((r.get("config") or {}).get("slo") or {}):
+        return f"goodput {r['goodput_req_s']:.3g} req/s ({r['goodput_fraction']:.0%} within the SLO)"
+    return f"completed {completion_rate_of(r):.3g} req/s"
+
+
+def serving_rows(r: dict) -> list[tuple[str, str]]:
+    """The closing table's ITL / E2E / queueing rows, and one for the extra percentiles, if any."""
+    def ms(x):
+        return f"{x * 1e3:.2f}" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
+
+    rows = [("ITL mean / p50 / p99", f"{ms(r.get('itl_mean_s'))} / {ms(r.get('itl_p50_s'))} / "
+                                     f"{ms(r.get('itl_p99_s'))} ms"),
+            ("E2E / queue p50 / p99", f"{ms(r.get('e2e_p50_s'))} / {ms(r.get('e2e_p99_s'))} ms, "
+                                      f"queue {ms(r.get('queue_p50_s'))} / {ms(r.get('queue_p99_s'))} ms")]
+    fixed = {percentile_key(p) for p in PERCENTILES}
+    extra = sorted({k[len("ttft_"):-2] for k in r if k.startswith("ttft_p") and k.endswith("_s")} - fixed,
+                   key=lambda k: float(k[1:].replace("_", ".")))
+    for k in extra:
+        rows.append((f"{k.replace('_', '.')} TTFT / TPOT / ITL / E2E / queue",
+                     " / ".join(ms(r.get(f"{m}_{k}_s")) for m in METRICS) + " ms"))
+    return rows
 
 
 def memory_stats_rows(r: dict) -> list[tuple[str, str]]:
@@ -233,119 +315,3 @@ def key_value_table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns: the short tables `runtime.bench` and `simulator.run` print last."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-# ----------------------------------------------------------------------------- files
-
-def results_folder(results_dir, kind: str) -> Path:
-    """`<results_dir>/<kind>`, checked writable before a run (an empty results_dir is refused, not
-    read as the current folder)."""
-    from core.errors import ConfigError
-
-    if results_dir is None or not str(results_dir).strip():
-        raise ConfigError(f"results_dir={results_dir!r} is empty; set results_dir=PATH (default: results)")
-    return check_writable(Path(str(results_dir)) / kind)
-
-
-def check_writable(folder: str | Path, field: str = "results_dir") -> Path:
-    """Before a run: `folder` (or, if it does not exist yet, its deepest existing parent, which the
-    run will create it in) takes a file, or a one-line ConfigError naming `field`, so a measurement
-    is never taken only to be lost when its result cannot be written. Creates nothing."""
-    from core.errors import ConfigError
-
-    folder = Path(folder)
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    if not existing.is_dir():
-        where = "" if existing == folder else f" (on the way to {folder})"
-        raise ConfigError(f"{field}: {existing} is a file, not a folder{where}; move it or set "
-                          f"{field}=/a/writable/folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{field}: {folder} is not writable ({e.strerror or e} in {existing}); fix its "
-                          f"permissions or set {field}=/a/writable/folder") from None
-    if existing == folder:
-        clean_orphans(folder)
-    return folder
-
-
-ORPHAN_AGE_S = 3600.0     # a temp file this old is from a killed write (a write takes milliseconds)
-
-
-def clean_orphans(folder: str | Path, max_age_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """Remove `.<name>.<random>.tmp` files older than `max_age_s` that a killed atomic write left in
-    `folder` (readers ignore them anyway: they never end in .json); returns what was removed."""
-    removed = []
-    now = time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for e in entries:
-        if e.name.startswith(".") and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False):
-            try:
-                if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
-                    os.unlink(e.path)
-                    removed.append(Path(e.path))
-            except OSError:
-                pass            # another process removed or renamed it first
-    return removed
-
-
-def write_json_atomic(path: str | Path, obj, *, exclusive: bool = False) -> Path:
-    """`obj` as indented JSON, written by `write_atomic` (exclusive: see there)."""
-    def dump(f):
-        json.dump(obj, f, indent=2, allow_nan=True, default=str)
-        f.write("\n")
-    return write_atomic(path, dump, exclusive=exclusive)
-
-
-def write_atomic(path: str | Path, write: Callable[[TextIO], object], *, exclusive: bool = False) -> Path:
-    """Call `write(f)` on a temp file in the same folder, fsync, then rename over `path`:
-    a reader never sees half a file and a crash never leaves one (a killed process may leave a
-    hidden `.<name>.*.tmp`, which the next write in that folder removes once it is an hour old).
-
-    exclusive=True never replaces an existing file: if `path` exists (the same config in the same
-    second, written by another run) the file goes to `<stem>-2<suffix>`, `-3`, ... and that path is
-    returned."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600; results and profiles are for sharing
-        if exclusive:
-            path = _link_new(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    clean_orphans(path.parent)
-    return path
-
-
-def _link_new(tmp: str, path: Path) -> Path:
-    """Give the finished temp file a name nobody holds: a hard link fails if the name exists
-    (atomic, never clobbers); then the temp name goes."""
-    for i in range(1, 10_000):
-        cand = path if i == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
-        try:
-            os.link(tmp, cand)
-        except FileExistsError:
-            continue
-        except OSError:                  # a file system without hard links: claim the name, then replace it
-            try:
-                os.close(os.open(cand, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                continue
-            os.replace(tmp, cand)
-            return cand
-        os.unlink(tmp)
-        return cand
-    raise FileExistsError(f"{path}: 10,000 results of that name already; clear the folder")

@@ -1,7 +1,7 @@
 """The requests runtime.serve replays, as they become visible on its clock.
 
 `ServedRequest` is the simulator's `core.workload.Request` plus the prompt tokens, the tokens
-generated and the cohort it ran in; `Arrivals` releases the workload's requests at their arrival
+generated (and when each came) and the cohort it ran in; `Arrivals` releases the workload's requests at their arrival
 times (open arrivals) or as the closed loop's users send them. How: docs/runtime.md.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ class ServedRequest(Request):
     """A simulator `Request` plus what the runtime needs and produces for it."""
     prompt: list[int] = field(default_factory=list, repr=False)
     tokens: list[int] = field(default_factory=list, repr=False)
+    token_times: list[float] = field(default_factory=list, repr=False)   # each token's time on the replay's clock
     cohort: int = -1
 
     @property
@@ -28,7 +29,7 @@ class ServedRequest(Request):
 
 
 class Arrivals:
-    """The workload's requests as they become visible: open (static / poisson / trace: all known
+    """The workload's requests as they become visible: open (static / poisson / gamma / trace: all known
     up front) or closed (`users` clients, each sending its next request `think_s` after its last one
     completed, as the simulator's `Sim.user`). Prompt tokens are seeded random ids drawn in request
     creation order (a static batch with fixed lengths gets exactly runtime.bench's prompts)."""
@@ -64,7 +65,7 @@ class Arrivals:
 
     def _make(self, t: float) -> None:
         if self.made < self.total:
-            self._push(Request(self.made, t, self.lengths.prompt(), int(self.w.gen_len)))
+            self._push(Request(self.made, t, *self.lengths.pair()))
             self.made += 1
 
     def due(self, now: float) -> list[ServedRequest]:

@@ -6,7 +6,9 @@
     python -m runtime.bench -m workload.batch=1,2,4          # Hydra multirun sweep
 
 Writes one JSON per run to results/measured/ (core/results.py; every key: docs/runtime.md) and
-prints a table.
+prints a table. `repeats` (default 3) timed runs follow the warm-up: the record gives the median
+tokens/s with an order-statistic interval and the machine's speed index before and after the runs
+(runtime/repeats.py; docs/runtime.md "Repeats and spread").
 Prompts are random token ids (seeded): timing does not depend on what the tokens say.
 phases=true (default) records where each step's time goes (`phases`, runtime/phases.py);
 timeline=true also writes the run's Chrome trace beside the result (`<stem>.timeline.json`).
@@ -22,9 +24,11 @@ from omegaconf import DictConfig
 from core.checks import check_config, check_shape
 from core.cli import hydra_entry, run_point
 from core.config import register
+from core.files import check_room_for
 from core.feasibility import check_runtime_memory
 from core.policies import load_plugin
 from core.provenance import provenance
+from core.workload import open_arrivals
 from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, result_rows,
                           results_folder, run_record, summarize, write_run_record)
 
@@ -32,6 +36,7 @@ from . import loaders, model as model_lib
 from .engine import SamplingParams, generate, resolve_device
 from .kv import POLICIES
 from .phases import chrome_trace
+from .repeats import repeat_summary, spread_rows
 from .transfer import make_link
 
 register()
@@ -46,13 +51,22 @@ def own_bench(cache_cls):
     return getattr(importlib.import_module(module), name)
 
 
+def _speed(cfg: DictConfig, device) -> dict | None:
+    """The machine's speed index (runtime/profile/speed.py: its default probes, the shipped model's
+    shape, a fraction of a second whatever model runs), taken before and after the timed runs;
+    None with speed_index=false (analysis.validate brackets its own calls)."""
+    if not cfg.get("speed_index", True):
+        return None
+    from .profile.speed import speed_index
+
+    return speed_index(device, reps=5)
+
+
 def make_prompts(w, vocab_size: int, special_ids: set[int]) -> list[list[int]]:
-    """Seeded random prompts; lengths all `prompt_len`, or uniform in [prompt_len_min, prompt_len]."""
+    """Seeded random prompts: their lengths are the static batch's (core/workload.py, the lengths the
+    simulator and runtime.serve draw), their token ids from a torch generator seeded `seed`."""
     g = torch.Generator().manual_seed(w.seed)
-    if w.prompt_len_min is None:
-        lens = [w.prompt_len] * w.batch
-    else:
-        lens = torch.randint(w.prompt_len_min, w.prompt_len + 1, (w.batch,), generator=g).tolist()
+    lens = [r.prompt_len for r in open_arrivals(w)]
     low = max(special_ids) + 1 if max(special_ids) + 1 < vocab_size else 0
     return [torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in lens]
 
@@ -73,6 +87,7 @@ def run(cfg: DictConfig) -> dict:
     spec = check_shape(cfg, "runtime.bench", head_dim=args.head_dim, max_seq_len=args.max_seq_len,
                        n_layers=args.n_layers, spec=spec)
     check_runtime_memory(cfg, "runtime.bench", spec, model, device)   # before prompts, caches, links
+    check_room_for(cfg)                      # room for what the run writes, before its work
     w = cfg.workload
     params = SamplingParams(max_new_tokens=w.gen_len, temperature=w.temperature, top_p=w.top_p,
                             ignore_eos=w.ignore_eos, seed=w.seed)
@@ -84,17 +99,21 @@ def run(cfg: DictConfig) -> dict:
         load_plugin(cfg.policy, "kv")
         own = own_bench(POLICIES[cfg.policy.name])
         if own is not None:            # a policy with its own prefill (rag: runtime/bench_rag.py)
+            before = _speed(cfg, device)
             runs = own(model, cfg, prompts, params, link, spec=spec)
+            after = _speed(cfg, device)
         else:
             if cfg.warmup:
                 generate(model, [p[:8] for p in prompts[:2]], SamplingParams(max_new_tokens=2), spec, link=link,
                          **timing)
+            before = _speed(cfg, device)
             runs = [generate(model, prompts, params, spec, link=link, progress=cfg.progress, **timing)
                     for _ in range(cfg.repeats)]
+            after = _speed(cfg, device)
     finally:
         link.close()
 
-    record = run_record(cfg, summarize(runs),
+    record = run_record(cfg, {**summarize(runs), **repeat_summary(runs, before, after)},
                         {"model": cfg.model.name, "policy": cfg.policy.name, "experiment": cfg.experiment},
                         {"n_params": model_lib.n_params(model), "weight_bytes": model_lib.weight_bytes(model)},
                         provenance(device))
@@ -111,6 +130,7 @@ def format_table(r: dict) -> str:
         ("model / policy", f"{r['model']} / {r['policy']}  ({r['provenance']['device']})"),
         ("batch x prompt + gen", f"{r['batch']} x {r['prompt_len']} + {r['gen_len']}"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s)"),
+        *spread_rows(r),
         *latency_kv_rows(r),
         *memory_stats_rows(r),
         *phase_rows(r),

@@ -31,7 +31,7 @@ from core.errors import ConfigError
 from core.values import number
 from core.machine import resolve_device  # noqa: F401  (runtime.engine.resolve_device, as before)
 
-from .kv import KVCache, Step, make_cache, policy_spec
+from .kv import KVCache, Step, lowbit_cpu, make_cache, policy_spec
 from .model import Transformer
 from .phases import PhaseLog, lap, make_timer
 
@@ -296,6 +296,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                            head_dim=args.head_dim, capacity=capacity + 1, device=device, link=link)
         if prefilled is not None and prefilled.prompts != [list(p) for p in prompts]:
             raise ValueError("prefilled was computed for other prompts")
+        prepare_cache(model, cache)      # kernels built on first use are built now, before the clock
         sync(device)
         t0 = time.perf_counter()
         with timer.step() as rec:
@@ -351,6 +352,14 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                        decode_tokens=decode_tokens, peak_mem_bytes=mem.peak, kv_bytes_device=kv_dev,
                        kv_bytes_host=kv_host, kv_bytes_fp16=kv_fp16, steps=step_times, policy_stats=stats,
                        phases=log.totals(), timeline=log.steps or [])
+
+
+def prepare_cache(model: Transformer, cache: KVCache) -> None:
+    """Build what `cache`'s decode steps would otherwise build lazily in a timed step: the fused
+    low-bit CPU kernels (runtime/kv/lowbit_cpu.py) for the query rows a step carries per KV head
+    (the GQA group; twice that with a speculative guess)."""
+    group = model.args.n_heads // model.args.n_kv_heads
+    lowbit_cpu.prepare(cache, [group, 2 * group] if cache.speculative else [group])
 
 
 def policy_stats_of(cache: KVCache, guesses: int, hits: int) -> dict[str, float]:

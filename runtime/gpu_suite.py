@@ -3,9 +3,11 @@
 Steps (each recorded; a failing step does not stop the rest): the machine's identity and speed
 index at the start and the end, an offline install from carried wheels, `pytest -m gpu`, the GPU's
 profile (both gathers) compared with its roofline twin, the two gathers by rows, the runtime half
-of `validate_gpu`, and `runtime.bench` for every KV policy on 7B-class layers at 8K. Everything goes
-under $OUT (or ./gpu_out). How to prepare the wheels: the README's "GPU". A new measurement that
-needs a GPU adds its step to STEPS.
+of `validate_gpu`, and `runtime.bench` for every KV policy on 7B-class layers at 8K. Without CUDA
+it refuses in one line (exit 2) before anything runs. Everything goes under $OUT when it is set
+and non-empty, else under the git-ignored results/gpu/. `--help` lists each step's command, what
+it writes and its expected time (STEP_INFO). How to prepare the wheels: docs/gpu.md. A new
+measurement that needs a GPU adds its step to STEPS and its line to STEP_INFO.
 """
 from __future__ import annotations
 
@@ -17,9 +19,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = Path(os.environ.get("OUT", REPO / "gpu_out"))
+PROG = "python -m runtime.gpu_suite"
+
+
+def out_dir(env: dict | None = None) -> Path:
+    """$OUT when it is set and not blank, else <repo>/results/gpu (git-ignored with results/*)."""
+    value = (os.environ if env is None else env).get("OUT", "").strip()
+    return Path(value) if value else REPO / "results" / "gpu"
+
+
+OUT = out_dir()
 ROOFLINE_TWINS = {"H100 PCIe": "h100-pcie", "H100": "h100-sxm", "H200": "h200", "A100": "a100",
                   "A6000": "a6000", "L40S": "l40s"}
+
+
+def _write_text(path: Path, text: str) -> None:
+    from core.results import write_atomic
+
+    write_atomic(path, lambda f: f.write(text))
 
 
 def sh(name: str, cmd: list[str], timeout: int, rows: list) -> subprocess.CompletedProcess | None:
@@ -44,6 +61,7 @@ def identity(rows, when: str = "start") -> dict:
     import torch
 
     from core.machine import fingerprint, machine_facts
+    from core.results import write_json_atomic
     from runtime.profile.speed import speed_index
 
     t = time.perf_counter()
@@ -56,7 +74,7 @@ def identity(rows, when: str = "start") -> dict:
     out[f"speed_index_{when}"] = speed_index(device)
     if "speed_index_start" in out and "speed_index_end" in out:
         out["speed_drift"] = out["speed_index_end"]["index"] / out["speed_index_start"]["index"]
-    path.write_text(json.dumps(out, indent=2, default=str))
+    write_json_atomic(path, json.loads(json.dumps(out, default=str)))
     rows.append((f"identity-{when}", "ok", time.perf_counter() - t,
                  f"{device.type} {out['fingerprint']} speed index {out[f'speed_index_{when}']['index']:.1f}"))
     return out
@@ -99,7 +117,7 @@ def profile(rows) -> None:
         p = sh("roofline-vs-measured", [sys.executable, "-m", "runtime.profile", "--compare", str(path), str(roof)],
                120, rows)
         if p is not None:
-            (out / "roofline_vs_measured.txt").write_text(p.stdout)
+            _write_text(out / "roofline_vs_measured.txt", p.stdout)
 
 
 def bench_commands() -> list[tuple[str, list[str]]]:
@@ -151,7 +169,7 @@ def gather_modes(rows) -> None:
     for r, h, d in zip(t["gather"]["axes"]["rows"], t["gather"]["p50"], t["gather_device"]["p50"]):
         lines.append(f"{r:>6} {h * 1e3:14.3f} {r * rb / h / 1e9:6.2f} {d * 1e3:17.3f} {r * rb / d / 1e9:6.2f} "
                      f"{h / d:10.2f}x")
-    (OUT / "gather_modes.txt").write_text("\n".join(lines) + "\n")
+    _write_text(OUT / "gather_modes.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
     big = np.argmax(t["gather"]["axes"]["rows"])
     rows.append(("gather-modes", "ok", 0.0, f"largest: host {t['gather']['p50'][big] * 1e3:.2f} ms, "
@@ -180,25 +198,69 @@ def phase_breakdown(rows) -> None:
             parts = [f"{p} {100 * r[c] / step:.0f}%" for p in (*PHASES, UNACCOUNTED)
                      if (c := f"measured_phase_{st}_{p}_s") in r and r[c] == r[c] and abs(r[c]) >= 0.005 * step]
             lines.append(f"{r['id']:<32} {st:<8} {step * 1e3:9.2f} ms: " + ", ".join(parts))
-    (OUT / "phases.txt").write_text("\n".join(lines) + "\n")
+    _write_text(OUT / "phases.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
     rows.append(("phase-breakdown", "ok", 0.0, f"{len(lines)} stage rows -> phases.txt"))
 
 
 STEPS = [install, identity, gpu_tests, profile, gather_modes, validate, phase_breakdown, bench, identity_end]
 
+# per step: (what it runs, what it writes under $OUT, expected time on one H100: estimates from the
+# steps' sizes, not yet timed on one; suite.json records the real seconds); --help and --dry-run print them
+STEP_INFO = {
+    "install": ("pip install --no-index --no-deps wheels/*.whl; pip install --no-deps -e .",
+                "logs/install-*.log", "~30 s"),
+    "identity": ("core.machine facts + fingerprint, runtime.profile.speed speed_index",
+                 "machine.json (facts, fingerprint, speed_index_start)", "~5 s"),
+    "gpu_tests": ("python -m pytest -q -m gpu tests/test_gpu.py", "logs/pytest-gpu.log", "~1 min"),
+    "profile": ("python -m runtime.profile --model smollm2 llama7b_shape --out profiles/<gpu>.json; "
+                "--roofline <twin>; --compare", "profiles/<gpu>.json, profiles/roofline-<twin>.json, "
+                "profiles/roofline_vs_measured.txt", "~3-5 min"),
+    "gather_modes": ("reads the profile's transfers.gather / gather_device", "gather_modes.txt", "< 1 s"),
+    "validate": ("python -m analysis.validate experiment=validate_gpu halves=runtime",
+                 "results/validation/validate_gpu.csv (+ .phases.csv), results/measured/*.json", "~3-6 min"),
+    "phase_breakdown": ("reads validate_gpu.phases.csv", "phases.txt", "< 1 s"),
+    "bench": ("python -m runtime.bench model=llama7b_shape workload.prompt_len=8000 x 7 policies x batch 1, 16 "
+              "(3 timed runs each)", "results/measured/*.json, logs/bench-*.log", "~4-8 min"),
+    "identity_end": ("runtime.profile.speed speed_index", "machine.json (speed_index_end, speed_drift)", "~5 s"),
+}
+
+
+def step_lines() -> list[str]:
+    """One line per step: its number and name, then what it runs, writes and how long it takes."""
+    lines = []
+    for i, s in enumerate(STEPS):
+        cmd, out, secs = STEP_INFO.get(s.__name__, ("", "", ""))
+        lines.append(f"{i + 1}. {s.__name__}" + (f"  [{secs}]\n     runs:   {cmd}\n     writes: {out}" if cmd else ""))
+    return lines
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m runtime.gpu_suite",
-                                 description="Everything a lent GPU should run, in one call (installs the "
-                                             "project with pip, profiles, validates, benches); writes to $OUT.")
-    ap.add_argument("--dry-run", action="store_true", help="list the steps and exit without running any")
+    ap = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Everything a lent GPU should run, in one call (installs the project from wheels/, "
+                    "profiles, validates, benches); refuses without CUDA. Writes under $OUT when set, "
+                    f"else results/gpu/ (now: {OUT}). docs/gpu.md",
+        epilog="steps, in order, [expected time on one H100, estimated] (a failing step does not stop the rest; "
+               "each step's real seconds go to $OUT/suite.json and the closing table):\n"
+               + "\n".join(step_lines()))
+    ap.add_argument("--dry-run", action="store_true", help="list the steps and the output folder; run nothing")
     a = ap.parse_args(argv)
     if a.dry_run:
-        print("\n".join(f"{i + 1}. {s.__name__}" for i, s in enumerate(STEPS)) + f"\nOUT={OUT}")
+        print("\n".join(step_lines()) + f"\nOUT={OUT}")
         return
+    if not has_cuda():
+        print(f"{PROG}: error: no CUDA device here (torch.cuda.is_available() is False); run it on a lent GPU "
+              "(docs/gpu.md), or --dry-run to list its steps", file=sys.stderr)
+        raise SystemExit(2)
     OUT.mkdir(parents=True, exist_ok=True)
     rows: list = []
     t0 = time.perf_counter()
@@ -207,22 +269,32 @@ def main(argv: list[str] | None = None) -> None:
             step(rows)
         except Exception as e:  # a step that cannot even start is recorded, the rest still run
             rows.append((step.__name__, f"error: {type(e).__name__}", 0.0, str(e)[:90]))
-    measured = sorted(p for p in (OUT / "results" / "measured").glob("*.json") if not p.name.endswith(".timeline.json")) if (OUT / "results").exists() else []
+    report(rows, time.perf_counter() - t0)
+
+
+def report(rows: list, wall_s: float) -> None:
+    """$OUT/suite.json (steps, the bench rows, fingerprint, drift) and the closing tables."""
+    from core.results import write_json_atomic
+
+    measured = sorted(p for p in (OUT / "results" / "measured").glob("*.json")
+                      if not p.name.endswith(".timeline.json")) if (OUT / "results").exists() else []
     bench_rows = []
     for f in measured:
         r = json.loads(f.read_text())
-        bench_rows.append((r["policy"], r["batch"], r["tpot_s"], r["throughput_tok_s"], r["kv_ratio_vs_fp16"]))
+        ci = r.get("throughput_tok_s_ci") or [float("nan")] * 2
+        bench_rows.append((r["policy"], r["batch"], r["tpot_s"], r["throughput_tok_s"], ci[0], ci[1],
+                           r["kv_ratio_vs_fp16"]))
     machine = json.loads((OUT / "machine.json").read_text()) if (OUT / "machine.json").exists() else {}
-    (OUT / "suite.json").write_text(json.dumps({"steps": rows, "bench": bench_rows, "fingerprint": machine.get("fingerprint"),
-                                                "speed_drift": machine.get("speed_drift"),
-                                                "wall_s": time.perf_counter() - t0}, indent=2))
+    write_json_atomic(OUT / "suite.json", {"steps": rows, "bench": bench_rows, "fingerprint": machine.get("fingerprint"),
+                                           "speed_drift": machine.get("speed_drift"), "wall_s": wall_s})
     print("\nstep                             status    seconds  last line")
     for name, status, sec, last in rows:
         print(f"{name:<32} {status:<9} {sec:7.1f}  {last}")
     if bench_rows:
-        print("\npolicy      batch  TPOT ms  tok/s  kv/fp16")
-        for pol, b, tpot, tput, ratio in bench_rows:
-            print(f"{pol:<11} {b:>5} {tpot * 1e3:8.2f} {tput:6.1f} {ratio:8.3f}")
+        print("\npolicy      batch  TPOT ms  tok/s (median, CI)      kv/fp16")
+        for pol, b, tpot, tput, lo, hi, ratio in bench_rows:
+            print(f"{pol:<11} {b:>5} {tpot * 1e3:8.2f} {tput:7.1f} ({lo:7.1f}-{hi:7.1f}) {ratio:8.3f}")
+    print(f"\n{OUT}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ One `transformers.Cache` subclass per policy, holding this project's `KVCache` (
 attn_implementation="kvtestbed" the registered attention hands the new tokens' q, k, v to the
 layer's `LayerKV.attend` (nothing dequantized wholesale); any other attention gets a dequantized
 copy from `Cache.update` (full and kivi only). No speculative pre-decoding inside generate().
+On first use the cache is checked against the model it runs in (layers, KV heads, head_dim:
+`hf_checks.check_model_matches`); a cache made from another model's config is one ConfigError.
 Which policies have a Cache, and with which defaults, is each declaration's (`hf_cache`,
 `hf_fallback`, `hf_defaults`); what is accepted is runtime/hf_checks.py. What is supported and
 why: docs/policies.md, "Use the policies from transformers".
@@ -25,7 +27,8 @@ from core.errors import ConfigError
 from core.policies import SPECS
 
 from .hf_checks import (SUPPORTED_MODEL_TYPES, TRANSFORMERS_RANGE, check_config, check_hf_folder,  # noqa: F401
-                        check_knobs, check_transformers_version, head_dim_of, knob_defaults, transformers_version)
+                        check_knobs, check_model_matches, check_transformers_version, head_dim_of, knob_defaults,
+                        transformers_version)
 from .kv import KV_DTYPES, POLICIES, KVCache, Step, make_cache
 
 try:   # without transformers (or with one too old to have these) the classes below still define,
@@ -112,6 +115,7 @@ class KVTestbedCache(_Cache):
         self.link, self.capacity_hint = link, capacity
         self.kv: KVCache | None = None
         self._step: Step | None = None
+        self._last = -1                 # the last layer index stored in the current forward pass
         self.pad: torch.Tensor | None = None
         super().__init__(layers=[KVTestbedLayer(self, i) for i in range(self.n_layers)])
         if not self.uses_attention_interface() and not self.spec.hf_fallback:
@@ -132,7 +136,13 @@ class KVTestbedCache(_Cache):
 
     # -- building our cache
 
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < self.n_layers:     # a deeper model than the config it was made from
+            check_model_matches(self, layers=layer_idx + 1 if layer_idx >= 0 else None)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def _build(self, key_states: torch.Tensor, n_new: int) -> None:
+        check_model_matches(self, kv_heads=key_states.shape[1], head_dim=key_states.shape[-1])
         kv_dtype = self.knobs["kv_dtype"]
         if kv_dtype is None:
             names = {v: k for k, v in KV_DTYPES.items()}
@@ -163,12 +173,15 @@ class KVTestbedCache(_Cache):
                 raise ConfigError("kvtestbed cache: the first update must come from layer 0")
             self._build(key_states, key_states.shape[2])
         if index == 0:
+            if self._step is not None:            # the last pass ended before the config's last layer
+                check_model_matches(self, layers=self._last + 1)
             if key_states.shape[0] != self.batch:
                 raise ConfigError(f"kvtestbed cache was built for batch {self.batch}, got "
                                   f"{key_states.shape[0]}; use one cache per generate() call")
             self._step = self._new_step(key_states, pad)
         elif self._step is None:
             raise ConfigError(f"kvtestbed cache: layer {index} ran before layer 0 in this forward pass")
+        self._last = index
         return self._step
 
     def _finish_layer(self, index: int, step: Step) -> None:
@@ -194,6 +207,7 @@ class KVTestbedCache(_Cache):
             return key_states, value_states
         if not self.spec.hf_fallback:
             self._refuse_fallback()
+        key_states._kvtestbed_fallback = self      # a kvtestbed attention then names the config mix-up
         step = self._layer_step(index, key_states, _pad_from_positions(key_states, kwargs, self))
         layer = self.kv.layers[index]
         # `load` appends at step.start for these two policies (FullKV writes columns
@@ -208,7 +222,7 @@ class KVTestbedCache(_Cache):
     # -- bookkeeping transformers and users read
 
     def reset(self) -> None:
-        self.kv, self._step, self.pad = None, None, None
+        self.kv, self._step, self.pad, self._last = None, None, None, -1
 
     def nbytes(self) -> tuple[int, int]:
         """(device bytes, host bytes) of the K/V held, as `runtime.bench` reports them."""
@@ -295,11 +309,21 @@ def kvtestbed_attention(module, query, key, value, attention_mask, scaling=None,
     """The attention function registered as attn_implementation="kvtestbed": routes q, k, v of the
     new tokens to the module's layer of the kvtestbed cache. Returns ((B, T, H, D), None)."""
     tag = getattr(key, "_kvtestbed", None)
+    other = getattr(key, "_kvtestbed_fallback", None)
+    if tag is None and other is not None:
+        raise ConfigError(f"kvtestbed_cache({other.policy_name!r}, config) was made from a config whose attention "
+                          f"is {getattr(other.config, '_attn_implementation', None)!r}, not this model's "
+                          f"{ATTN_NAME!r}; make it from the model's own config: "
+                          f"kvtestbed_cache({other.policy_name!r}, model.config)")
     if tag is None:
         raise ConfigError(f"attn_implementation={ATTN_NAME!r} needs a kvtestbed cache: pass "
                           "cache=kvtestbed_cache(policy, model.config, ...) to generate() / forward(), "
                           "with use_cache=True")
     cache, index = tag
+    if cache.kv is None and index == 0:        # first use: the model's depth against the cache's config
+        text = module.config
+        text = text.get_text_config(decoder=True) if hasattr(text, "get_text_config") else text
+        check_model_matches(cache, layers=getattr(text, "num_hidden_layers", None))
     D = query.shape[-1]
     if scaling is not None and not math.isclose(scaling, D ** -0.5, rel_tol=1e-6):
         raise ConfigError(f"attention scaling {scaling} != 1/sqrt(head_dim={D}); the KV policies compute "

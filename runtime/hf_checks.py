@@ -64,6 +64,21 @@ def check_config(config) -> None:
                               "softmax(q k^T / sqrt(head_dim)) attention")
 
 
+def check_model_matches(cache, *, layers: int | None = None, kv_heads: int | None = None,
+                        head_dim: int | None = None) -> None:
+    """On first use: the model a kvtestbed cache runs in has the layers, KV heads and head_dim of
+    the config it was made from (what is None was not seen); else one ConfigError naming both."""
+    want = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
+    got = (layers, kv_heads, head_dim)
+    if all(g is None or g == w for g, w in zip(got, want)):
+        return
+    show = lambda t: " x ".join(f"{'?' if v is None else v} {n}" for v, n in    # noqa: E731
+                                zip(t, ("layers", "KV heads", "head_dim")))
+    raise ConfigError(f"kvtestbed_cache({cache.policy_name!r}, config) was made for {show(want)}, but the "
+                      f"model it runs in has {show(got)}; make it from the model's own config: "
+                      f"kvtestbed_cache({cache.policy_name!r}, model.config)")
+
+
 def head_dim_of(config) -> int:
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else config.hidden_size // config.num_attention_heads

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from core.admission import Admission, Pool
 from core.checks import check_config, check_shape
 from core.errors import ConfigError
+from core.files import check_room_for
 from core.feasibility import check_runtime_memory
 from core.policies import ModelShape, load_plugin
 from core.workload import Request
@@ -77,6 +78,7 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
     host = cfg.hardware.get("host_memory_bytes")       # host KV (offload, specache), as the simulator bounds it
     device = model.device
     check_runtime_memory(cfg, "runtime.serve", twin, model, device)   # before any prompt is drawn
+    check_room_for(cfg)                      # room for what the run writes, before its work
     shape = kv_shape(model, cfg.policy, device)
     max_seq = model.args.max_seq_len
     where = f"workload.trace={w.trace}" if w.arrival == "trace" else "workload.prompt_len / workload.gen_len"
@@ -150,6 +152,7 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
                 now = clock()
                 for r, t in zip(c.reqs, ids):
                     r.tokens.append(t)
+                    r.token_times.append(now)
                     r.generated, r.first_token_s = 1, now
                 server.speculate(c)
                 cohorts.append(c)
@@ -168,6 +171,7 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
                     for r, t in zip(c.reqs, cids):
                         if not r.finished:
                             r.tokens.append(t)
+                            r.token_times.append(now)
                             r.generated += 1
                             o.decode_tokens += 1
             o.decode_s += now - ts

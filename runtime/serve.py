@@ -11,7 +11,9 @@ check the simulator's arrivals, admission and batching against something real. T
 command and its record; the loop is runtime/replay.py, its cohorts runtime/cohorts.py, the
 requests runtime/arrivals.py. Why cohorts, their limits and the metrics: docs/runtime.md.
 
-phases=true (default): every prefill iteration (its cohort's prefill, first-token read-back and
+Beside the result: `<stem>.requests.csv` (`requests_path`), one row per request with its token
+times' summary, in the columns simulator.run writes (core/per_request.py; the loop records each
+token's time). phases=true (default): every prefill iteration (its cohort's prefill, first-token read-back and
 SpeCache's speculative pass) and every decode iteration runs under the lap timer
 (runtime/phases.py); `phases` holds the mean step of each. timeline=true writes the Chrome trace
 beside the result: the iterations with their phases, and each request as an async span.
@@ -24,12 +26,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from core.checks import check_config
+from core.checks import check_config, check_metrics
 from core.cli import hydra_entry, run_point
 from core.config import register
 from core.provenance import provenance
-from core.results import (key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, pool_phases, result_rows,
-                          results_folder, run_record, serving_metrics, write_run_record)
+from core.per_request import TokenTimes, request_rows, sidecars
+from core.results import (goodput_row, key_value_table, latency_kv_rows, memory_stats_rows, phase_rows, pool_phases,
+                          result_rows, results_folder, run_record, serving_metrics, serving_rows, slo_limits,
+                          write_run_record)
 
 from . import loaders, model as model_lib
 from .arrivals import ServedRequest  # noqa: F401  (imported from here by tests and tools)
@@ -42,10 +46,13 @@ from .transfer import make_link
 register()
 
 
-def summarize(o: Outcome, cfg: DictConfig) -> dict:
-    """simulator.run.summarize's keys, from a measured replay, plus the measured extras."""
+def summarize(o: Outcome, cfg: DictConfig, rows: dict | None = None) -> dict:
+    """simulator.run.summarize's keys, from a measured replay, plus the measured extras. `rows`:
+    the requests' core/per_request.py request_rows, if already made."""
     reqs = o.requests
-    m = serving_metrics(reqs, cfg.slo)
+    times = TokenTimes.from_lists([r.token_times for r in reqs])     # every token's time, from the loop
+    rows = request_rows(reqs, times) if rows is None else rows
+    m = serving_metrics(reqs, cfg.slo, check_metrics(cfg.get("metrics")), times, rows)
     span = m["wall_s"]
     dev, host, _, fp16 = o.kv_peak
     return {
@@ -91,7 +98,8 @@ def run(cfg: DictConfig) -> dict:
     w = cfg.workload
     labels = {"model": cfg.model.name, "policy": cfg.policy.name, "hardware": cfg.hardware.name,
               "experiment": cfg.experiment, "scheduler": cfg.scheduler.name, "runner": "runtime.serve"}
-    record = run_record(cfg, summarize(out, cfg), labels,
+    rows = request_rows(out.requests, TokenTimes.from_lists([r.token_times for r in out.requests]))
+    record = run_record(cfg, summarize(out, cfg, rows), labels,
                         {"n_params": model_lib.n_params(model), "weight_bytes": model_lib.weight_bytes(model)},
                         provenance(device))
     stem = (f"{cfg.experiment or 'serve'}_{cfg.model.name}_{cfg.policy.name}_{w.arrival}_n{record['requests']}_"
@@ -100,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("timeline", False):     # iterations on the replay's clock; requests as async spans
         trace = chrome_trace(out.timeline, origin=out.t0, requests=record["per_request"],
                              name=f"runtime.serve {cfg.policy.name}")
-    write_run_record(cfg, record, "measured", stem, trace)
+    write_run_record(cfg, record, "measured", stem, trace, sidecars=sidecars(rows))
     return record
 
 
@@ -114,25 +122,28 @@ def format_table(r: dict) -> str:
                                 f"in {r['cohorts']} cohorts"),
         ("KV budget", "unlimited" if budget is None else f"{budget / mib:.1f} MiB"),
         ("throughput", f"{r['throughput_tok_s']:.1f} tok/s (decode {r['decode_tok_s']:.1f} tok/s), "
-                       f"goodput {r['goodput_req_s']:.3g} req/s"),
+                       f"{goodput_row(r)}"),
         *latency_kv_rows(r),
+        *serving_rows(r),
         *memory_stats_rows(r),
         ("span, busy", f"{r['wall_s']:.2f} s, {r['util_compute']:.0%} in {r['iterations']} iterations"),
         *phase_rows(r),
         *result_rows(r),
+        *([("requests", r["requests_path"])] if r.get("requests_path") else []),
     ]
     return key_value_table(rows)
 
 
 CSV_KEYS = ("throughput_tok_s", "decode_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "goodput_req_s",
-            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "max_batch_reached", "peak_mem_bytes", "path")
+            "kv_bytes_device", "kv_bytes_host", "kv_ratio_vs_fp16", "max_batch_reached", "peak_mem_bytes", "path",
+            "completion_rate", "itl_p99_s", "e2e_p99_s")
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 def task(cfg: DictConfig):
     """One run (or one point of a multirun: recorded in results/measured/sweeps/<sweep>.csv, failed or not)."""
     return run_point("runtime.serve", cfg, run, format_table, kind="measured", keys=CSV_KEYS,
-                     objective="goodput_req_s")
+                     objective="goodput_req_s" if slo_limits(cfg.get("slo")) else "completion_rate")
 
 
 main = hydra_entry("runtime.serve", "serve", task)

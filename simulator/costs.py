@@ -38,7 +38,7 @@ from core.profile.schema import load as load_profile
 
 from .copies import GATHERS, CopyCosts  # noqa: F401  (simulator.costs.GATHERS, as before)
 from .kernels import KernelCosts
-from .tables import EXTRAPOLATION_MARGIN, Formula, Table
+from .tables import EXTRAPOLATION_MARGIN, Extrapolated, Formula, Table
 
 _WARNED: set = set()       # (profile, model) pairs already warned about (code paths of an older schema)
 
@@ -63,7 +63,7 @@ class Costs(CopyCosts, KernelCosts):
     allow_extrapolation: bool = False
     # "<table>:<axis>" / "shape:<key>" read beyond what was measured; a RAG draft's Costs holds
     # the target's set itself, so one run records one set
-    extrapolated: set = field(default_factory=set)
+    extrapolated: set = field(default_factory=Extrapolated)
     roofline: Roofline | None = None                  # set by bind() on a roofline profile
     extra_weights_bytes: int = 0                      # another model in device memory (a RAG draft)
     compute_scale: float = 1.0      # kernel tables x this (drift correction); 1 = as profiled
@@ -81,7 +81,7 @@ class Costs(CopyCosts, KernelCosts):
             raise ConfigError(f"{path}: no tables for model={model!r}; profiled models: "
                               f"{', '.join(prof['models'])} (python -m runtime.profile --model {model})")
         c = cls(path, prof, model, link=link, allow_extrapolation=bool(allow_extrapolation),
-                extrapolated=set() if extrapolated is None else extrapolated, extra_weights_bytes=extra_weights_bytes,
+                extrapolated=Extrapolated() if extrapolated is None else extrapolated, extra_weights_bytes=extra_weights_bytes,
                 compute_scale=compute_scale)
         if analytic and model in prof["models"]:          # until bind(): the shape the profile names
             s = prof["models"][model]["shape"]
@@ -113,11 +113,14 @@ class Costs(CopyCosts, KernelCosts):
         return self
 
     def _beyond_measured(self, where: str, axis: str, value, hi, shape: bool = False) -> None:
-        if not shape and value <= hi * EXTRAPOLATION_MARGIN:
-            return
         tag = f"shape:{axis}" if shape else f"{where}:{axis}"
+        if not shape and value <= hi * EXTRAPOLATION_MARGIN:
+            if hasattr(self.extrapolated, "near"):           # read linearly past the grid, within the margin
+                self.extrapolated.near(tag, value, hi)
+            return
         if self.allow_extrapolation:
-            self.extrapolated.add(tag)
+            note = getattr(self.extrapolated, "note", None)      # how far, where the set keeps it (Extrapolated)
+            note(tag, value, hi) if note else self.extrapolated.add(tag)
             return
         what = (f"model.args.{axis}={value} differs from the shape {self.path.name} measured ({axis}={hi})" if shape else
                 f"{axis}={value:g} is beyond {where}'s measured grid (last point {hi:g}, read up to "

@@ -6,7 +6,9 @@
     python -m simulator.run -m policy=specache policy.k=0,16,64,256  # one CSV per sweep
 
 Same config tree as runtime.bench (conf/, primary conf/simulate.yaml), same results schema
-(core/results.py), plus max batch reached, engine utilisation and goodput under `slo`.
+(core/results.py), plus max batch reached, engine utilisation, `completion_rate` and goodput
+(only under an `slo`); the per-request records beside the result (`<stem>.requests.csv`,
+`requests_path`) and, with `timeseries=true`, the time series (`<stem>.timeseries.csv`).
 In a multirun a failing point is a CSV row with its error, not the end of the sweep.
 
 `phases=true` (default): the result's `phases` = {"prefill": ..., "decode": ...}, each
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -35,35 +38,56 @@ from core.results import (key_value_table, latency_kv_rows, results_folder, run_
                           write_run_record)
 from core.results import phase_line, timeline_path as timeline_file  # noqa: F401  (simulator.run's names)
 from core.results import phase_rows as _phase_rows
+from core.results import goodput_row, serving_rows, slo_limits
+from core.checks import check_metrics
+from core.per_request import request_rows, sidecars
 
 from .costs import Costs, ModelShape
 from .policies import ENGINES, make_policy
 from .scheduler import TIMELINE_OP_ITERATIONS, Sim
 from core.checks import check_config, check_shape
+from core.files import check_room_for
 from core.feasibility import check_simulation
 
 register()
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROFILE = "profiles/cpu-intel-r-xeon-r-processor-2c.json"
+# which profile a run reads and which machine it predicts (DEFAULT_PROFILE: the committed CPU profile)
+from .which_profile import DEFAULT_PROFILE, fallback_warning, hand_off_profiles, machine_note, profile_source  # noqa: E402,F401
 CSV_KEYS = ("throughput_tok_s", "ttft_s", "ttft_s_p99", "tpot_s", "tpot_s_p99", "goodput_req_s",
-            "kv_bytes_device", "kv_ratio_vs_fp16", "max_batch_reached", "util_compute", "util_h2d", "util_d2h")
+            "kv_bytes_device", "kv_ratio_vs_fp16", "max_batch_reached", "util_compute", "util_h2d", "util_d2h",
+            "completion_rate", "itl_p99_s", "e2e_p99_s")
+
+
+# a multirun's CSV also says what each point read beyond its profile and which machine it predicts
+# (core/sweeps.py sweep_row: a dotted key is a nested field)
+SWEEP_KEYS = ("extrapolated", "extrapolated_reads", "provenance.predicts", "provenance.profile")
 
 
 def profile_path(hw, model: str | None = None) -> Path:
     """hardware.profile; else (hardware=cpu|auto) a profile of this machine found by fingerprint
     (core/profile/lookup.py: the user cache, then profiles/; never measured here), else the
-    committed CPU profile, which predicts the machine it was measured on (the summary says so)."""
+    committed CPU profile, which predicts the machine it was measured on (the summary says so).
+    A cached profile of this machine that is corrupt or stale is one line naming it and the
+    command that re-measures it, not a prediction from the committed profile."""
     p = hw.get("profile")
     if p is None:
         if hw.get("device") not in ("cpu", "auto"):
             raise ConfigError(f"hardware={hw.name} has no profile; set hardware.profile=PATH or pick one of "
                               "the profiled options (cpu, h100-sxm, h100-pcie, h200, a100, a6000, l40s)")
-        from core.machine import resolve_device
         from core.profile import lookup
 
-        found = lookup.find(resolve_device(hw.get("device")), model) if model else None
-        p = found or DEFAULT_PROFILE
+        damaged: list = []
+        # at the thread count the point describes (hardware.threads, else this machine's default),
+        # not the one a launcher gave this worker; a multirun's parent looked it up once already
+        found, _, _ = (lookup.point_profile(hw.get("device"), model, hw.get("threads"), damaged) if model
+                       else (None, None, ""))
+        if found is None and damaged:       # never another machine's profile in place of this one's
+            bad, why = damaged[0]
+            raise ConfigError(f"the cached profile of this machine {bad} is corrupt or stale ({why.removeprefix(f'{bad}: ')}); "
+                              f"simulator.run does not measure: re-measure it with python -m runtime.profile --quick "
+                              f"--model {model} --out {bad} (or python -m analysis.validate), or set hardware.profile=PATH")
+        p = found or DEFAULT_PROFILE      # which then predicts another machine: `fallback_warning` says so
     path = Path(p)
     return path if path.is_absolute() or path.exists() else ROOT / path
 
@@ -84,18 +108,6 @@ def requested_shape(model_cfg, costs: Costs, where: str = "model") -> dict:
                           "shape preset (conf/model/*_shape.yaml)")
     shape.setdefault("head_dim", shape["dim"] // shape["n_heads"])
     return shape
-def machine_note(costs: Costs, device: str = "cpu") -> dict:
-    """Which machine a profile predicts: this one (same fingerprint) or the one it names."""
-    from core.machine import resolve_device
-    from core.machine import this_fingerprint
-
-    here = this_fingerprint(resolve_device(device)) if device in ("cpu", "auto") else None
-    fp = costs.profile["device"].get("fingerprint")
-    return {"profile_fingerprint": fp, "machine_fingerprint": here,
-            "predicts": "this machine" if fp and fp == here else
-            f"{costs.profile['device']['name']} ({costs.profile['provenance']['kind']}, fingerprint {fp or 'none'})"}
-
-
 def model_shape(cfg, costs: Costs) -> tuple[ModelShape, int]:
     """Layers: model.full_n_layers, else model.args.n_layers, else the profile's; heads and
     head_dim from model.args over the profile's shape; kv_dtype auto = the profile's.
@@ -156,6 +168,7 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     shape, max_seq = model_shape(cfg, costs)
     check_shape(cfg, "simulator.run", head_dim=shape.head_dim, max_seq_len=max_seq, n_layers=shape.n_layers)
     check_simulation(cfg, shape.n_layers)    # requests and simulated work within core/feasibility.py's limits
+    check_room_for(cfg)                      # room for what the run writes, before its work
     policy = make_policy(cfg.policy)
     if getattr(policy, "gather", "host") == "device" and not costs.analytic and costs.link_kind == "device":
         costs.need("gather_device")       # a measured GPU profile: refused up front if it lacks the table
@@ -174,7 +187,8 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
               ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host),
-              phases=bool(cfg.get("phases", True)), timeline=bool(cfg.get("timeline", False)))
+              phases=bool(cfg.get("phases", True)), timeline=bool(cfg.get("timeline", False)),
+              timeseries=bool(cfg.get("timeseries", False)))
     return sim, path
 
 
@@ -191,17 +205,25 @@ def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
               "experiment": cfg.experiment}
     extras = {"sim_wall_s": wall, "sim_iterations": sim.iterations,
               # axes (and shape keys) read beyond what the profile measured (allow_extrapolation=true)
-              "extrapolated": sorted(costs.extrapolated)}
-    record = run_record(cfg, summarize(sim, reqs, cfg), labels, extras, {
+              "extrapolated": sorted(costs.extrapolated),
+              # and how far: {tag: {"read": farthest value, "limit": measured}} (only when something was)
+              **({"extrapolated_reads": costs.extrapolated.record()} if getattr(costs.extrapolated, "far", None) else {})}
+    times = sim.token_times(reqs)
+    rows = request_rows(reqs, times)          # the per-request CSV beside the result
+    record = run_record(cfg, summarize(sim, reqs, cfg, times, rows), labels, extras, {
         "kind": "simulated", "profile": str(path), "profile_sha256": sha256(path),
         "profile_kind": costs.profile["provenance"]["kind"], "device": costs.profile["device"]["name"],
         "fidelity": cfg.fidelity, "git_revision": git_revision(),
-        **machine_note(costs, cfg.hardware.get("device", "cpu")), "compute_scale": compute_scale,
+        **machine_note(costs, cfg.hardware.get("device", "cpu"), cfg.hardware.get("threads")), "compute_scale": compute_scale,
+        "profile_from": profile_source(cfg.hardware, cfg.model.name, path),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if sim.phases:
         record["phases"] = {stage: sim.stages[stage].record() for stage in STAGES}
     stem = f"{cfg.experiment or 'sim'}_{cfg.model.name}_{policy.name}_{cfg.hardware.name}_{cfg.workload.arrival}"
-    write_run_record(cfg, record, "simulated", stem, timeline_trace(sim, reqs, record) if sim.timeline else None)
+    write_run_record(cfg, record, "simulated", stem, timeline_trace(sim, reqs, record) if sim.timeline else None,
+                     sidecars=sidecars(rows, sim.series if sim.timeseries else None))
+    if line := fallback_warning(cfg.hardware, record):
+        print(line, file=sys.stderr)
     return record
 
 
@@ -264,8 +286,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def summarize(sim: Sim, reqs, cfg) -> dict:
-    m = serving_metrics(reqs, cfg.slo)
+def summarize(sim: Sim, reqs, cfg, times=None, rows=None) -> dict:
+    """The record's metrics: core/results.py serving_metrics (`times`: the requests' token times,
+    sim.token_times(reqs) when None; `rows`: their per-request rows, if made) plus KV, batch and
+    engine utilisation."""
+    times = sim.token_times(reqs) if times is None else times
+    m = serving_metrics(reqs, cfg.slo, check_metrics(cfg.get("metrics")), times, rows)
     span = m["wall_s"]
     dev, host, tokens = sim.kv_peak
     fp16 = tokens * sim.shape.n_layers * 2 * sim.shape.n_kv_heads * sim.shape.head_dim * 2
@@ -282,13 +308,16 @@ def format_table(r: dict) -> str:
     rows = [
         ("model / policy / hardware", f"{r['model']} / {r['policy']} / {r['hardware']} ({r['provenance']['profile_kind']})"),
         ("requests, max batch", f"{r['requests']} ({r['config']['workload']['arrival']}), {r['max_batch_reached']}"),
-        ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, goodput {r['goodput_req_s']:.3g} req/s"),
+        ("throughput", f"{r['throughput_tok_s']:.1f} tok/s, {goodput_row(r)}"),
         *latency_kv_rows(r),
+        *serving_rows(r),
         ("utilisation compute / h2d / d2h", f"{r['util_compute']:.2f} / {r['util_h2d']:.2f} / {r['util_d2h']:.2f}"),
         *phase_rows(r),
         ("predicts", r["provenance"].get("predicts", "")),
         ("simulated in", f"{r['sim_wall_s']:.2f} s wall ({r['provenance']['fidelity']})"),
         ("result", r["path"]),
+        ("requests", r["requests_path"]),
+        *([("time series", r["timeseries_path"])] if r.get("timeseries_path") else []),
     ]
     return key_value_table(rows)
 
@@ -301,12 +330,13 @@ def phase_rows(r: dict) -> list[tuple[str, str]]:
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
 def task(cfg: DictConfig) -> float | None:
     """One run; in a multirun one point, recorded in results/simulated/sweeps/<sweep>.csv (a failing
-    point is a row with its error), returning goodput_req_s: the objective an Optuna sweep maximises."""
-    return run_point("simulator.run", cfg, simulate, format_table, kind="simulated", keys=CSV_KEYS,
-                     objective="goodput_req_s")
+    point is a row with its error), returning goodput_req_s (completion_rate without an SLO): the
+    objective an Optuna sweep maximises."""
+    return run_point("simulator.run", cfg, simulate, format_table, kind="simulated", keys=(*CSV_KEYS, *SWEEP_KEYS),
+                     objective="goodput_req_s" if slo_limits(cfg.get("slo")) else "completion_rate")
 
 
-main = hydra_entry("simulator.run", "simulate", task)
+main = hydra_entry("simulator.run", "simulate", task, prepare=hand_off_profiles)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Where the time goes (`phases`): every iteration's StepTime carries its phases an
 decode) with the steps' seconds, and `StageSum.record()` is core/phases.py's stage record (means
 per step). `timeline`: every iteration's start, length and stage, and its ops' start and end for
 the first TIMELINE_OP_ITERATIONS iterations (simulator/run.py writes them as a Chrome trace).
+
+Token times, cheaply: every running request gets a token at each decode iteration's end, so the
+run keeps one float per decode iteration (`decode_ends`) and each request the index of its first
+decode iteration; `token_times` turns them into core/per_request.py's TokenTimes (per-request
+ITL and the pooled gaps) after the run. `timeseries`: one row per scheduler event (`series`).
 docs/simulator.md describes the serving loop.
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ import simpy
 
 from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
 from core.errors import ConfigError
+from core.per_request import TokenTimes
 from core.phases import PHASES, STAGES, add_totals, empty_totals, stage_record
 from core.values import number
 from core.workload import Lengths, Request, open_arrivals
@@ -67,6 +73,7 @@ class Sim:
     host_capacity: int | None = None    # hardware.host_memory_bytes: host KV admission (None: unlimited)
     phases: bool = True                 # attribute each step's time to phases (core/phases.py): `stages`
     timeline: bool = False              # keep each iteration (and its first iterations' ops): `steps`
+    timeseries: bool = False            # keep (t, batch, queue, kv device, kv host, busy) per event: `series`
     # results
     done: list[Request] = field(default_factory=list)
     max_batch_reached: int = 0
@@ -75,6 +82,9 @@ class Sim:
     stages: dict[str, StageSum] = field(default_factory=lambda: {s: StageSum() for s in STAGES})
     # timeline: (stage, start_s, seconds, batch, ops or None) per iteration; ops = StepTime.ops
     steps: list[tuple] = field(default_factory=list)
+    decode_ends: list[float] = field(default_factory=list)   # the end of every decode iteration
+    first_decode: dict[int, int] = field(default_factory=dict)   # request id -> its first decode iteration
+    series: list[tuple] = field(default_factory=list)       # timeseries: core/per_request.py TIMESERIES_COLUMNS
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -146,19 +156,26 @@ class Sim:
             for r in new:
                 r.admitted_s = self.env.now
             if not running and not new:
+                if self.timeseries:
+                    self.series.append((self.env.now, 0, len(self.waiting), 0, 0, 0))
                 if not self.waiting and self.open == 0:
                     return
                 self.wake = self.env.event()
                 yield self.wake
                 continue
+            if self.timeseries:
+                self._sample(running, new)
             if self.admission.prefill_next(new, len(running)):
                 yield from self._step("prefill", [r.prompt_len for r in new])
+                first = len(self.decode_ends)
                 for r in new:
                     r.first_token_s, r.generated = self.env.now, 1
+                    self.first_decode[r.id] = first
                 running += new
             else:
                 ctx = sum(r.prompt_len + r.generated for r in running) / len(running)
                 yield from self._step("decode", len(running), ctx)
+                self.decode_ends.append(self.env.now)
                 for r in running:
                     r.generated += 1
             self.max_batch_reached = max(self.max_batch_reached, len(running))
@@ -211,6 +228,21 @@ class Sim:
                                   "Op(phase=...)")
         return ops
 
+    def _sample(self, running: list[Request], new: list[Request]) -> None:
+        """timeseries: the state as an iteration starts (requests admitted and not done, the queue,
+        the KV they hold, busy)."""
+        tokens = [r.prompt_len + r.generated - 1 for r in running if r.generated]
+        dev, host = self.policy.kv_bytes(tokens, self.shape) if tokens else (0, 0)
+        self.series.append((self.env.now, len(running) + len(new), len(self.waiting), dev, host, 1))
+
+    def token_times(self, reqs: list[Request]) -> TokenTimes:
+        """The token times of `reqs` (served requests, in that order): the first at its prefill's
+        end, the others at the ends of the decode iterations that follow it."""
+        first = np.fromiter((r.first_token_s for r in reqs), dtype=float, count=len(reqs))
+        start = np.fromiter((self.first_decode[r.id] for r in reqs), dtype=np.int64, count=len(reqs))
+        count = np.fromiter((r.gen_len - 1 for r in reqs), dtype=np.int64, count=len(reqs))
+        return TokenTimes(first, start, count, np.asarray(self.decode_ends, dtype=float))
+
     def _account(self, running: list[Request]) -> None:
         """KV held after this iteration (the newest token is not stored yet), kept at its peak."""
         tokens = [r.prompt_len + r.generated - 1 for r in running]
@@ -233,7 +265,7 @@ class Sim:
                 if made[0] >= w.n_requests:
                     return None
                 made[0] += 1
-                return Request(made[0] - 1, now, lengths.prompt(), int(w.gen_len))
+                return Request(made[0] - 1, now, *lengths.pair())
 
             lengths = Lengths(w, np.random.default_rng(w.seed))
             for u in range(w.users):

@@ -13,7 +13,8 @@ any point (docs/profiles.md says why this rule):
 - above the grid: linear extrapolation in the raw axis value, with the slope of the last grid
   segment (transfers and kernels grow linearly once past their fixed costs), clamped at zero.
   `beyond` is told of every such reading: simulator/costs.py refuses one past
-  EXTRAPOLATION_MARGIN x the last grid point unless allow_extrapolation=true.
+  EXTRAPOLATION_MARGIN x the last grid point unless allow_extrapolation=true, and records how far
+  every one went (`Extrapolated`: the result's `extrapolated` and `extrapolated_reads`).
 
 `Formula` is the same callable shape for a roofline cost (core/profile/analytic.py), read at any
 point with nothing to interpolate.
@@ -27,6 +28,30 @@ from core.profile.interp import Grid
 # a measured grid is read (linearly extrapolated) up to this factor above its last point; beyond
 # it a run is refused unless allow_extrapolation=true (then the axis is recorded)
 EXTRAPOLATION_MARGIN = 2.0
+
+
+class Extrapolated(set):
+    """What a run read beyond what was measured: the tags `<table>:<axis>` / `shape:<key>` read past
+    EXTRAPOLATION_MARGIN (a set, as `Costs.extrapolated` always was: the result's `extrapolated`)
+    and, per tag, how far (`far`: the largest value read and the measured limit, a grid's last
+    point or the shape's measured value), including reads past a grid within the margin (`near`,
+    which do not enter the set)."""
+
+    def __init__(self, *tags):
+        super().__init__(*tags)
+        self.far: dict[str, tuple[float, float]] = {}
+
+    def near(self, tag: str, value: float, limit: float) -> None:
+        if tag not in self.far or float(value) > self.far[tag][0]:
+            self.far[tag] = (float(value), float(limit))
+
+    def note(self, tag: str, value: float, limit: float) -> None:
+        self.add(tag)
+        self.near(tag, value, limit)
+
+    def record(self) -> dict:
+        """{tag: {"read": farthest value, "limit": measured limit}}, the result's `extrapolated_reads`."""
+        return {t: {"read": v, "limit": lim} for t, (v, lim) in sorted(self.far.items())}
 
 
 class Table:

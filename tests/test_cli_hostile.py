@@ -267,7 +267,7 @@ def test_bench_store_disk_uses_the_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("KVTESTBED_CACHE", str(tmp_path / "cache"))
     cfg = compose_or_explain("bench", ["model=tiny", "policy=rag", "workload=rag", "policy.store=disk",
                                        "policy.chunk_len=32", "workload.prompt_len=160", "workload.gen_len=2",
-                                       "policy.selector=epic", "progress=false", "warmup=false",
+                                       "policy.selector=epic", "progress=false", "warmup=false", "repeats=1",
                                        f"results_dir={tmp_path}/r"])
     r = runtime.bench.run(cfg)
     files = list((tmp_path / "cache" / "chunks").glob("*.safetensors"))

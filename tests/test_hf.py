@@ -252,7 +252,7 @@ def test_bench_model_hf(hf_folder, tmp_path):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             return compose(config_name="bench", overrides=["model=hf", "policy=kivi", "workload.batch=1",
                                                            "workload.prompt_len=160", "workload.gen_len=4",
-                                                           "progress=false", f"results_dir={tmp_path}", *over])
+                                                           "progress=false", "repeats=1", f"results_dir={tmp_path}", *over])
 
     r = bench.run(cfg(f"model.path={hf_folder}"))
     assert r["model"] == "hf" and r["policy"] == "kivi" and r["output_tokens"] == 4

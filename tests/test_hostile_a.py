@@ -221,7 +221,8 @@ def test_huge_batch_refused_before_work(prog, needle, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("prog,overrides,needle", [
-    ("simulator.run", ["workload=poisson", "workload.n_requests=100000000"], "workload.n_requests: the simulation"),
+    ("simulator.run", ["workload=poisson", "workload.n_requests=100000000", "workload.rate=1000"],
+     "workload.n_requests: the simulation"),
     ("simulator.run", ["workload=poisson", "workload.n_requests=1000000", "workload.gen_len=1000",
                        "workload.prompt_len=64"], "token-steps"),
     ("simulator.run", ["workload=poisson", "workload.n_requests=100000", "workload.gen_len=200",

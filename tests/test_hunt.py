@@ -50,6 +50,7 @@ def run_cli(prog: str, overrides: list[str], results: str) -> tuple[int, list[st
 
     GlobalHydra.instance().clear()
     extra = ["warmup=false", "progress=false"] if prog != "simulator.run" else ["progress=false"]
+    extra += ["repeats=1", "speed_index=false"] if prog == "runtime.bench" else []   # one run: `requests` is the batch
     argv, sys.argv = sys.argv, [prog, *overrides, *extra, f"results_dir={results}",
                                 f"hydra.run.dir={tempfile.gettempdir()}/kvtestbed-hunt-hydra"]
     out, err = io.StringIO(), io.StringIO()
@@ -69,7 +70,7 @@ def run_cli(prog: str, overrides: list[str], results: str) -> tuple[int, list[st
         sys.argv = argv
         torch.set_num_threads(threads)
     lines = [ln for ln in err.getvalue().splitlines()
-             if ln.strip() and "Warning" not in ln and "warn(" not in ln and "it/s" not in ln]
+             if ln.strip() and "warning" not in ln.lower() and "warn(" not in ln and "it/s" not in ln]
     return rc, lines
 
 

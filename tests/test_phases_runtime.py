@@ -184,7 +184,7 @@ def test_bench_timeline_has_every_step(tmp_path):
 def test_bench_rag_prefill_phases(tmp_path):
     cfg = _cfg("bench", "policy=rag", "workload=rag", "policy.chunk_len=32", "policy.question_len=8",
                "workload.prompt_len=136", "workload.gen_len=4", "policy.draft_layers=1", "policy.selector=draft",
-               f"results_dir={tmp_path}")
+               "repeats=1", f"results_dir={tmp_path}")
     r = bench.run(cfg)
     pre = r["phases"]["prefill"]
     assert pre["steps"] == 1

@@ -117,8 +117,9 @@ def test_interrupted_run_leaves_no_file(tmp_path, small_grids, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(kernels, "measure_kernels", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:            # Ctrl-C: one line, exit 130 (core/errors.cli_errors)
         cli.main(["--model", "tiny", "--quick", "--out", str(out)])
+    assert e.value.code == 130
     assert list(tmp_path.iterdir()) == []
 
 

@@ -153,6 +153,8 @@ def test_readme_command_parses(doc, line, cmd, parse_only, monkeypatch, capsys, 
 
             _skip_missing_plugins(args)
             importlib.import_module(module)              # registers its structured configs
+            # the docs start a Ray cluster first (`ray start --head`, not run here): a running one is assumed
+            monkeypatch.setattr("core.cli.ray_cluster_problem", lambda address: "")
             try:
                 check_command_line(module, HYDRA[module], args)
             except SystemExit as e:

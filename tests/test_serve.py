@@ -168,7 +168,7 @@ def test_run_writes_the_simulators_schema(tiny, tmp_path, policy):
               *policy]
     rec = serve.run(_cfg(*common, "progress=false", "warmup=false"))
     sim = simulate(_cfg(*common, name="simulate"))
-    files = list((tmp_path / "measured").iterdir())
+    files = sorted((tmp_path / "measured").glob("*.json"))      # the per-request CSV lies beside it
     assert [f.name for f in files] == [Path(rec["path"]).name] and files[0].name.startswith("serve_tiny_")
     data = json.loads(files[0].read_text())
     missing = set(sim) - set(rec) - {"sim_wall_s", "sim_iterations", "extrapolated"}   # simulator-only fields

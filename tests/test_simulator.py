@@ -290,7 +290,7 @@ def test_cli_compose_and_unknown_hardware(tmp_path):
         assert r["requests"] == 2 and r["provenance"]["profile_kind"] == "measured"
         assert len(r["provenance"]["profile_sha256"]) == 64 and Path(r["path"]).is_file()
         for key in ("throughput_tok_s", "ttft_s_p99", "tpot_s_p50", "kv_bytes_host", "kv_ratio_vs_fp16",
-                    "util_h2d", "goodput_req_s", "max_batch_reached"):
+                    "util_h2d", "completion_rate", "max_batch_reached"):
             assert key in r and not (isinstance(r[key], float) and math.isnan(r[key])), key
         cfg = compose("simulate", overrides=["hardware=h100-sxm", "model=llama7b_shape", f"results_dir={tmp_path}"])
         assert simulate(cfg)["provenance"]["profile_kind"] == "roofline"

@@ -10,22 +10,26 @@ its grids cover what the points read (`Need`: the largest values, and the static
 prompt lengths, batches and contexts as grid points). The committed CPU profile has no
 fingerprint: it never matches, it predicts the machine it was measured on.
 
-`simulator.run` only finds (`find`); `analysis.validate` finds or measures (`ensure`).
+`simulator.run` only finds (`point_profile`: at the thread count its point describes, not the one
+a launcher gave its worker; a multirun's parent resolves every point once, `hand_off`);
+`analysis.validate` finds or measures (`ensure`).
 docs/profiles.md says how profiles are found and when one is re-measured.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from core.machine import cache_root, this_fingerprint
+from core.machine import cache_root, fingerprint, machine_facts, resolve_device, this_fingerprint
 from core.policies import spec_of
 from core.provenance import REPO
-from core.profile.schema import (SCHEMA_VERSION, ProfileError, bits_table, current_code_path, recorded_code_path,
-                                 tables_of, validate)
+from core.profile.schema import (SCHEMA_VERSION, ProfileError, bits_table, current_code_path, read,
+                                 recorded_code_path, tables_of, validate)
 
 REPO_PROFILES = REPO / "profiles"
 
@@ -163,33 +167,45 @@ def cache_dir(create: bool = False) -> Path:
     return cache_root(create) / "profiles"
 
 
-def find(device: torch.device, model: str, need: Need | None = None, notes: list[str] | None = None) -> Path | None:
+def find(device: torch.device, model: str, need: Need | None = None, notes: list[str] | None = None,
+         damaged: list[tuple[Path, str]] | None = None, threads: int | None = None) -> Path | None:
     """The first profile of this machine (cache, then repo) that has `model` and covers `need`.
-    A cached file named after this fingerprint that is corrupt or of another schema is skipped,
-    with a line in `notes` (the caller re-measures it)."""
-    fp = this_fingerprint(device)
+    A cached file of this machine (its name or its `device.fingerprint` says so) that cannot be
+    read, is of another schema or fails validation is skipped: one line in `notes` (the caller,
+    first_use.ensure, re-measures it), and (path, why) in `damaged` (simulator.run refuses rather
+    than predict from another machine's profile). Nothing here raises on a file's content.
+    `threads`: the torch thread count the profile must have been measured with (part of the
+    fingerprint; a simulation passes its point's, `point_threads`); None = this process's."""
+    fp = this_fingerprint(device) if threads is None else fingerprint_at(device, threads)
     dirs = [cache_dir(), REPO_PROFILES]
     for d in dirs:
         for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+            cached = d == dirs[0]
             try:
-                prof = json.loads(path.read_text())
-                if not isinstance(prof, dict) or prof.get("device", {}).get("fingerprint") != fp:
-                    if d == dirs[0] and fp in path.name and notes is not None:
-                        notes.append(f"{path} is not a profile of this machine's schema ({SCHEMA_VERSION}); re-measuring")
+                prof = read(path)
+                dev = prof.get("device") if isinstance(prof, dict) else None
+                if not isinstance(dev, dict) or dev.get("fingerprint") != fp:
+                    if cached and fp in path.name:
+                        raise ProfileError(f"{path}: named after this machine ({fp}) but "
+                                           + ("not a profile (top level is not an object)" if not isinstance(prof, dict)
+                                              else f"its device is {'null' if dev is None else 'not an object'}"
+                                              if not isinstance(dev, dict) else
+                                              f"its device.fingerprint is {dev.get('fingerprint')!r}"))
                     continue
                 if prof.get("schema_version") != SCHEMA_VERSION:
-                    if notes is not None:
-                        notes.append(f"{path}: schema_version {prof.get('schema_version')!r}, this code writes "
-                                     f"{SCHEMA_VERSION}; re-measuring")
-                    continue
+                    raise ProfileError(f"{path}: schema_version {prof.get('schema_version')!r}, this code writes "
+                                       f"{SCHEMA_VERSION}")
                 validate(prof, path)
-            except (OSError, json.JSONDecodeError, ProfileError) as e:
-                if d == dirs[0] and notes is not None:
-                    why = str(e).splitlines()[0] if isinstance(e, ProfileError) else f"{type(e).__name__}: {e}"
-                    notes.append(f"cached profile {path} is corrupt ({why}); re-measuring")
+            except ProfileError as e:
+                if cached:
+                    why = str(e).splitlines()[0]
+                    if notes is not None:
+                        notes.append(f"cached profile of this machine is corrupt or stale ({why}); re-measuring")
+                    if damaged is not None:
+                        damaged.append((path, why))
                 continue
             if model in prof["models"] and not same_code_paths(prof, model, current_code_path):
-                if d == dirs[0] and notes is not None:
+                if cached and notes is not None:
                     other = other_code_paths(prof, model)
                     notes.append(f"{path}: {len(other)} {model} table(s) timed on another code path than the runtime "
                                  f"takes now ({'; '.join(other[:3])}{'; ...' if len(other) > 3 else ''}); re-measuring")
@@ -197,3 +213,93 @@ def find(device: torch.device, model: str, need: Need | None = None, notes: list
             if covers(prof, model, need):
                 return path
     return None
+
+
+# ----------------------------------------------------------------------------- a point's threads; a sweep's hand-off
+
+@functools.cache
+def default_threads() -> int:
+    """torch's default intra-op thread count on this machine: its physical cores within this
+    process's CPU affinity (what `python -m runtime.profile` runs with when neither OMP_NUM_THREADS
+    nor MKL_NUM_THREADS is set), whatever a launcher set for this worker process."""
+    physical = machine_facts(torch.device("cpu")).get("physical_cores") or os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    return max(1, min(int(physical), allowed))
+
+
+def point_threads(threads) -> int:
+    """The thread count a simulation point describes: hardware.threads, else `default_threads`."""
+    return int(threads) if threads else default_threads()
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint_at(device: torch.device, threads: int) -> str:
+    """This machine's fingerprint as a process with `threads` torch threads has it."""
+    device = torch.device(device)
+    key = (device.type, device.index, int(threads))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = fingerprint({**machine_facts(device), "torch_threads": int(threads)})
+    return _FINGERPRINTS[key]
+
+
+# A multirun's parent resolves each point's profile once and hands the answers to its workers in
+# this variable (JSON {point_key: path or null}); a worker's launcher may start it with one torch
+# thread, on another machine, or without the parent's environment (Ray): then it looks up itself.
+HANDOFF_ENV = "KVTESTBED_SWEEP_PROFILES"
+
+
+def point_key(device: str, model: str, threads: int) -> str:
+    return f"{device}|{model}|{int(threads)}|{cache_dir()}"
+
+
+def hand_off(points) -> dict:
+    """The parent of a multirun: `points` = (hardware.device, model, hardware.threads) of every point
+    that looks its profile up; each distinct one resolved once (`find` at the point's thread count)
+    and handed to the workers in HANDOFF_ENV. A point whose cached profile is damaged is not handed
+    down (its worker refuses it). No points (a single run): the variable is cleared."""
+    out: dict[str, str | None] = {}
+    for device, model, threads in points:
+        t = point_threads(threads)
+        key = point_key(str(device), str(model), t)
+        if key in out:
+            continue
+        damaged: list = []
+        found = find(resolve_device(str(device)), str(model), damaged=damaged, threads=t)
+        if found is not None or not damaged:
+            out[key] = str(Path(found).resolve()) if found is not None else None
+    if out:
+        os.environ[HANDOFF_ENV] = json.dumps(out, sort_keys=True)
+    else:
+        os.environ.pop(HANDOFF_ENV, None)
+    return out
+
+
+def point_profile(device: str, model: str, threads=None, damaged: list | None = None) -> tuple[Path | None, int, str]:
+    """(profile of this machine or None, the thread count looked up, where the answer came from:
+    `sweep` = the multirun's parent, `lookup` = here) for a simulation point on hardware.device
+    `device`: the parent's answer when one was handed down (and its file is still there), else
+    `find` at the point's thread count (hardware.threads, else `default_threads`), never this
+    process's own."""
+    t = point_threads(threads)
+    got = handed_down(device, model, t)
+    if got is not None and (got[0] is None or got[0].is_file()):
+        return got[0], t, "sweep"
+    return find(resolve_device(str(device)), str(model), damaged=damaged, threads=t), t, "lookup"
+
+
+def handed_down(device: str, model: str, threads=None) -> tuple[Path | None] | None:
+    """(the profile a multirun's parent resolved for this point, or None for none,) or None when
+    it handed nothing down for it."""
+    try:
+        handed = json.loads(os.environ.get(HANDOFF_ENV) or "{}")
+    except ValueError:
+        return None
+    key = point_key(str(device), str(model), point_threads(threads))
+    if not isinstance(handed, dict) or key not in handed:
+        return None
+    return (Path(str(handed[key])) if handed[key] else None,)

@@ -215,6 +215,15 @@ def _is_table(t, where: str, path) -> None:
         raise ProfileError(f"{path}: {where} is not a table (expected an object with axes and p50)")
 
 
+def _object(d: dict, key: str, where: str, path) -> dict:
+    """d[key] as an object, else one line naming `where`<key> (null, a list, a number...)."""
+    v = d[key]
+    if not isinstance(v, dict):
+        raise ProfileError(f"{path}: '{where}{key}' is {type(v).__name__ if v is not None else 'null'}, "
+                           "not an object; re-profile")
+    return v
+
+
 def validate(prof: dict, path) -> dict:
     """Raise ProfileError naming the first missing or malformed field; return prof."""
     if not isinstance(prof, dict):
@@ -226,6 +235,8 @@ def validate(prof: dict, path) -> dict:
         raise ProfileError(f"{path}: schema_version {ver!r} is newer than this code reads ({SCHEMA_VERSION}); "
                            "update kvtestbed or re-profile")
     _require(prof, ("device", "provenance", "transfers", "models"), "", path)
+    for key in ("device", "provenance", "transfers", "models"):
+        _object(prof, key, "", path)
     _require(prof["device"], ("name", "type", "memory_bytes"), "device.", path)
     kind = prof["provenance"].get("kind")
     if kind not in KINDS:
@@ -244,22 +255,57 @@ def validate(prof: dict, path) -> dict:
     if not prof["models"]:
         raise ProfileError(f"{path}: 'models' is empty; run python -m runtime.profile --model NAME")
     for model, m in prof["models"].items():
-        _require(m, ("shape", "kernels", "memory"), f"models.{model}.", path)
-        _require(m["kernels"], KERNELS, f"models.{model}.kernels.", path)
-        for name, t in tables_of(m["kernels"]):
-            validate_table(t, f"models.{model}.kernels.{name}", path)
-            cp = t.get("code_path")
-            if cp is None and ver >= 3 and kind == "measured":
-                raise ProfileError(f"{path}: models.{model}.kernels.{name} lacks 'code_path' (schema 3: one of "
-                                   f"{', '.join(CODE_PATHS)}); re-profile (python -m runtime.profile --model {model})")
-            if cp is not None and cp not in CODE_PATHS:
-                raise ProfileError(f"{path}: models.{model}.kernels.{name}.code_path={cp!r}; expected one of "
-                                   f"{', '.join(CODE_PATHS)}")
-        if "kv_available_bytes" not in m["memory"]:
-            raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
-        validate_model(model, m, path)
+        validate_model_entry(model, m, ver, kind, path)
     validate_numbers(prof, kind, path)
     return prof
+
+
+def validate_model_entry(model: str, m, ver: int, kind: str, path) -> None:
+    """One entry of `models` (of a file of schema `ver` and provenance `kind`): its shape, kernel
+    tables (each with its code path from schema 3 on), memory. A re-measure keeps the entries of
+    a damaged file that pass this alone (`usable_models`)."""
+    if not isinstance(m, dict):
+        raise ProfileError(f"{path}: 'models.{model}' is not an object; re-profile (python -m runtime.profile "
+                           f"--model {model})")
+    _require(m, ("shape", "kernels", "memory"), f"models.{model}.", path)
+    _object(m, "kernels", f"models.{model}.", path)
+    _require(m["kernels"], KERNELS, f"models.{model}.kernels.", path)
+    for name, t in tables_of(m["kernels"]):
+        validate_table(t, f"models.{model}.kernels.{name}", path)
+        cp = t.get("code_path")
+        if cp is None and ver >= 3 and kind == "measured":
+            raise ProfileError(f"{path}: models.{model}.kernels.{name} lacks 'code_path' (schema 3: one of "
+                               f"{', '.join(CODE_PATHS)}); re-profile (python -m runtime.profile --model {model})")
+        if cp is not None and cp not in CODE_PATHS:
+            raise ProfileError(f"{path}: models.{model}.kernels.{name}.code_path={cp!r}; expected one of "
+                               f"{', '.join(CODE_PATHS)}")
+    _object(m, "memory", f"models.{model}.", path)
+    if "kv_available_bytes" not in m["memory"]:
+        raise ProfileError(f"{path}: missing 'models.{model}.memory.kv_available_bytes'")
+    validate_model(model, m, path)
+
+
+def usable_models(prof, path, fingerprint: str | None) -> tuple[dict, dict[str, str]]:
+    """The `models` entries of a possibly damaged measured profile of this schema and of machine
+    `fingerprint` that validate alone ({name: entry}), and why each other one does not
+    ({name: one line}). A file of another machine or schema, or without a readable `models`,
+    keeps nothing."""
+    if not isinstance(prof, dict) or prof.get("schema_version") != SCHEMA_VERSION:
+        return {}, {}
+    dev, prov, models = prof.get("device"), prof.get("provenance"), prof.get("models")
+    if not isinstance(dev, dict) or dev.get("fingerprint") != fingerprint or fingerprint is None:
+        return {}, {}
+    if not isinstance(prov, dict) or prov.get("kind") != "measured" or not isinstance(models, dict):
+        return {}, {}
+    keep, why = {}, {}
+    for name, m in models.items():
+        try:
+            validate_model_entry(name, m, SCHEMA_VERSION, "measured", path)
+        except ProfileError as e:
+            why[name] = str(e).splitlines()[0]
+            continue
+        keep[name] = m
+    return keep, why
 
 
 def validate_model(model: str, m: dict, path) -> None:
@@ -326,15 +372,26 @@ def validate_numbers(prof: dict, kind: str, path) -> None:
                                          "runtime_overhead_bytes") else {"gt": 0}))
 
 
-def load(path: str | Path) -> dict:
-    """Read and validate a profile; every problem is one line naming the field and the file."""
+def read(path: str | Path):
+    """A file's JSON (any shape: `validate` checks it); every problem reading it (missing, not
+    UTF-8 text, not JSON, truncated) is one ProfileError line naming the file."""
     path = Path(path)
     check_file(path, str(path), "give a profile JSON file (profiles/*.json)",
                "no such profile; run python -m runtime.profile, or pick one in profiles/", ProfileError)
     try:
-        prof = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); truncated? re-profile") from None
+        text = path.read_text()
     except (UnicodeDecodeError, OSError) as e:
         raise ProfileError(f"{path}: cannot be read as a profile ({type(e).__name__}); re-profile") from None
-    return validate(prof, path)
+    if not text.strip():
+        raise ProfileError(f"{path}: is empty; re-profile")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); truncated? re-profile") from None
+    except (ValueError, RecursionError) as e:
+        raise ProfileError(f"{path}: cannot be read as a profile ({type(e).__name__}); re-profile") from None
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a profile; every problem is one line naming the field and the file."""
+    return validate(read(path), Path(path))

@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
-    with cli_errors(PROG):
+    with cli_errors(PROG, resume="run the same command again: it resumes from --out"):
         if a.cmd == "rag":
             run_rag_cmd(a)
         elif a.cmd != "report":

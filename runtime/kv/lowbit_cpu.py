@@ -11,10 +11,12 @@ codes (D * bits / 8 bytes per token) and the scales: below SDPA over a float32 c
 Same math as the torch path, term by term (keys per channel: q . k_t = (q * s_g) . c_t + q . z_g;
 values per token: sum_t p_t s_t c_t + sum_t p_t z_t); only the order of float additions differs.
 
-Built on first use, once per shape (query rows, head_dim, group, bits, value group: compile-time
-constants, so every loop has a fixed trip count), with the machine's C compiler (`$CC`, else
-`cc`; `-O3 -march=native -fopenmp`, ~0.5 s) into `<cache root>/kernels/`, keyed by source, flags,
-compiler and CPU, then loaded with ctypes; later processes reuse the file. The library needs
+Built once per shape (query rows, head_dim, group, bits, value group: compile-time constants, so
+every loop has a fixed trip count), with the machine's C compiler (`$CC`, else `cc`; `-O3
+-march=native -fopenmp`, ~0.5 s) into `<cache root>/kernels/`, keyed by source, flags, compiler
+and CPU, then loaded with ctypes; later processes reuse the file once its stamp vouches for it
+(runtime/kernel_cache.py: checksum, build lock, orphaned build folders). The engine builds a
+cache's shapes before its clock starts (`prepare`), so no timed step pays for a compile. The library needs
 OpenMP's `libgomp.so.1`: torch's CPU wheel has already loaded one by that name, so the kernels
 run in torch's thread pool with `torch.get_num_threads()` threads (one OpenMP runtime in the
 process, not two fighting over the cores).
@@ -28,22 +30,18 @@ A failed build warns once, with the compiler's first error line, and never fails
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import shutil  # noqa: F401  (the compiler is found by kernel_cache with shutil.which; tests patch it here)
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
-from core.policies.kivi import value_group
+from core.policies.kivi import KiviPolicyConfig, value_group
 from core.profile.schema import LOWBIT_KERNEL_ENV, lowbit_kernel_enabled
+
+from .. import kernel_cache
 
 ENV = LOWBIT_KERNEL_ENV     # the switch and its rule live in core (the simulator reads them too)
 PROFILE_NAME = "kvt::lowbit_kernel"   # the kernels' scope in torch.profiler traces
@@ -66,6 +64,9 @@ SOURCE = r"""
 #define FTZ_ON
 #define FTZ_OFF
 #endif
+
+/* the key this library was built for (its file name's), read by the loader before any call */
+const char kvt_key[] = KVT_KEY;
 
 /* Built once per shape: KN query rows per KV head, KD head_dim, KG key group (tokens), KBITS,
    KCG value group (channels) are compile-time constants, so every loop has a fixed trip count
@@ -226,50 +227,10 @@ def enabled() -> bool:
     return lowbit_kernel_enabled()
 
 
-def _cpu_key() -> str:
-    """The CPU the library is built for (-march=native): model name and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    # x86 names the CPU in "model name" / "flags"; arm64 in "CPU implementer" / "CPU part" / "Features"
-    keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
-    keep = sorted({ln.strip() for ln in lines if ln.startswith(keys)})
-    return "\n".join([platform.machine(), platform.processor(), *keep])
-
-
-def _compiler() -> tuple[str, str]:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (set CC, or install gcc)")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cc} --version failed: {e}") from None
-    return cc, version
-
-
 def _build(shape: tuple[int, int, int, int, int]) -> ctypes.CDLL:
     """Compile (or reuse) the kernels for one (rows, head_dim, group, bits, value group)."""
-    from core.machine import cache_root
-
-    cc, version = _compiler()
-    defs = [f"-D{k}={v}" for k, v in zip(("KN", "KD", "KG", "KBITS", "KCG"), shape)]
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS + defs), version, _cpu_key()]).encode()).hexdigest()[:16]
-    folder = cache_root() / "kernels"
-    folder.mkdir(parents=True, exist_ok=True)
-    lib = folder / f"lowbit-{'x'.join(map(str, shape))}-{key}.so"
-    if not lib.is_file():
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / "lowbit.c", Path(tmp) / "lowbit.so"
-            src.write_text(SOURCE)
-            r = subprocess.run([cc, *FLAGS, *defs, str(src), "-o", str(out)], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode != 0:
-                first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
-                raise RuntimeError(f"{cc} failed: {first}")
-            os.replace(out, lib)      # atomic: a concurrent process sees no half-written file
-    dll = ctypes.CDLL(str(lib))
+    defs = dict(zip(("KN", "KD", "KG", "KBITS", "KCG"), shape))
+    dll = kernel_cache.load_library(f"lowbit-{'x'.join(map(str, shape))}", SOURCE, FLAGS, defs)
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     dll.kivi_scores.argtypes = [P, P, L, P, P, L, P, L, I, I, F, I]
     dll.kivi_scores.restype = None
@@ -296,6 +257,24 @@ def library(rows: int, head_dim: int, group: int, bits: int, value_group: int):
                               stacklevel=3)
                 return None
     return _libs[shape]
+
+
+def prepare(cache, rows: list[int]) -> None:
+    """Build (or load) now the kernels a KV cache's decode steps will call with `rows` query rows
+    per KV head (GQA group x new tokens), so that no timed step pays for a compile: the engine
+    calls it before its clock starts. Layers that are not KIVI's on the CPU in float32 need none."""
+    shapes = set()
+    for layer in getattr(cache, "layers", ()):       # KIVI's layers (and SpeCache's, a KIVI copy + more)
+        if not isinstance(getattr(layer, "spec", None), KiviPolicyConfig) or not hasattr(layer, "k_codes"):
+            continue
+        if layer.k_codes.device.type != "cpu" or layer.dtype != torch.float32:
+            continue
+        for n in rows:
+            if n <= MAX_ROWS and layer.D <= MAX_DIM and layer.G <= MAX_GROUP and not layer.cg % (8 // layer.bits):
+                shapes.add((n, layer.D, layer.G, layer.bits, layer.cg))
+    if shapes and enabled():
+        for shape in sorted(shapes):
+            library(*shape)
 
 
 def _usable(tensors, rows: int, head_dim: int, group: int, bits: int) -> bool:

@@ -12,21 +12,21 @@ file as it was and no partial one. What is measured: measure.py; the file: docs/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from core.errors import ConfigError, cli_errors
 from core.machine import device_facts, resolve_device, this_fingerprint
-from core.profile.schema import ProfileError, load, validate
+from core.profile.lookup import cache_dir
+from core.profile.schema import ProfileError, load, read, validate
 from core.provenance import REPO
 from core.results import write_json_atomic
 from core.values import number
 
 from . import roofline
 from .grids import model_args
-from .measure import measured_profile, write_profile
+from .measure import entry_lock, kept_models, measured_profile, write_profile
 from .speed import speed_index
 
 
@@ -54,33 +54,62 @@ def main(argv=None) -> None:
         if a.roofline:
             prof = roofline.profile(a.roofline, a.model)
             out = a.out or REPO / "profiles" / f"roofline-{a.roofline}.json"
+            validate(prof, out)
+            write_profile(out, prof, f"--out {out}: cannot write ({{why}}); pick a writable path")
         else:
-            device = resolve_device(a.device)
-            facts = device_facts(device)
-            # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
-            out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
-            existing = None
-            if out.is_dir():
-                raise ProfileError(f"--out {out} is a directory; give the profile's file name (a .json path)")
-            if out.exists():
-                try:
-                    existing = json.loads(out.read_text())
-                except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-                    raise ProfileError(f"{out}: exists but is not valid JSON; move it away or pass --out") from None
-                if not isinstance(existing, dict):
-                    raise ProfileError(f"{out}: exists but is not a profile (not a JSON object); move it away or "
-                                       "pass --out")
-                if existing.get("device", {}).get("fingerprint") != facts["fingerprint"]:
-                    print(f"runtime.profile: {out} profiles another machine "
-                          f"({existing.get('device', {}).get('fingerprint') or 'unfingerprinted'}); its tables are "
-                          f"not kept", file=sys.stderr)
-                    existing = None
-            t = time.perf_counter()
-            prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
-            prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
-        validate(prof, out)
-        write_profile(out, prof, f"--out {out}: cannot write ({{why}}); pick a writable path")
+            prof, out = measure_command(a)
     print(summary(prof, out))
+
+
+def measure_command(a) -> tuple[dict, Path]:
+    """Measure this machine into --out (default profiles/<slug>-<fingerprint>.json), under the
+    file's lock (measure.entry_lock): the models of the file that are this machine's and
+    validate are kept; a damaged profile of this machine (named after its fingerprint, or in
+    the cache) is replaced with one line saying why; any other file that is not a profile is
+    refused (move it away or pass another --out)."""
+    device = resolve_device(a.device)
+    facts = device_facts(device)
+    # the slug (CPU name + cores) is the same on every VM of a kind: the fingerprint tells them apart
+    out = a.out or REPO / "profiles" / f"{facts['slug']}-{facts['fingerprint']}.json"
+    if out.is_dir():
+        raise ProfileError(f"--out {out} is a directory; give the profile's file name (a .json path)")
+    unwritable = f"--out {out}: cannot write ({{why}}); pick a writable path"
+    with entry_lock(out, "runtime.profile", unwritable):
+        existing = None
+        if out.exists():
+            existing = existing_tables(out, facts["fingerprint"])
+        t = time.perf_counter()
+        prof = measured_profile(a.model, a.quick, device, a.repeats, existing)
+        prof["provenance"]["wall_s"] = round(time.perf_counter() - t, 1)
+        write_profile(out, prof, unwritable)
+    return prof, out
+
+
+def existing_tables(out: Path, fp: str) -> dict | None:
+    """measured_profile's `out_existing` from the file at --out: its models that are this
+    machine's and validate alone (measure.kept_models); one line when it is damaged or another
+    machine's (its tables are not kept)."""
+    try:
+        prof = read(out)
+        why = ("not a JSON object" if not isinstance(prof, dict) else
+               None if isinstance(prof.get("device"), dict) else "its device is not an object")
+    except ProfileError as e:
+        prof, why = None, str(e).splitlines()[0]
+    if why is not None:
+        ours = fp in out.name or out.resolve().parent == cache_dir().resolve()
+        if not ours:
+            raise ProfileError(f"{out}: exists but is not a profile ({why}); move it away or pass --out")
+        print(f"runtime.profile: {out} is damaged ({why}); replacing it", file=sys.stderr)
+        return None
+    dev = prof["device"]
+    if dev.get("fingerprint") != fp:
+        print(f"runtime.profile: {out} profiles another machine ({dev.get('fingerprint') or 'unfingerprinted'}); "
+              "its tables are not kept", file=sys.stderr)
+        return None
+    try:
+        return validate(prof, out)          # a whole file of this machine, older schemas too (read as torch)
+    except ProfileError:
+        return kept_models(out, fp, "runtime.profile")
 
 
 def speed_index_command(a) -> str:
@@ -92,13 +121,14 @@ def speed_index_command(a) -> str:
     line = (f"speed index {si['index']:.2f} (gemm {si['gemm_s'] * 1e3:.2f} ms, memcpy {si['memcpy_s'] * 1e3:.2f} ms, "
             f"attention {si['attention_s'] * 1e3:.2f} ms; {si['probe_wall_s']:.2f} s), machine {this_fingerprint(device)}")
     if a.out:
-        prof = load(a.out)
-        if prof["device"].get("fingerprint") != this_fingerprint(device):
-            raise ConfigError(f"--out {a.out} profiles machine {prof['device'].get('fingerprint')}, not this one "
-                              f"({this_fingerprint(device)}); its speed index stays as measured there")
-        old = prof.get("speed_index", {}).get("index")
-        prof["speed_index"] = si
-        write_json_atomic(a.out, prof)
+        with entry_lock(a.out, "runtime.profile", f"--out {a.out}: cannot write ({{why}}); pick a writable path"):
+            prof = load(a.out)
+            if prof["device"].get("fingerprint") != this_fingerprint(device):
+                raise ConfigError(f"--out {a.out} profiles machine {prof['device'].get('fingerprint')}, not this one "
+                                  f"({this_fingerprint(device)}); its speed index stays as measured there")
+            old = prof.get("speed_index", {}).get("index")
+            prof["speed_index"] = si
+            write_json_atomic(a.out, prof)
         line += f"; stored in {a.out}" + (f" (was {old:.2f}: x{si['index'] / old:.3f})" if old else "")
     return line
 

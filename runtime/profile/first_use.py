@@ -4,7 +4,6 @@ simulator.run only finds). Why a first-use profile and its speed bracket: docs/p
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -14,7 +13,7 @@ import torch
 
 from core.machine import PROFILE_SPEED_DRIFT, device_facts, speed_moved, this_fingerprint
 from core.profile.lookup import Need, cache_dir, coverage, find
-from core.profile.schema import SCHEMA_VERSION, ProfileError, validate
+from core.profile.schema import validate
 from core.results import write_json_atomic
 
 from . import measure
@@ -47,8 +46,12 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
     The measurement is bracketed by the speed index (speed.py; the profile's own, taken at its
     end, is the bracket's after): when after / before moved by more than
     PROFILE_SPEED_DRIFT (20%, either way), the machine changed speed while it was measured (a
-    neighbour started or stopped), so it is measured once more; when that one moves too it is
-    used for this run only (a temporary file, one line says so) and nothing is cached."""
+    neighbour started or stopped), so it is measured once more; when that one moves too, or the
+    index ends more than 20% below the fastest it read (the machine stayed slowed: a second
+    bracket that starts slowed would not see it), it is used for this run only (a temporary
+    file, one line says so) and nothing is cached. The measurement and the write hold the cache
+    entry's lock (measure.entry_lock): a second ensure of the same entry waits, then finds the
+    first's profile."""
     notes: list[str] = []
     path = find(device, model, need, notes)
     for n in notes:
@@ -56,15 +59,21 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
     if path is not None:
         return path
     out = cached_path(device)           # checks the cache folder is writable before measuring
-    existing = None
-    if out.is_file():
-        try:
-            existing = validate(json.loads(out.read_text()), out)
-        except (OSError, json.JSONDecodeError, ProfileError):
-            existing = None
-        if existing is not None and (existing.get("schema_version") != SCHEMA_VERSION
-                                     or existing["device"].get("fingerprint") != this_fingerprint(device)):
-            existing = None
+    unwritable = f"cache folder {out.parent} is not writable ({{why}}); set KVTESTBED_CACHE"
+    with measure.entry_lock(out, prog, unwritable):
+        path = find(device, model, need)            # measured by another process while this one waited
+        if path is not None:
+            print(f"{prog}: using {path}, profiled by another process meanwhile", file=sys.stderr)
+            return path
+        return _measure(device, model, need, out, prog, progress, quick, repeats, unwritable)
+
+
+def _measure(device: torch.device, model: str, need: Need, out: Path, prog: str, progress: bool, quick: bool,
+             repeats: int, unwritable: str) -> Path:
+    """ensure's measurement, under the cache entry's lock: the speed-bracketed profile, merged
+    into `out` (every other model's tables kept, those of a damaged file that validate alone
+    included) or, when the speed index moved twice, a temporary file."""
+    existing = measure.kept_models(out, this_fingerprint(device), prog)
     had = coverage(existing, model) if existing is not None else None
     if had is not None:                 # what the cached tables covered stays covered (no ping-pong)
         need = need.merge(had)
@@ -92,13 +101,17 @@ def ensure(device: torch.device, model: str, need: Need, prog: str = "analysis.v
     prof["provenance"]["first_use"] = {"for": prog, "need": need.describe(), "speed_brackets": brackets}
     prof["models"][model]["first_use_at"] = need.cover()["at"]      # coverage() keeps them on a re-measure
     validate(prof, out)
-    if speed_moved(brackets[-1]["before"], brackets[-1]["after"]):
+    b = brackets[-1]
+    fastest = max([brackets[0]["before"]] + [x["after"] for x in brackets])
+    why = (f"the speed index moved again (x{b['after'] / b['before']:.2f}) during the second profile"
+           if speed_moved(b["before"], b["after"]) else
+           f"the machine stayed slowed (speed index x{b['after'] / fastest:.2f} of the {fastest:.0f} it reached)"
+           if speed_moved(fastest, b["after"]) else None)
+    if why is not None:                 # never cached: a profile of a machine slowed under it
         tmp = Path(tempfile.mkdtemp(prefix="kvtestbed-profile-")) / out.name
         write_json_atomic(tmp, prof)
-        b = brackets[-1]
-        print(f"{prog}: the speed index moved again (x{b['after'] / b['before']:.2f}) during the second profile; "
-              f"using it for this run only, not cached: {tmp}", file=sys.stderr)
+        print(f"{prog}: {why}; using it for this run only, not cached: {tmp}", file=sys.stderr)
         return tmp
-    measure.write_profile(out, prof, f"cache folder {out.parent} is not writable ({{why}}); set KVTESTBED_CACHE")
+    measure.write_profile(out, prof, unwritable, prog)
     print(f"{prog}: profiled this machine in {time.perf_counter() - t:.0f} s -> {out}", file=sys.stderr)
     return out

@@ -7,14 +7,16 @@ p10/p50/p90 (timing.py). The file's layout: core/profile/schema.py; why: docs/pr
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
-from core.machine import device_facts
-from core.profile.schema import PROFILED_BITS, SCHEMA_VERSION, recorded_code_path
+from core.machine import cache_root, device_facts
+from core.profile.schema import (PROFILED_BITS, SCHEMA_VERSION, ProfileError, read, recorded_code_path,
+                                 usable_models, validate)
 from core.provenance import provenance
 from core.results import write_json_atomic
 
@@ -76,10 +78,63 @@ def measured_profile(models: list[str], quick: bool, device: torch.device, repea
             "transfers": measured_transfers, "models": prof_models}
 
 
-def write_profile(out: Path, prof: dict, unwritable: str) -> None:
+def kept_models(path: Path, fingerprint: str, prog: str) -> dict | None:
+    """What a re-measure keeps of the profile at `path` (this machine's, of this schema): an
+    `out_existing` for measured_profile holding the entries of `models` that validate alone
+    (core/profile/schema.py usable_models), even when another entry or the file's transfers are
+    damaged; one line per entry dropped. None: nothing to keep (no file, another machine's or
+    schema's, unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        prof = read(path)
+    except ProfileError:
+        return None
+    keep, why = usable_models(prof, path, fingerprint)
+    for name, line in why.items():
+        print(f"{prog}: models.{name} of {path} is dropped ({line})", file=sys.stderr)
+    return {"models": keep} if keep else None
+
+
+def write_profile(out: Path, prof: dict, unwritable: str, prog: str = "runtime.profile") -> None:
     """Write `prof` to `out` atomically (an interrupted write leaves the old file as it was);
-    `unwritable` ({why}: the OS's reason) is the one-line ConfigError when it cannot be written."""
+    `unwritable` ({why}: the OS's reason) is the one-line ConfigError when it cannot be written.
+    A measured profile with a fingerprint keeps the models the file holds now that it does not
+    measure (written there since it was read: a merge, not a replace)."""
+    fp = prof.get("device", {}).get("fingerprint")
+    if fp and prof.get("provenance", {}).get("kind") == "measured":
+        now = kept_models(out, fp, prog)
+        for name, m in (now or {"models": {}})["models"].items():
+            prof["models"].setdefault(name, m)
+    validate(prof, out)
     try:
         write_json_atomic(out, prof)
     except OSError as e:
         raise ConfigError(unwritable.format(why=e.strerror)) from None
+
+
+@contextmanager
+def entry_lock(out: Path, prog: str, unwritable: str):
+    """Hold the lock of one profile file (`<cache root>/locks/<name>-<digest of its path>.lock`;
+    released by the OS if the holder dies) while it is measured and written: a second writer
+    says so in one line and waits (then re-reads what the first wrote)."""
+    import hashlib
+
+    from filelock import FileLock, Timeout
+
+    digest = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]
+    try:
+        folder = cache_root() / "locks"
+        folder.mkdir(exist_ok=True)
+        lock = FileLock(str(folder / f"{out.name}-{digest}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"{prog}: another process is profiling into {out}; waiting for it", file=sys.stderr)
+            lock.acquire()
+    except OSError as e:
+        raise ConfigError(unwritable.format(why=e.strerror or e)) from None
+    try:
+        yield
+    finally:
+        lock.release()

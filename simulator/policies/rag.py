@@ -17,6 +17,8 @@ The draft variants add to the draft's D x `prefill_layer`(N + Q), over its deep 
 - draft_attn: k x `selective_prefill`(Q, N + Q), the question rows' q and their attention over
   the whole prompt with the probabilities materialised (an upper bound: that table also holds
   the Q rows' MLP).
+At recompute_ratio 0 (budget ceil(r N) = 0) no selector runs, as in the runtime: nothing is
+recomputed but the question, so there is nothing to pick (docs/rag.md).
 oracle_dev / oracle_norm need the target's own full prefill: runtime-only, refused here.
 sink_tokens moves tokens inside the same budget: no cost change.
 """
@@ -26,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from core.errors import ConfigError
-from core.policies.rag import DRAFT_SELECTORS, ORACLES, RagPolicyConfig, feature_bytes
+from core.policies.rag import DRAFT_SELECTORS, ORACLES, RagPolicyConfig, budget_of, feature_bytes
 
 from ..costs import Costs
 from .base import Op, part_costs, split_parts, twin
@@ -58,9 +60,18 @@ class Rag(RagPolicyConfig, Full):
         """Layers of the draft's deep third, ceil(D/3)."""
         return math.ceil(self.draft_layers / 3)
 
+    def selects(self, n_ctx: int) -> bool:
+        """Whether the selector runs for a prompt of `n_ctx` context tokens: not when its budget
+        ceil(r N) is 0 (r = 0: nothing to pick; the runtime's `select` returns before the draft),
+        except full and a fixed-prefix epic, which do not read r (and cost nothing to select)."""
+        return self.selector in ("full", "epic") or budget_of(self.recompute_ratio, n_ctx) > 0
+
     def selector_cost(self, c: Costs, s, total: int, n_ctx: int | None = None) -> float:
-        """The selector's own compute for one prompt of `total` tokens (`n_ctx` of them context)."""
+        """The selector's own compute for one prompt of `total` tokens (`n_ctx` of them context);
+        0 when it does not run (`selects`)."""
         n_ctx = total if n_ctx is None else n_ctx
+        if not self.selects(n_ctx):
+            return 0.0
         if self.selector in DRAFT_SELECTORS:
             draft = getattr(self, "draft_costs", None)     # set by simulator.run for policy.draft_model
             if draft is not None:
@@ -91,7 +102,7 @@ class Rag(RagPolicyConfig, Full):
         sel = sum(self.selector_cost(c, s, n + q, n) for n, q in split)
         # draft_rel reads each chunk's stored chunk-alone norms (a disk store loads them first)
         feat = sum(c.table("chunk_load")(t) * feature_bytes(t, s.n_layers) / (2 * t * s.kv_row)
-                   for n, _ in split for t in self.chunks(n)) \
+                   for n, _ in split if self.selects(n) for t in self.chunks(n)) \
             if self.selector == "draft_rel" and self.store == "disk" else 0.0
         recompute = sum(c.table("selective_prefill")(self.recomputed(n, q), n + q) for n, q in split)
         L = s.n_layers
