@@ -209,9 +209,8 @@ def pooled(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def requests_csv(path: str | Path) -> Path:
-    """`<experiment>.requests.csv` beside `<experiment>.csv`."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.requests.csv")
+    """`<experiment>.requests.csv` beside `<experiment>.csv` (the name a result's rows take)."""
+    return requests_path(path)
 
 
 def cdf_png(path: str | Path) -> Path:

@@ -145,12 +145,16 @@ def test_room_is_checked_against_what_the_run_writes(tmp_path, monkeypatch):
     assert need == 32 * 1024 + 4 * 512 * 2 + ((64 + 1) * 2 * (6 * 4 + 16) + 16) * 256
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=need))
-    with pytest.raises(ConfigError) as e:
-        files.check_results([cfg])
-    msg = str(e.value)
-    assert "\n" not in msg and "results_dir" in msg and files.size(need) in msg
+    # one run: checked after its config checks, before its work; a multirun: all points before Hydra
+    for check in (lambda: files.check_room_for(cfg), lambda: files.check_results([cfg], multirun=True)):
+        with pytest.raises(ConfigError) as e:
+            check()
+        msg = str(e.value)
+        assert "\n" not in msg and "results_dir" in msg and files.size(need) in msg
+    files.check_results([cfg])               # one run before Hydra: only the record's floor
     monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=need + files.MIN_ROOM))
-    files.check_results([cfg])               # exactly the estimate and the margin: it runs
+    files.check_room_for(cfg)                # exactly the estimate and the margin: it runs
+    files.check_results([cfg], multirun=True)
 
 
 def _tmpfs(path: Path, size: str) -> bool:
