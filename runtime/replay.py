@@ -60,11 +60,13 @@ def kv_shape(model: Transformer, policy, device: torch.device) -> ModelShape:
     return ModelShape(a.n_layers, a.n_kv_heads, a.head_dim, DTYPE_NAMES[resolve_kv_dtype(policy.kv_dtype, device)])
 
 
-def serve(model: Transformer, cfg: DictConfig, *, link=None) -> Outcome:
+def serve(model: Transformer, cfg: DictConfig, *, link=None, spec=None) -> Outcome:
     """Replay cfg.workload's arrivals through `model` under cfg.scheduler's rules and
-    cfg.hardware.kv_budget_bytes; no warmup, nothing written."""
+    cfg.hardware.kv_budget_bytes; no warmup, nothing written. `spec`: the policy declaration
+    check_config already built and checked (None: check cfg here)."""
     w, s = cfg.workload, cfg.scheduler
-    spec = check_config(cfg, "runtime.serve")  # the same checks as runtime.bench and simulator.run
+    if spec is None:                           # the same checks as runtime.bench and simulator.run
+        spec = check_config(cfg, "runtime.serve")
     load_plugin(cfg.policy, "kv")
     served = sorted(n for n, c in POLICIES.items() if c.serves)
     if not POLICIES[cfg.policy.name].serves:

@@ -79,7 +79,7 @@ def summarize(o: Outcome, cfg: DictConfig, rows: dict | None = None) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Everything but the CLI: returns the result record (also written to results/measured/)."""
     results_folder(cfg.results_dir, "measured")      # before the measurement (and its timeline), not after it
-    check_config(cfg, "runtime.serve")
+    spec = check_config(cfg, "runtime.serve")      # checked once: the warm-up and the replay take it
     device = resolve_device(cfg.hardware.device)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
@@ -90,8 +90,8 @@ def run(cfg: DictConfig) -> dict:
         if cfg.warmup:
             g = torch.Generator().manual_seed(0)
             warm = [torch.randint(3, args.vocab_size, (8,), generator=g).tolist() for _ in range(2)]
-            generate(model, warm, SamplingParams(max_new_tokens=2), cfg.policy, link=link)
-        out = serve(model, cfg, link=link)
+            generate(model, warm, SamplingParams(max_new_tokens=2), spec, link=link)
+        out = serve(model, cfg, link=link, spec=spec)
     finally:
         link.close()
 

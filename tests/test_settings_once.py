@@ -45,3 +45,16 @@ def test_one_bench_run_checks_its_policy_once(policy, checks, tmp_path):
     # rag's pipeline also builds plain `full` caches of its own (placement, tracing, decode): those
     # are other declarations; the run's own policy is checked once
     assert checks[policy] == 1, dict(checks)
+
+
+@pytest.mark.parametrize("policy", ["full", "kivi"])
+def test_one_serve_run_checks_its_policy_once(policy, checks, tmp_path):
+    """runtime.serve checks once too: its warm-up and its replay take the checked declaration."""
+    from runtime import serve
+
+    overrides = ["model=tiny", "workload=poisson", "workload.n_requests=3", "workload.prompt_len=16",
+                 "workload.gen_len=3", "warmup=true", "progress=false", f"policy={policy}", f"results_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="serve", overrides=overrides)
+    serve.run(cfg)
+    assert checks[policy] == 1, dict(checks)
