@@ -10,7 +10,6 @@ Column meanings, resume and concurrent runs: docs/validation.md.
 """
 from __future__ import annotations
 
-import fcntl
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
-from core.files import write_kept
-from core.results import write_atomic
+from core.files import flocked, write_kept
 
 SPLITS = ("calibration", "heldout")
 METRICS = ("throughput_tok_s", "ttft_s", "tpot_s", "decode_tok_s", "kv_bytes_device")
@@ -62,14 +60,8 @@ def lock_path(path: str | Path) -> Path:
 def locked(path: str | Path) -> Iterator[None]:
     """One writer at a time for the table at `path` (an exclusive flock on its lock file; it is
     released when the holder exits, even by kill -9)."""
-    lp = lock_path(path)
-    lp.parent.mkdir(parents=True, exist_ok=True)
-    with open(lp, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flocked(lock_path(path)):
+        yield
 
 
 def read_rows(path: str | Path, key: str = "id", exact: bool = False) -> dict[str, dict]:

@@ -7,6 +7,7 @@ when a disk is full, a path is a dangling link or a run is killed: docs/runtime.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from .errors import ConfigError, WriteError
 from .interrupts import note_written
@@ -202,6 +203,21 @@ def write_kept(path: str | Path, write: Callable[[TextIO], object]) -> Path:
 
 
 # ----------------------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def flocked(lock: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on the file `lock` (made, with its folder, if missing): one holder at
+    a time across processes, released when the holder exits, even by kill -9. The lock is a file of
+    its own, never the data it guards (an atomic replace swaps that file)."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
 
 def append_csv_row(path: Path, row: dict) -> None:
     """Append `row` (a header first when the file is empty) to a CSV that several processes append

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.files import flocked
+
 try:
     import fcntl
 except ImportError:          # no flock (Windows): builders are not serialised, the rename stays atomic
@@ -94,12 +96,8 @@ def locked(lib: Path):
     if fcntl is None:
         yield
         return
-    with open(lock_path(lib), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flocked(lock_path(lib)):
+        yield
 
 
 def _is_locked(lock: Path) -> bool:

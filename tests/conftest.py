@@ -14,6 +14,17 @@ warnings.filterwarnings("ignore", message=".*pynvml.*")
 os.environ["KVTESTBED_CACHE"] = tempfile.mkdtemp(prefix="kvtestbed-test-cache-")
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache root of its own, and no committed profiles to fall back on."""
+    from core.profile import lookup
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("KVTESTBED_CACHE", str(root))
+    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -29,14 +29,6 @@ COMMITTED = REPO / "profiles" / "cpu-intel-r-xeon-r-processor-2c.json"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("KVTESTBED_CACHE", str(root))
-    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
-    return root
-
-
 def this_machine_profile(index: float = 100.0) -> dict:
     """The committed profile's tables (models smollm2 and tiny) relabelled as a profile of this
     machine of this schema, every kernel table timed on the code path the runtime takes now."""

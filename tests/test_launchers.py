@@ -155,34 +155,33 @@ def test_a_sweeps_parent_hands_its_answer_down(here, monkeypatch):
     assert lookup.HANDOFF_ENV not in os.environ
 
 
-@pytest.mark.skipif(not _has("hydra_plugins.hydra_joblib_launcher"), reason='pip install -e ".[sweep]"')
-def test_joblib_multirun_points_predict_this_machine(here, tmp_path):
+def _multirun_predicts_here(launcher: str, here, tmp_path):
+    """A 3-point multirun under `launcher`: every point predicts this machine from the profile the
+    parent handed down; (the process, the 3 records)."""
     env, path = here
-    p = _sim(["-m", "hydra/launcher=joblib", *POINT, "workload.batch=1,2,3"], env, tmp_path)
+    p = _sim(["-m", f"hydra/launcher={launcher}", *POINT, "workload.batch=1,2,3"], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _sweep(tmp_path)
     assert sorted(r["workload.batch"] for r in rows) == ["1", "2", "3"]       # the swept key, a column
     assert all(r["error"] == "" for r in rows), rows
     assert {r["predicts"] for r in rows} == {"this machine"} and {Path(r["profile"]) for r in rows} == {path}
     recs = _results(tmp_path)
-    assert len(recs) == 3 and all(r["provenance"]["threads"] == lookup.default_threads() for r in recs)
-    assert {r["provenance"]["profile_from"] for r in recs} == {"sweep"}        # the parent's answer
-    print("joblib workers' torch threads:", sorted(r["provenance"]["worker_threads"] for r in recs))
+    assert len(recs) == 3 and {r["provenance"]["profile_from"] for r in recs} == {"sweep"}   # the parent's answer
+    print(f"{launcher} workers' torch threads:", sorted(r["provenance"]["worker_threads"] for r in recs))
+    return p, recs
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_joblib_launcher"), reason='pip install -e ".[sweep]"')
+def test_joblib_multirun_points_predict_this_machine(here, tmp_path):
+    p, recs = _multirun_predicts_here("joblib", here, tmp_path)
+    assert all(r["provenance"]["threads"] == lookup.default_threads() for r in recs)
     assert not [ln for ln in p.stderr.splitlines() if "warning" in ln]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has("hydra_plugins.hydra_submitit_launcher"), reason='pip install -e ".[cluster]"')
 def test_submitit_local_multirun_points_predict_this_machine(here, tmp_path):
-    env, path = here
-    p = _sim(["-m", "hydra/launcher=submitit_local", *POINT, "workload.batch=1,2,3"], env, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = _sweep(tmp_path)
-    assert sorted(r["workload.batch"] for r in rows) == ["1", "2", "3"] and all(r["error"] == "" for r in rows)
-    assert {r["predicts"] for r in rows} == {"this machine"} and {Path(r["profile"]) for r in rows} == {path}
-    recs = _results(tmp_path)
-    assert len(recs) == 3 and {r["provenance"]["profile_from"] for r in recs} == {"sweep"}
-    print("submitit workers' torch threads:", sorted(r["provenance"]["worker_threads"] for r in recs))
+    _multirun_predicts_here("submitit_local", here, tmp_path)
 
 
 # ----------------------------------------------------------------------------- the CSV

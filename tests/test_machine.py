@@ -23,14 +23,6 @@ ROOFLINE = REPO / "profiles" / "roofline-h100-sxm.json"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("KVTESTBED_CACHE", str(root))
-    monkeypatch.setattr(lookup, "REPO_PROFILES", tmp_path / "repo_profiles")
-    return root
-
-
 def this_machine_profile(index: float = 100.0) -> dict:
     """The committed profile's tables, relabelled as a profile of this machine of this schema,
     every kernel table timed on the code path the runtime takes now."""
