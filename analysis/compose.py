@@ -130,6 +130,8 @@ def config_hash(run_cfg: DictConfig, sim_cfg: DictConfig) -> str:
             half.pop(key, None)
         if "slo" in half and half["slo"].get("e2e_s", 0) is None:   # unset: the hash of before it existed
             half["slo"].pop("e2e_s")
+        if half.get("scheduler", {}).get("batching") == "cohorts":   # the default: the hash of before it existed
+            half["scheduler"].pop("batching")
         half["hardware"].pop("profile", None)   # where the profile lies (GPU box vs here) is not the config
         for key, default in DRAW_DEFAULTS.items():   # the draw keys at the values that draw what they always drew
             if half["workload"].get(key, default) == default:

@@ -1,6 +1,7 @@
 """The per-request CDFs of a validation's points with arrivals: measured (every repeat pooled)
-against predicted, one row of panels per point, one panel per metric (TTFT, TPOT, the largest
-inter-token gap, E2E), in milliseconds. Drawn from `<experiment>.requests.csv`
+against predicted (and, where the point has one, the drift-corrected prediction, dashed), one row
+of panels per point, one panel per metric (TTFT, TPOT, the largest inter-token gap, E2E), in
+milliseconds. Drawn from `<experiment>.requests.csv`
 (analysis/distributions.py), so a notebook can redraw it; `write_outputs` writes that CSV and the
 figure beside the validation CSV. How to read them: docs/validation.md.
 """
@@ -16,7 +17,23 @@ from core.files import write_kept
 from .distributions import LABELS, SOURCES, cdf_png, pooled, requests_csv
 from .plots import pyplot, save
 
-COLORS = {"measured": "tab:blue", "predicted": "tab:orange"}
+COLORS = {"measured": "tab:blue", "predicted": "tab:orange", "predicted_corrected": "tab:green"}
+STYLES = {"measured": "-", "predicted": "-", "predicted_corrected": "--"}
+NAMES = {"measured": "measured", "predicted": "predicted", "predicted_corrected": "predicted, drift-corrected"}
+
+
+def _ks_note(r: dict, m: str) -> str:
+    """"  (KS 0.12)" from the validation row's KS statistic of metric m, "  (KS 0.12, corrected 0.08)"
+    where the drift-corrected one is there too; "" when neither is."""
+    def val(c):
+        v = r.get(c)
+        try:
+            return float(v) if v is not None and np.isfinite(float(v)) else None
+        except (TypeError, ValueError):
+            return None
+    raw, corr = val(f"dist_{m}_ks"), val(f"dist_{m}_ks_corrected")
+    parts = ([f"KS {raw:.2f}"] if raw is not None else []) + ([f"corrected {corr:.2f}"] if corr is not None else [])
+    return f"  ({', '.join(parts)})" if parts else ""
 
 
 def ecdf(x) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +44,8 @@ def ecdf(x) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_cdfs(rows: pd.DataFrame, out: str | Path | None, table: pd.DataFrame | None = None):
     """The CDF figure of pooled per-request rows (columns id, half, repeat and the per-request
-    columns); `table`: the validation rows, whose KS statistics go into the panels' titles.
+    columns; half = measured | predicted | predicted_corrected, the last drawn dashed where there);
+    `table`: the validation rows, whose KS statistics go into the panels' titles.
     Returns `out` when given, else the figure."""
     plt, _ = pyplot()
     ids = list(dict.fromkeys(rows["id"].astype(str)))
@@ -37,16 +55,15 @@ def plot_cdfs(rows: pd.DataFrame, out: str | Path | None, table: pd.DataFrame | 
     for i, pid in enumerate(ids):
         part = rows[rows["id"].astype(str) == pid]
         for ax, (m, src) in zip(axes[i], SOURCES.items()):
-            for half in ("measured", "predicted"):
+            for half in COLORS:
                 side = part[part["half"] == half]
                 if src not in side or not len(side):
                     continue
                 x, y = ecdf(side[src] * 1e3)
                 runs = side["repeat"].nunique() if "repeat" in side else 1
-                label = f"{half} ({len(x)} req" + (f", {runs} runs)" if half == "measured" else ")")
-                ax.step(x, y, where="post", color=COLORS[half], lw=1.6, label=label)
-            stat = (ks.get(pid) or {}).get(f"dist_{m}_ks")
-            extra = f"  (KS {float(stat):.2f})" if stat is not None and np.isfinite(float(stat)) else ""
+                label = f"{NAMES[half]} ({len(x)} req" + (f", {runs} runs)" if half == "measured" else ")")
+                ax.step(x, y, where="post", color=COLORS[half], ls=STYLES[half], lw=1.6, label=label)
+            extra = _ks_note(ks.get(pid) or {}, m)
             ax.set_title(f"{pid}\n{LABELS[m]}{extra}", fontsize=9)
             ax.set_xlabel("ms")
             ax.set_ylim(0, 1.02)

@@ -5,10 +5,12 @@ For each metric (TTFT, TPOT, the largest inter-token gap per request, E2E) a poi
 two-sample Kolmogorov-Smirnov statistic and p-value (scipy.stats.ks_2samp), the Wasserstein
 distance relative to the measured mean (scipy.stats.wasserstein_distance) and the relative errors
 of the mean, p50, p90 and p99; blank for a point without arrivals, or whose per-request files are
-gone (one warning line, the rest of the row kept). Beside the validation CSV:
-`<experiment>.requests.csv` (both halves' per-request rows, `half` = measured | predicted) and the
-CDFs, `<experiment>.cdf.png` (both written by analysis/dist_plots.py). What the columns mean:
-docs/validation.md.
+gone (one warning line, the rest of the row kept). The same columns with the suffix `_corrected`
+compare the measured rows with the drift-corrected prediction (the simulator at the compute scale
+that corrects for the machine's drift since its profile: `simulated_corrected_path`); blank where
+the row has none. Beside the validation CSV: `<experiment>.requests.csv` (the per-request rows,
+`half` = measured | predicted | predicted_corrected) and the CDFs, `<experiment>.cdf.png` (both
+written by analysis/dist_plots.py). What the columns mean: docs/validation.md.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ LABELS = {"ttft": "TTFT: time to first token", "tpot": "TPOT: time per output to
           "itl_max": "ITL: largest gap per request", "e2e": "E2E: arrival to last token"}
 STATS = ("mean", "p50", "p90", "p99")
 PATHS_COLUMN = "measured_requests_paths"       # the runtime's per-request CSVs of a point, one per repeat (JSON list)
+SIM_COLUMN = "simulated_path"                  # the prediction's result JSON (its `requests_path`: the CSV)
+CORRECTED_COLUMN = "simulated_corrected_path"  # the drift-corrected prediction's result JSON (may be absent)
+CORRECTED = "_corrected"                       # the suffix of the columns against the drift-corrected prediction
 POOLED_COLUMNS = ("id", "half", "repeat", *REQUEST_COLUMNS)
 
 
@@ -42,12 +47,24 @@ class RequestsError(Exception):
     """A point's per-request records cannot be read (one line: the file and what to do)."""
 
 
-def columns() -> list[str]:
-    """Every distribution column of a validation row, in the order the CSV keeps them."""
+def raw_columns() -> list[str]:
+    """The distribution columns against the (raw) prediction, in the order the CSV keeps them."""
     out = ["dist_requests_measured", "dist_requests_predicted"]
     for m in SOURCES:
         out += [f"dist_{m}_ks", f"dist_{m}_ks_p", f"dist_{m}_w_rel", *(f"err_{m}_{s}" for s in STATS)]
     return out
+
+
+def corrected_columns() -> list[str]:
+    """The same columns against the drift-corrected prediction (suffix `_corrected`); the measured
+    count is the same for both predictions, so it has no twin."""
+    return [c + CORRECTED for c in raw_columns() if c != "dist_requests_measured"]
+
+
+def columns() -> list[str]:
+    """Every distribution column of a validation row, in the order the CSV keeps them: the raw
+    prediction's, then the drift-corrected one's."""
+    return raw_columns() + corrected_columns()
 
 
 def has_arrivals(row: dict) -> bool:
@@ -130,11 +147,12 @@ def measured_paths(row: dict) -> list[str]:
     return paths
 
 
-def predicted_path(row: dict) -> str:
-    """The simulator's per-request CSV of a point: `requests_path` of its result JSON."""
-    sim = _text(row.get("simulated_path"))
+def predicted_path(row: dict, column: str = SIM_COLUMN) -> str:
+    """The simulator's per-request CSV of a point: `requests_path` of the result JSON that the
+    row's `column` names (SIM_COLUMN: the prediction; CORRECTED_COLUMN: the drift-corrected one)."""
+    sim = _text(row.get(column))
     if not sim:
-        raise RequestsError("the point has no prediction (simulated_path); halves=simulator predicts it")
+        raise RequestsError(f"the point has no prediction ({column}); halves=simulator predicts it")
     try:
         rec = json.loads(Path(sim).read_text())
     except FileNotFoundError:
@@ -148,15 +166,24 @@ def predicted_path(row: dict) -> str:
     return str(p)
 
 
+def measured_requests(row: dict) -> pd.DataFrame:
+    """The measured rows of a point pooled over its repeats (columns `half`, `repeat` added);
+    RequestsError when a file cannot be read."""
+    parts = [load_requests(p).assign(half="measured", repeat=i) for i, p in enumerate(measured_paths(row))]
+    return pd.concat(parts, ignore_index=True)
+
+
+def predicted_requests(row: dict, column: str = SIM_COLUMN) -> pd.DataFrame:
+    """The predicted rows of the result the row's `column` names, `half` = predicted (SIM_COLUMN)
+    or predicted_corrected (CORRECTED_COLUMN); RequestsError when a file cannot be read."""
+    half = "predicted_corrected" if column == CORRECTED_COLUMN else "predicted"
+    return load_requests(predicted_path(row, column)).assign(half=half, repeat=0)
+
+
 def point_requests(row: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(measured rows pooled over the repeats, predicted rows) of a point, each with the columns
     `half` and `repeat` in front; RequestsError when a file cannot be read."""
-    parts = []
-    for i, p in enumerate(measured_paths(row)):
-        parts.append(load_requests(p).assign(half="measured", repeat=i))
-    measured = pd.concat(parts, ignore_index=True)
-    predicted = load_requests(predicted_path(row)).assign(half="predicted", repeat=0)
-    return measured, predicted
+    return measured_requests(row), predicted_requests(row)
 
 
 # ----------------------------------------------------------------------------- the validation run
@@ -174,34 +201,65 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def corrected_row(measured: pd.DataFrame, predicted: pd.DataFrame) -> dict[str, float]:
+    """The `_corrected` distribution columns of a point: distribution_row against the
+    drift-corrected prediction's rows, renamed."""
+    keep = set(corrected_columns())
+    return {c + CORRECTED: v for c, v in distribution_row(measured, predicted).items() if c + CORRECTED in keep}
+
+
 def distribution_columns(row: dict, warn: Callable[[str], None] | None = _stderr) -> dict:
     """The distribution columns of a validation row: computed for an ok point with arrivals and
-    both halves, NaN otherwise; a file that cannot be read leaves them NaN with one `warn` line."""
+    both halves, NaN otherwise; the `_corrected` ones likewise against the drift-corrected
+    prediction where the row names one (CORRECTED_COLUMN). A file that cannot be read leaves its
+    columns NaN with one `warn` line (one for both when it is a measured file)."""
     out = dict.fromkeys(columns(), math.nan)
-    if row.get("status") != "ok" or not has_arrivals(row) or not _text(row.get("simulated_path")):
+    sides = [c for c in (SIM_COLUMN, CORRECTED_COLUMN) if _text(row.get(c))]
+    if row.get("status") != "ok" or not has_arrivals(row) or not sides:
         return out
-    try:
-        measured, predicted = point_requests(row)
-    except RequestsError as e:
+
+    def blank(e: RequestsError, which: str) -> None:
         if warn:
-            warn(f"analysis.validate: {row.get('id')}: {e}; its distribution columns are left blank")
+            warn(f"analysis.validate: {row.get('id')}: {e}; its {which}distribution columns are left blank")
+
+    try:
+        measured = measured_requests(row)
+    except RequestsError as e:
+        blank(e, "")
         return out
-    out.update(distribution_row(measured, predicted))
+    for col in sides:
+        try:
+            predicted = predicted_requests(row, col)
+        except RequestsError as e:
+            blank(e, "drift-corrected " if col == CORRECTED_COLUMN else "")
+            continue
+        out.update(corrected_row(measured, predicted) if col == CORRECTED_COLUMN
+                   else distribution_row(measured, predicted))
     return out
 
 
 def pooled(df: pd.DataFrame) -> pd.DataFrame:
-    """Both halves' per-request rows of every ok point with arrivals whose files can be read
-    (POOLED_COLUMNS; points whose files are gone are left out: their row said so)."""
+    """The per-request rows of every ok point with arrivals whose files can be read (POOLED_COLUMNS):
+    measured, predicted and, where the point has one, the drift-corrected prediction's rows
+    (half = predicted_corrected). A point whose measured files are gone is left out, and so is one
+    whose files of both predictions are gone: their row said so."""
     parts = []
     for r in df[df.status == "ok"].to_dict("records"):
-        if not has_arrivals(r) or not _text(r.get("simulated_path")):
+        sides = [c for c in (SIM_COLUMN, CORRECTED_COLUMN) if _text(r.get(c))]
+        if not has_arrivals(r) or not sides:
             continue
         try:
-            measured, predicted = point_requests(r)
+            measured = measured_requests(r)
         except RequestsError:
             continue
-        parts += [measured.assign(id=str(r["id"])), predicted.assign(id=str(r["id"]))]
+        predicted = []
+        for col in sides:
+            try:
+                predicted.append(predicted_requests(r, col))
+            except RequestsError:
+                continue
+        if predicted:
+            parts += [p.assign(id=str(r["id"])) for p in (measured, *predicted)]
     if not parts:
         return pd.DataFrame(columns=list(POOLED_COLUMNS))
     out = pd.concat(parts, ignore_index=True)
@@ -227,21 +285,40 @@ def _pct(v) -> str:
     return f"{100 * v:+.1f}%" if np.isfinite(v) else "-"
 
 
+def _is_finite(v) -> bool:
+    try:
+        return v is not None and bool(np.isfinite(float(v)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _dist_line(r: dict, label: str, suffix: str) -> str:
+    """One printed line: per metric the errors of mean/p50/p90/p99 and the KS statistic of the
+    columns with `suffix` ("" raw, "_corrected")."""
+    parts = []
+    for m in SOURCES:
+        errs = "/".join(_pct(r.get(f"err_{m}_{s}{suffix}")) for s in STATS)
+        k = r.get(f"dist_{m}_ks{suffix}")
+        parts.append(f"{m} {errs} KS {float(k):.2f}" if _is_finite(k) else f"{m} -")
+    return f"{label:<28} " + "  ".join(parts)
+
+
 def format_distributions(df: pd.DataFrame) -> list[str]:
     """One line per ok point with distributions: per metric the mean / p50 / p90 / p99 errors
-    (predicted vs measured) and the KS statistic."""
-    lines = []
-    for r in df[df.status == "ok"].to_dict("records") if "dist_ttft_ks" in df else []:
-        ks = r.get("dist_ttft_ks")
-        if not has_arrivals(r) or ks is None or not np.isfinite(float(ks)):
+    (predicted vs measured) and the KS statistic; below it, where the point has them, the same
+    against the drift-corrected prediction (`<id> (drift-corrected)`)."""
+    lines, corrected = [], False
+    for r in df[df.status == "ok"].to_dict("records") if "status" in df else []:
+        if not has_arrivals(r):
             continue
-        parts = []
-        for m in SOURCES:
-            errs = "/".join(_pct(r.get(f"err_{m}_{s}")) for s in STATS)
-            k = r.get(f"dist_{m}_ks")
-            parts.append(f"{m} {errs} KS {float(k):.2f}" if k is not None and np.isfinite(float(k)) else f"{m} -")
-        lines.append(f"{str(r['id']):<28} " + "  ".join(parts))
+        if _is_finite(r.get("dist_ttft_ks")):
+            lines.append(_dist_line(r, str(r["id"]), ""))
+        if _is_finite(r.get("dist_ttft_ks" + CORRECTED)):
+            lines.append(_dist_line(r, f"{r['id']} (drift-corrected)", CORRECTED))
+            corrected = True
     if lines:
         lines.insert(0, "per-request distributions (predicted vs measured, all repeats pooled): "
-                        "error of mean/p50/p90/p99, KS statistic")
+                        "error of mean/p50/p90/p99, KS statistic"
+                        + ("; (drift-corrected): the prediction at the drift-corrected compute scale"
+                           if corrected else ""))
     return lines

@@ -74,6 +74,7 @@ class Job:
     samples: list[dict] = field(default_factory=list)
     drifts: list[float] = field(default_factory=list)
     indices: list[float] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)     # runtime.profile.speed model_probe around each measurement
     flagged: bool = False
     failed: bool = False
     phases: dict = field(default_factory=dict)   # this point's row of the phases CSV (analysis/phases.py)
@@ -111,17 +112,78 @@ def fail(job: Job, e: BaseException) -> None:
 # ----------------------------------------------------------------------------- measuring
 
 class Speed:
-    """The speed index between measurements: the one after a measurement is the one before the next."""
+    """The speed index between measurements: the one after a measurement is the one before the next.
+    With `probe` (model name, random-init model: probe_model) the model probe is taken beside it,
+    for the points of that model (`probes_for`)."""
 
-    def __init__(self, device, shape: dict | None):
-        from runtime.profile.speed import speed_index
+    def __init__(self, device, shape: dict | None, probe: tuple[str, object] | None = None):
+        from runtime.profile.speed import model_probe, speed_index
 
         self.fn = lambda: speed_index(device, shape)["index"]
+        self.probe_model = probe[0] if probe else None
+        self.probe = (lambda: model_probe(probe[1])) if probe else None
         self.last = self.fn()
+        self.probes = [self.probe()] if self.probe else []
 
     def next(self) -> tuple[float, float]:
         before, self.last = self.last, self.fn()
+        if self.probe:
+            self.probes.append(self.probe())
         return before, self.last
+
+    def probes_for(self, job: "Job") -> list[dict]:
+        """The two model probes around the last measurement, if it ran the probe's model."""
+        ok = self.probe and job.sim_cfg is not None and job.sim_cfg.model.name == self.probe_model
+        return self.probes[-2:] if ok else []
+
+
+def probe_model(sim_cfg: DictConfig, profile: str, device):
+    """(model name, random weights of the profile's model at the depth its whole-model tables were
+    timed at) for Speed's model probe; None where the profile has no such tables (roofline, an
+    older decode_layer, another device type) or the shape is not known here."""
+    import torch
+
+    from runtime.loaders import random_init
+    from runtime.profile import load as load_profile
+    from runtime.profile.grids import model_args
+
+    try:
+        prof = load_profile(profile)
+        k = prof["models"][sim_cfg.model.name]["kernels"]
+        depth = int(k["decode_layer"]["whole_model_layers"])
+        if len(k["decode_layer"]["axes"]) != 2 or "prefill_layer" not in k or \
+                prof["device"].get("type") != getattr(device, "type", str(device)):
+            return None
+        a = model_args(sim_cfg.model.name)
+    except (ConfigError, KeyError, TypeError, ValueError, OSError):
+        return None
+    a.n_layers = depth
+    dtype = torch.float32 if getattr(device, "type", "cpu") == "cpu" else torch.float16
+    return sim_cfg.model.name, random_init(a, 0, dtype, device)
+
+
+def drift_scale(row: dict, sim_cfg: DictConfig, profile: str, profile_index: float) -> tuple[float | dict, str]:
+    """The drift correction of a point's prediction and where it came from: with model probes
+    (`probe_decode_layer_s`, `probe_prefill_layer_s`), each over the profile's own value at the
+    point it re-times (decode_layer at batch 1 and its first context; prefill_layer at
+    PROBE_PREFILL_TOKENS): {"prefill_layer": prefill ratio, "*": decode ratio}, "model_probe";
+    else the profile's speed index over the one measured, "speed_index"; NaN where neither."""
+    from runtime.profile.speed import PROBE_PREFILL_TOKENS
+    from simulator.costs import Costs
+
+    dec, pre = row.get("probe_decode_layer_s"), row.get("probe_prefill_layer_s")
+    if dec is not None and pre is not None and np.isfinite(dec) and np.isfinite(pre) and dec > 0 and pre > 0:
+        try:
+            c = Costs.load(profile, sim_cfg.model.name, allow_extrapolation=True)
+            dl = c.table("decode_layer")
+            d0 = float(dl(1, float(dl.axes[1][0])))
+            p0 = float(c.table("prefill_layer")(PROBE_PREFILL_TOKENS))
+            if d0 > 0 and p0 > 0:
+                return {"prefill_layer": pre / p0, "*": dec / d0}, "model_probe"
+        except (ConfigError, KeyError, IndexError, TypeError):
+            pass
+    idx = row.get("speed_index")
+    return (profile_index / idx if idx else math.nan), "speed_index"
 
 
 def measure_job(job: Job, speed: Speed, threshold: float, run: Callable[[str, DictConfig], dict] = measure) -> None:
@@ -138,6 +200,7 @@ def measure_job(job: Job, speed: Speed, threshold: float, run: Callable[[str, Di
     job.flagged |= drifted(d, threshold)
     job.drifts.append(d)
     job.indices += [before, after]
+    job.probes += speed.probes_for(job)
     job.samples.append({"wall": wall, "path": meas["path"], "phases": meas.get("phases"),
                         **{m: metric(meas, m) for m in METRICS}})
 
@@ -147,6 +210,9 @@ def measured_columns(job: Job, fp: str, repeats: int) -> dict:
            "runtime_wall_s": sum(s["wall"] for s in job.samples), "measured_path": job.samples[-1]["path"],
            "speed_drift": worst_drift(job.drifts), "drift_flagged": job.flagged,
            "speed_index": float(np.median(job.indices)) if job.indices else math.nan}
+    for key in ("decode_layer_s", "prefill_layer_s"):        # the model probes around the repeats
+        vals = [p[key] for p in job.probes if p.get(key)]
+        row[f"probe_{key}"] = float(np.median(vals)) if vals else math.nan
     for m in METRICS:
         med, lo, hi, kind = interval([s[m] for s in job.samples])
         row[f"measured_{m}"] = med
@@ -159,7 +225,7 @@ def measured_columns(job: Job, fp: str, repeats: int) -> dict:
 
 # what halves=simulator carries over from a measured row besides measured_* and *_noise
 MEASURED_KEYS = ("runtime_wall_s", "host", "machine_fingerprint", "repeats", "speed_drift", "drift_flagged",
-                 "speed_index", "interval", "measured_path")
+                 "speed_index", "interval", "measured_path", "probe_decode_layer_s", "probe_prefill_layer_s")
 
 
 def measured_of(prev: dict) -> dict:
@@ -184,9 +250,11 @@ def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str, phases: dict
     out["simulated_path"] = pred["path"]
     if phases is not None:
         phases.update(P.predicted_phase_columns(pred))
-    scale = out["profile_speed_index"] / row.get("speed_index", math.nan) if row.get("speed_index") else math.nan
-    out["compute_scale"] = scale
-    corr = predict(sim_cfg, compute_scale=scale) if np.isfinite(scale) else None
+    scale, out["drift_source"] = drift_scale(row, sim_cfg, profile, out["profile_speed_index"])
+    out["compute_scale"] = scale.get("*") if isinstance(scale, dict) else scale          # decode steps, all tables
+    out["compute_scale_prefill"] = scale.get("prefill_layer") if isinstance(scale, dict) else scale
+    corr = predict(sim_cfg, compute_scale=scale) if np.isfinite(out["compute_scale"]) else None
+    out["simulated_corrected_path"] = corr["path"] if corr else ""
     out["profile_spread"] = spread = profile_spread(sim_cfg, profile)
     for m in METRICS:
         out[f"predicted_{m}"] = metric(pred, m)

@@ -29,7 +29,8 @@ CSV_COLUMNS = ("id", "status")     # what every row of a validation CSV has (the
 # identifiers stay text when read back: an all-digit hash or fingerprint read as a number (and one
 # with a leading 0 losing it) never matches again, so nothing would resume
 TEXT_COLUMNS = ("id", "config_hash", "machine_fingerprint", "profile_fingerprint", "profile_sha256", "profile_path",
-                "host", "measured_path", "simulated_path", "grid", "overrides")
+                "host", "measured_path", "simulated_path", "simulated_corrected_path", "drift_source", "grid",
+                "overrides")
 
 
 def csv_path(cfg: DictConfig) -> Path:

@@ -40,7 +40,7 @@ from .dist_plots import write_outputs as write_distributions
 from .compose import (CONF, ROOT, SECTIONS, Point, argv_or_help, compose_config,  # noqa: F401
                       compose_halves, config_hash, describe, differing_keys, file_sha256, flatten,
                       points_of, profiles_for, runtime_entry, simulator_profile, speed_shape)
-from .halves import (Job, Speed, decode_tok_s, fail, interleaved, measure, measure_job,  # noqa: F401
+from .halves import (Job, Speed, decode_tok_s, fail, interleaved, measure, measure_job, probe_model,  # noqa: F401
                      measured_columns, measured_of, predict, predicted_columns, prepare)
 from .stats import (drift_of, drifted, interval, profile_spread, rel_err, table_spread,  # noqa: F401
                     within_noise, worst_drift)
@@ -58,6 +58,9 @@ class ValidationSpec:
     points: list[Any] = field(default_factory=list)   # {id, split, overrides, [runtime], [simulator]}
     repeats: int = 1                  # measurements per point, interleaved across points (>= 1)
     drift_threshold: float = 1.2      # speed index after/before beyond [1/t, t]: re-measure once, then flag
+    # time two of the profile's whole-model points again around each measurement (a decode step, a
+    # prefill: ~3 s on the 2-core VM) and correct the prediction by them, not by the speed index
+    model_probe: bool = True
 
 
 @dataclass
@@ -191,7 +194,9 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     if cfg.halves in ("both", "runtime"):
         todo = [j for j in live if not j.done and j.p.id not in kept]
         # after a first-use profile: "before" is now
-        speed = Speed(device, speed_shape(todo[0].sim_cfg)) if todo else None
+        probe = probe_model(todo[0].sim_cfg, profile_of(todo[0]), device) \
+            if todo and cfg.validation.model_probe and not todo[0].failed else None
+        speed = Speed(device, speed_shape(todo[0].sim_cfg), probe) if todo else None
         by_id = {j.p.id: j for j in todo}
         bar = tqdm(total=len(todo) * repeats, desc=f"validate {cfg.experiment}", unit="run", disable=not cfg.progress)
         for r, pid in interleaved(list(by_id), repeats):

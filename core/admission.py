@@ -12,6 +12,13 @@ from collections import deque
 from core.errors import ConfigError
 
 ORDERS = ("prefill_first", "decode_first")
+# how the running requests are batched in a decode step (scheduler.batching):
+# cohorts: runtime.serve's way: the requests one prefill admitted form a left-padded cohort with its
+#          own KV cache and its own attention call per layer; a finished request's row is computed
+#          until its whole cohort is done (runtime/cohorts.py)
+# ragged:  one attention over every running request's own context, a finished request leaves the
+#          batch at once (a paged-attention server's way; the simulator only)
+BATCHINGS = ("cohorts", "ragged")
 
 
 class Pool:
@@ -27,7 +34,9 @@ class Pool:
         self.level += n
 
 
-def check_scheduler(max_batch: int, order: str) -> None:
+def check_scheduler(max_batch: int, order: str, batching: str = "cohorts") -> None:
+    if batching not in BATCHINGS:
+        raise ConfigError(f"scheduler.batching={batching!r} is not known; choose one of: {', '.join(BATCHINGS)}")
     if order not in ORDERS:
         raise ConfigError(f"scheduler.order={order!r} is not known; choose one of: {', '.join(ORDERS)}")
     if max_batch < 1:

@@ -92,7 +92,7 @@ def check_scheduler(s) -> None:
     from core.admission import check_scheduler as rules
 
     number(_get(s, "max_batch"), "scheduler.max_batch", ge=1, integer=True)
-    rules(int(_get(s, "max_batch")), _get(s, "order"))
+    rules(int(_get(s, "max_batch")), _get(s, "order"), _get(s, "batching", "cohorts"))
     number(_get(s, "ctx_bucket", 1), "scheduler.ctx_bucket", ge=1, integer=True)
 
 

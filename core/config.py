@@ -81,6 +81,10 @@ class SchedulerConfig:
     max_batch: int = 256            # most requests running at once
     order: str = "prefill_first"    # prefill_first (vLLM's default) | decode_first
     ctx_bucket: int = 16            # decode steps are costed at the batch's mean context rounded up to this
+    # cohorts: as runtime.serve batches (each prefill's requests a left-padded cohort, attention per
+    # cohort, a finished row computed until its cohort is done) | ragged: one attention over all
+    # running requests, a finished one leaves at once (a paged-attention server; simulator only)
+    batching: str = "cohorts"
 
 
 @dataclass

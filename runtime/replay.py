@@ -72,6 +72,9 @@ def serve(model: Transformer, cfg: DictConfig, *, link=None, spec=None) -> Outco
     if not POLICIES[cfg.policy.name].serves:
         raise ConfigError(f"runtime.serve runs policy={'/'.join(served)}; policy={cfg.policy.name!r} "
                           "is not one (it has its own prefill: python -m runtime.bench)")
+    if s.get("batching", "cohorts") != "cohorts":
+        raise ConfigError(f"scheduler.batching={s.batching}: runtime.serve batches in cohorts (runtime/cohorts.py); "
+                          "ragged batching is the simulator's what-if: drop the override, or run simulator.run")
     a = model.args
     twin = check_shape(cfg, "runtime.serve", head_dim=a.head_dim, max_seq_len=a.max_seq_len, n_layers=a.n_layers,
                        spec=spec)

@@ -18,7 +18,8 @@ is read through simulator/tables.py's `Table`. docs/simulator.md and docs/profil
 - A kernel table timed on another code path than the runtime takes now is refused (schema 3)
   or warned about once (older profiles: CodePathWarning).
 - `compute_scale` (analysis.validate's drift-corrected prediction): every measured kernel table
-  (not the transfers) is multiplied by it.
+  (not the transfers) is multiplied by it; a mapping scales each table by its own entry, "*"
+  the rest (a prefill's drift differs from a decode step's: docs/validation.md, "Drift").
 """
 from __future__ import annotations
 
@@ -66,11 +67,11 @@ class Costs(CopyCosts, KernelCosts):
     extrapolated: set = field(default_factory=Extrapolated)
     roofline: Roofline | None = None                  # set by bind() on a roofline profile
     extra_weights_bytes: int = 0                      # another model in device memory (a RAG draft)
-    compute_scale: float = 1.0      # kernel tables x this (drift correction); 1 = as profiled
+    compute_scale: float | dict = 1.0   # kernel tables x this (drift correction); {table: x, "*": x}; 1 = as profiled
 
     @classmethod
     def load(cls, path: str | Path, model: str, allow_extrapolation: bool = False, *,
-             link: tuple[float, float] | None = None, compute_scale: float = 1.0, extra_weights_bytes: int = 0,
+             link: tuple[float, float] | None = None, compute_scale: float | dict = 1.0, extra_weights_bytes: int = 0,
              extrapolated: set | None = None) -> "Costs":
         """The costs of `model` in the profile at `path`, with the run's own terms (see the fields);
         `extrapolated`: a set to record into (shared with another Costs of the run), else a new one."""
@@ -87,6 +88,11 @@ class Costs(CopyCosts, KernelCosts):
             s = prof["models"][model]["shape"]
             c.bind(s, s["n_layers"], KV_ELEMENT_BYTES[prof["models"][model]["kv_dtype"]])
         return c
+
+    def scale_of(self, name: str) -> float:
+        """The drift correction of kernel table `name` (compute_scale's entry, else its "*")."""
+        s = self.compute_scale
+        return float(s.get(name, s.get("*", 1.0))) if isinstance(s, dict) else float(s)
 
     @property
     def analytic(self) -> bool:
@@ -154,8 +160,8 @@ class Costs(CopyCosts, KernelCosts):
                 raise ConfigError(f"{self.path}: missing table '{where}' (this policy needs it); re-profile")
             if not transfer:
                 self._check_code_path(name, t, where)
-            if not transfer and self.compute_scale != 1.0:
-                t = {**t, **{q: (np.asarray(t[q], dtype=float) * self.compute_scale).tolist()
+            if not transfer and self.scale_of(name) != 1.0:
+                t = {**t, **{q: (np.asarray(t[q], dtype=float) * self.scale_of(name)).tolist()
                              for q in ("p10", "p50", "p90") if q in t}}
             self.tables[name] = Table(t, where, beyond=self._beyond_measured)
         return self.tables[name]

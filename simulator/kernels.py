@@ -93,7 +93,7 @@ class KernelCosts:
             return 0.0, 0.0
         fetch = max(float(im["fetch_s"]) - self.gather(float(im["fetch_bytes"]), over_link=False), 0.0)
         back = max(float(im["back_s"]) - self.table("d2h_pinned")(float(im["back_bytes"])), 0.0)
-        return fetch * self.compute_scale, back * self.compute_scale
+        return fetch * self.scale_of(name), back * self.scale_of(name)
 
     def replace(self, batch: float, k: float, shape: ModelShape, bits: int = 2) -> float:
         """Compute cost of attending with k fetched 16-bit rows replacing their low-bit ones.

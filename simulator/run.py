@@ -152,7 +152,7 @@ def draft_costs(cfg, costs: Costs, path: Path, kv_elem: int) -> Costs | None:
     return d.bind(shape, n_layers, kv_elem)
 
 
-def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
+def build_sim(cfg: DictConfig, compute_scale: float | dict = 1.0) -> tuple[Sim, Path]:
     """The simulator a config describes, and the profile it reads."""
     check_config(cfg, "simulator.run")         # the same checks as runtime.bench and runtime.serve
     path = profile_path(cfg.hardware, cfg.model.name)
@@ -161,7 +161,8 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     if link.get("gbps") is not None:
         emulated = (float(link.gbps) * 1e9, float(link.get("latency_us") or 0.0) * 1e-6)
     costs = Costs.load(path, cfg.model.name, allow_extrapolation=bool(cfg.get("allow_extrapolation", False)),
-                       link=emulated, compute_scale=float(compute_scale))
+                       link=emulated,
+                       compute_scale=dict(compute_scale) if isinstance(compute_scale, dict) else float(compute_scale))
     if emulated is not None and costs.profile["device"].get("type") != "cpu":
         raise ConfigError(f"hardware.link.gbps={link.gbps} emulates a link on a CPU box, but {path} profiles "
                           f"a {costs.profile['device'].get('type')}; drop hardware.link.gbps (its copies are measured)")
@@ -186,15 +187,16 @@ def build_sim(cfg: DictConfig, compute_scale: float = 1.0) -> tuple[Sim, Path]:
     host = cfg.hardware.get("host_memory_bytes")
     s = cfg.scheduler
     sim = Sim(costs, shape, policy, int(cap), max_batch=s.max_batch, order=s.order, fidelity=cfg.fidelity,
-              ctx_bucket=s.ctx_bucket, max_seq_len=max_seq, host_capacity=None if host is None else int(host),
+              ctx_bucket=s.ctx_bucket, batching=s.get("batching", "cohorts"), max_seq_len=max_seq, host_capacity=None if host is None else int(host),
               phases=bool(cfg.get("phases", True)), timeline=bool(cfg.get("timeline", False)),
               timeseries=bool(cfg.get("timeseries", False)))
     return sim, path
 
 
-def simulate(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
+def simulate(cfg: DictConfig, compute_scale: float | dict = 1.0) -> dict:
     """Everything but the CLI: returns the result record (also written to results/simulated/).
-    `compute_scale` multiplies every kernel cost (analysis.validate's drift correction)."""
+    `compute_scale` multiplies every kernel cost (analysis.validate's drift correction; a mapping:
+    per table, "*" the rest: simulator/costs.py)."""
     results_folder(cfg.results_dir, "simulated")
     sim, path = build_sim(cfg, compute_scale)
     policy, costs = sim.policy, sim.costs

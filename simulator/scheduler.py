@@ -11,6 +11,13 @@ decode) with the steps' seconds, and `StageSum.record()` is core/phases.py's sta
 per step). `timeline`: every iteration's start, length and stage, and its ops' start and end for
 the first TIMELINE_OP_ITERATIONS iterations (simulator/run.py writes them as a Chrome trace).
 
+Batching (`batching`, core/admission.py BATCHINGS): `cohorts`, as runtime.serve runs it: the
+requests one prefill admits are a cohort, left-padded to its longest prompt; a decode step
+computes every row of every live cohort (a finished request's row too, until its cohort is
+done) over the cohort's padded context, and attends once per cohort per layer (the twin's
+`cohort_attention`); `ragged`: one attention over the running requests' own contexts, a
+finished request leaving at once (a paged-attention server).
+
 Token times, cheaply: every running request gets a token at each decode iteration's end, so the
 run keeps one float per decode iteration (`decode_ends`) and each request the index of its first
 decode iteration; `token_times` turns them into core/per_request.py's TokenTimes (per-request
@@ -25,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
+from core.admission import BATCHINGS, ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
 from core.errors import ConfigError
 from core.per_request import TokenTimes
 from core.phases import PHASES, STAGES, add_totals, empty_totals, stage_record
@@ -35,11 +42,25 @@ from core.workload import Lengths, Request, open_arrivals
 from .costs import Costs, ModelShape
 from .hardware import Hardware, StepTime, solve
 from .policies import Twin
+from .policies.base import per_cohort
 
 FIDELITIES = ("fast", "detailed")
 # timeline=true: the first this many iterations carry their ops (each an event per engine); later
 # ones only the iteration itself, so a 10k-request run writes megabytes, not gigabytes
 TIMELINE_OP_ITERATIONS = 2000
+
+
+@dataclass
+class Cohort:
+    """The requests one prefill admitted (batching=cohorts): `padded` their longest prompt, `steps`
+    the decode steps they have taken together (the cohort's KV columns: padded + steps)."""
+    reqs: list[Request]
+    padded: int
+    steps: int = 0
+
+    def context(self) -> int:
+        """Columns a decode step attends over: the padded prompt, the steps so far, the new token."""
+        return self.padded + self.steps + 1
 
 
 @dataclass
@@ -69,6 +90,7 @@ class Sim:
     order: str = "prefill_first"
     fidelity: str = "fast"
     ctx_bucket: int = 16
+    batching: str = "cohorts"           # core/admission.py BATCHINGS
     max_seq_len: int | None = None
     host_capacity: int | None = None    # hardware.host_memory_bytes: host KV admission (None: unlimited)
     phases: bool = True                 # attribute each step's time to phases (core/phases.py): `stages`
@@ -88,7 +110,7 @@ class Sim:
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        check_scheduler(self.max_batch, self.order)
+        check_scheduler(self.max_batch, self.order, self.batching)
         if self.fidelity not in FIDELITIES:
             raise ConfigError(f"fidelity={self.fidelity!r} is not known; choose one of: {', '.join(FIDELITIES)}")
         number(self.ctx_bucket, "scheduler.ctx_bucket", ge=1)
@@ -151,6 +173,7 @@ class Sim:
 
     def serve(self):
         running: list[Request] = []
+        cohorts: list[Cohort] = []          # batching=cohorts: the live ones, in admission order
         while True:
             new = self.admission.admit(len(running))
             for r in new:
@@ -172,6 +195,18 @@ class Sim:
                     r.first_token_s, r.generated = self.env.now, 1
                     self.first_decode[r.id] = first
                 running += new
+                if self.batching == "cohorts":
+                    cohorts.append(Cohort(new, max(r.prompt_len for r in new)))
+            elif self.batching == "cohorts":
+                # every row of every live cohort, each cohort at its padded context
+                parts = tuple((len(c.reqs), c.context()) for c in cohorts)
+                rows = sum(n for n, _ in parts)
+                yield from self._step("decode", rows, sum(n * x for n, x in parts) / rows, parts)
+                self.decode_ends.append(self.env.now)
+                for c in cohorts:
+                    c.steps += 1
+                for r in running:
+                    r.generated += 1
             else:
                 ctx = sum(r.prompt_len + r.generated for r in running) / len(running)
                 yield from self._step("decode", len(running), ctx)
@@ -180,7 +215,8 @@ class Sim:
                     r.generated += 1
             self.max_batch_reached = max(self.max_batch_reached, len(running))
             self._account(running)
-            for r in [r for r in running if r.generated >= r.gen_len]:
+            finished = [r for r in running if r.generated >= r.gen_len]
+            for r in finished:
                 running.remove(r)
                 r.done_s = self.env.now
                 self.done.append(r)
@@ -190,13 +226,24 @@ class Sim:
                     yield ev
                 if hasattr(r, "finished"):
                     r.finished.succeed()
+            if cohorts and finished:          # a cohort goes when its last request is done
+                cohorts[:] = [c for c in cohorts if any(r.generated < r.gen_len for r in c.reqs)]
 
     def _step(self, stage: str, *args):
         self.iterations += 1
         if stage == "decode":
-            b, ctx = args
+            b, ctx = args[:2]
             ctx = math.ceil(ctx / self.ctx_bucket) * self.ctx_bucket
-            key, build = ("decode", b, ctx), lambda: self.policy.decode_graph(self.costs, self.shape, b, ctx)
+            # several cohorts: their attention calls, each at its own bucketed context (one cohort
+            # is the batch itself: the plain graph)
+            parts = args[2] if len(args) > 2 and len(args[2]) > 1 else None
+            if parts:
+                parts = tuple(sorted((n, math.ceil(x / self.ctx_bucket) * self.ctx_bucket) for n, x in parts))
+            key = ("decode", b, ctx, parts)
+
+            def build():
+                ops = self.policy.decode_graph(self.costs, self.shape, b, ctx)
+                return per_cohort(ops, self.policy.cohort_attention(self.costs, b, ctx, parts)) if parts else ops
             batch = b
         else:
             key, build = ("prefill", tuple(args[0])), lambda: self.policy.prefill_graph(self.costs, self.shape, args[0])

@@ -113,7 +113,8 @@ def test_simulator_writes_the_records_and_the_time_series(tmp_path):
 
     ov = ["model=tiny", "workload=poisson", "workload.n_requests=40", "workload.rate=400", "workload.prompt_len=64",
           "workload.prompt_len_min=16", "workload.gen_len=12", f"results_dir={tmp_path}", "progress=false",
-          "metrics.percentiles=[99.9,25]", "timeseries=true", "timeline=true"]
+          "metrics.percentiles=[99.9,25]", "timeseries=true", "timeline=true",
+          "allow_extrapolation=true"]   # the test cache holds the committed profile (batch grid to 4)
     rec = simulate(_cfg("simulate", *ov))
     df = pd.read_csv(rec["requests_path"])
     assert Path(rec["requests_path"]).name == Path(rec["path"]).stem + ".requests.csv"

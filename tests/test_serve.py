@@ -130,6 +130,8 @@ def test_budget_of_two_requests_admits_two_at_a_time_in_fifo_order(tiny, policy)
     (["workload.prompt_len=2040", "workload.gen_len=16"], "context"),
     (["scheduler.order=lifo"], "scheduler.order"),
     (["policy=rag"], "policy='rag'"),
+    (["scheduler.batching=ragged"], "scheduler.batching=ragged: runtime.serve batches in cohorts"),
+    (["scheduler.batching=paged"], "scheduler.batching='paged'"),
 ])
 def test_bad_input_names_the_field(tiny, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -45,3 +45,44 @@ def speed_index(device: torch.device | str = "cpu", shape: dict | None = None, r
     return {"gemm_s": gemm, "memcpy_s": memcpy, "attention_s": attn,
             "index": float(1.0 / np.exp(np.log(secs).mean())), "probe_wall_s": time.perf_counter() - t0,
             "shape": {"dim": dim, "n_heads": H, "n_kv_heads": Hkv, "head_dim": D}, "reps": reps}
+
+
+# The model probe: two points of a profile's whole-model tables timed again, as the profile timed
+# them. The speed index's probes sit in the CPU cache; a decode step streams the model's weights
+# from DRAM, so on a shared VM the two drift apart (measured on the 2-core VM: the index back at
+# its profile's value while the shipped model's decode steps ran 1.3x slower than profiled, its
+# prefills 1.1x). analysis.validate corrects a prediction by these (docs/validation.md, "Drift").
+PROBE_PREFILL_TOKENS = 256       # a length runtime/profile/whole_model.py times in every profile
+
+
+def model_probe(m, reps: int = 2) -> dict:
+    """Per-layer seconds of the whole model `m` (random weights of a profile's model shape and
+    depth): `decode_layer_s`, the layer phase / depth of batch-1 decode steps after a 32-token
+    prefill (the profile's decode_layer at (1, its first context), timed by the same function);
+    `prefill_layer_s`, the layer phase / depth of a PROBE_PREFILL_TOKENS-token prefill (the
+    profile's prefill_layer there), the median of `reps`; `probe_wall_s`."""
+    from types import SimpleNamespace as NS
+
+    from ..engine import left_pad, prefill, sync
+    from ..kv import make_cache
+    from ..phases import PhaseTimer
+    from .whole_model import _decode_step_phases
+
+    a, device = m.args, m.device
+    t0 = time.perf_counter()
+    dtype = next(m.parameters()).dtype
+    dec = _decode_step_phases(a, 1, device, dtype, "auto", 1, m=m)["layer"] / a.n_layers
+    T = PROBE_PREFILL_TOKENS
+    ids = torch.randint(3, a.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    tokens, pad = left_pad([ids], a.pad_id, device)
+    timer, laps = PhaseTimer(device), []
+    for i in range(reps + 1):
+        cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=a.n_layers, batch=1, n_kv_heads=a.n_kv_heads,
+                           head_dim=a.head_dim, capacity=T, device=device)
+        with torch.inference_mode(), timer.step() as h:
+            prefill(m, cache, tokens, pad)
+            sync(device)
+        if i:                                   # the first warms up
+            laps.append(h.times.phases.get("layer", 0.0) / a.n_layers)
+    return {"decode_layer_s": dec, "prefill_layer_s": float(np.median(laps)),
+            "probe_wall_s": time.perf_counter() - t0}

@@ -7,7 +7,7 @@ KV bytes) plus the graphs; the README's "Simulator" section explains the cost ru
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from core.errors import ConfigError
@@ -138,6 +138,24 @@ def beside(d: float, c: float, s: float) -> float:
     return d + min(d * (s - 1), c * (1 - 1 / s))
 
 
+def per_cohort(ops: list[Op], extra: float) -> list[Op]:
+    """A decode graph whose every layer op (phase layer, on compute) takes `extra` seconds more,
+    counted as attention (Twin.cohort_attention: the calls of the cohorts beyond the first)."""
+    if extra <= 0:
+        return ops
+    out = []
+    for op in ops:
+        if op.phase == "layer" and op.engine == "compute":
+            parts = op.parts
+            if parts:
+                p = dict(parts)
+                p["attention"] = p.get("attention", 0.0) + extra
+                parts = tuple((k, p[k]) for k in PARTS if k in p)
+            op = replace(op, seconds=op.seconds + extra, parts=parts)
+        out.append(op)
+    return out
+
+
 class Twin:
     """The step graphs every twin starts from (those of `full`); mixed into a declaration."""
 
@@ -192,6 +210,18 @@ class Twin:
         rows = self.query_rows(batch)
         return part_costs(c, [rows], attention_point(c, self.attn_table, batch, ctx, rows))
 
+    def cohort_attention(self, c: Costs, batch: int, ctx: float, parts: tuple) -> float:
+        """Seconds per layer a decode step of `batch` rows at mean context `ctx` takes beyond its
+        graph's one attention call when the rows are cohorts `parts` ((rows, context), ...), each
+        attended by its own call (runtime/cohorts.py): sum of attn(rows_i, ctx_i) - attn(batch,
+        ctx) in the policy's lone attention table, which times one call whole (the cache write,
+        the mask, the kernel), so each extra call brings its fixed cost. A roofline profile's
+        attention is a bandwidth formula with no per-call cost: 0."""
+        if c.analytic:
+            return 0.0
+        t = c.table(self.attn_table)
+        return max(sum(float(t(n, x)) for n, x in parts) - float(t(batch, ctx)), 0.0)
+
     def decode_graph(self, c: Costs, s: ModelShape, batch: int, ctx: float) -> list[Op]:
         """One decode step of `batch` requests whose contexts average `ctx` tokens."""
         layer = self.layer_compute(c, s, batch, ctx)
@@ -222,4 +252,4 @@ def make_policy(cfg) -> Twin:
 
 
 __all__ = ["ENGINES", "Op", "SPECS", "TWINS", "Twin", "attention_point", "beside", "chain", "lm_head", "make_policy",
-           "part_costs", "read_quiet", "split_parts", "twin"]
+           "part_costs", "per_cohort", "read_quiet", "split_parts", "twin"]
