@@ -20,6 +20,7 @@ from core.errors import ConfigError
 
 from . import phases as P
 from .compose import Point, compose_halves, config_hash, describe, differing_keys
+from .steps import step_columns
 from .stats import drift_of, drifted, interval, profile_spread, rel_err, within_noise, worst_drift
 from .table import HEADLINE, METRICS
 
@@ -255,6 +256,7 @@ def predicted_columns(row: dict, sim_cfg: DictConfig, profile: str, phases: dict
     out["compute_scale_prefill"] = scale.get("prefill_layer") if isinstance(scale, dict) else scale
     corr = predict(sim_cfg, compute_scale=scale) if np.isfinite(out["compute_scale"]) else None
     out["simulated_corrected_path"] = corr["path"] if corr else ""
+    out.update(step_columns(row, sim_cfg, scale))        # serving points: each measured iteration priced
     out["profile_spread"] = spread = profile_spread(sim_cfg, profile)
     for m in METRICS:
         out[f"predicted_{m}"] = metric(pred, m)

@@ -36,6 +36,7 @@ from core.errors import ConfigError, cli_errors
 from . import distributions as D
 from . import phases as P
 from .dist_plots import write_outputs as write_distributions
+from .steps import format_steps
 # the names below are this module's public face (tests, notebooks and analysis.sweep import them here)
 from .compose import (CONF, ROOT, SECTIONS, Point, argv_or_help, compose_config,  # noqa: F401
                       compose_halves, config_hash, describe, differing_keys, file_sha256, flatten,
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     dist = D.format_distributions(df)
     if dist:
         print("\n" + "\n".join(dist))
+    if steps := format_steps(df):
+        print("\n" + "\n".join(steps))
     ppath = P.phases_path(path)
     why = P.explain(df, P.load_phases(ppath), HEADLINE) if ppath.exists() else []
     if why:

@@ -8,7 +8,9 @@
   `metrics.percentiles` (99.9 -> `_p99_9_s`), optionally weighted (exactly numpy's linear
   percentile of the values repeated by their counts).
 - `request_rows` / `write_requests_csv`: `<result stem>.requests.csv`, columns REQUEST_COLUMNS;
-  `write_timeseries_csv`: `<stem>.timeseries.csv`, columns TIMESERIES_COLUMNS. Atomic writes.
+  `write_timeseries_csv`: `<stem>.timeseries.csv`, columns TIMESERIES_COLUMNS; runtime.serve's
+  iterations (`<stem>.iterations.csv`, ITERATION_COLUMNS: what each measured step ran, so the
+  simulator can price that very step: analysis/steps.py). Atomic writes.
 Column meanings: docs/runtime.md ("Per-request records").
 """
 from __future__ import annotations
@@ -28,6 +30,10 @@ REQUEST_COLUMNS = ("request_id", "arrival_s", "admitted_s", "first_token_s", "do
                    "queue_s", "ttft_s", "tpot_s", "e2e_s", "itl_mean_s", "itl_p50_s", "itl_p90_s", "itl_p99_s",
                    "itl_max_s", "preemptions")
 TIMESERIES_COLUMNS = ("t_s", "batch", "queue", "kv_device_bytes", "kv_host_bytes", "busy")
+# one row per serving iteration: its stage (prefill | decode), start on the replay's clock and
+# seconds; rows computed; `cohorts` "rows:context ..." (each live cohort's rows and the columns its
+# attention reads, decode only); `prompts` "len ..." (the prompts a prefill admits, prefill only)
+ITERATION_COLUMNS = ("stage", "t_s", "seconds", "rows", "cohorts", "prompts")
 _CHUNK = 1 << 21                     # gaps per block when summarising requests of one length
 
 
@@ -184,13 +190,23 @@ def timeseries_path(result_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}.timeseries.csv")
 
 
-def sidecars(rows: dict, series: list | None = None) -> dict:
+def iterations_path(result_path: str | Path) -> Path:
+    """Where runtime.serve's iterations go: beside its result, `<stem>.iterations.csv`."""
+    p = Path(result_path)
+    return p.with_name(f"{p.stem}.iterations.csv")
+
+
+def sidecars(rows: dict, series: list | None = None, iterations: list | None = None) -> dict:
     """core.results.write_run_record's `sidecars`: the per-request CSV (`requests_path`) and,
-    given the rows of a time series (tuples in TIMESERIES_COLUMNS order), `timeseries_path`."""
+    given the rows of a time series (tuples in TIMESERIES_COLUMNS order), `timeseries_path`;
+    given iterations (tuples in ITERATION_COLUMNS order), `iterations_path`."""
     out = {"requests_path": (requests_path, lambda p: write_requests_csv(p, rows))}
     if series is not None:
         table = {c: [row[i] for row in series] for i, c in enumerate(TIMESERIES_COLUMNS)}
         out["timeseries_path"] = (timeseries_path, lambda p: write_timeseries_csv(p, table))
+    if iterations is not None:
+        steps = {c: [row[i] for row in iterations] for i, c in enumerate(ITERATION_COLUMNS)}
+        out["iterations_path"] = (iterations_path, lambda p: _write_columns(p, ITERATION_COLUMNS, steps))
     return out
 
 

@@ -51,6 +51,7 @@ class Outcome:
     policy_stats: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict] = field(default_factory=dict)   # runtime.phases.PhaseLog.totals() of the iterations
     timeline: list[dict] = field(default_factory=list)      # timeline=true: each iteration's window and laps
+    steps: list[tuple] = field(default_factory=list)         # every iteration, core/per_request.py ITERATION_COLUMNS
     t0: float = 0.0                                          # perf_counter of the replay's clock 0
 
 
@@ -169,8 +170,11 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
                 te = clock()
             o.prefill_iterations += 1
             o.prefill_s += te - ts
+            o.steps.append(("prefill", ts, te - ts, len(new), "", " ".join(str(r.prompt_len) for r in new)))
             log.add("prefill", rec, t0 + ts, t0 + te, requests=[r.id for r in new])
         else:
+            # each cohort's rows and the columns its attention reads this step (its cache + the new token)
+            shape = " ".join(f"{len(c.reqs)}:{c.cache.len + 1}" for c in cohorts)
             with timer.step() as rec:
                 server.decode(cohorts)
                 ids = [c.nxt.tolist() for c in cohorts]
@@ -184,7 +188,9 @@ def _replay(server: Server, arrivals: Arrivals, admission: Admission, progress: 
                             r.generated += 1
                             o.decode_tokens += 1
             o.decode_s += now - ts
-            log.add("decode", rec, t0 + ts, t0 + now, batch=sum(len(c.reqs) for c in cohorts))
+            rows = sum(len(c.reqs) for c in cohorts)
+            o.steps.append(("decode", ts, now - ts, rows, shape, ""))
+            log.add("decode", rec, t0 + ts, t0 + now, batch=rows, cohorts=len(cohorts))
         o.iterations += 1
         o.busy_s += clock() - ts
         o.max_batch_reached = max(o.max_batch_reached, len(running))

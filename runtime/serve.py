@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("timeline", False):     # iterations on the replay's clock; requests as async spans
         trace = chrome_trace(out.timeline, origin=out.t0, requests=record["per_request"],
                              name=f"runtime.serve {cfg.policy.name}")
-    write_run_record(cfg, record, "measured", stem, trace, sidecars=sidecars(rows))
+    write_run_record(cfg, record, "measured", stem, trace, sidecars=sidecars(rows, iterations=out.steps))
     return record
 
 

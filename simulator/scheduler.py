@@ -231,6 +231,35 @@ class Sim:
 
     def _step(self, stage: str, *args):
         self.iterations += 1
+        key, build, batch = self._graph(stage, *args)
+        trace = self.timeline and len(self.steps) < TIMELINE_OP_ITERATIONS
+        t0 = self.env.now
+        if self.fidelity == "detailed":
+            st = yield self.env.process(self.hw.run_step(self._checked(build()), self.phases, trace))
+        else:
+            st = self._cache.get(key)
+            if st is None:
+                st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
+            for k, v in st.busy.items():
+                self.hw.busy[k] += v
+            yield self.env.timeout(st.seconds)
+        if self.phases:
+            self.stages[stage].add(st)
+        if self.timeline:
+            self.steps.append((stage, t0, st.seconds, batch, st.ops if trace else None))
+
+    def step_seconds(self, stage: str, *args) -> float:
+        """What one iteration costs, outside a run: ("prefill", prompts) or ("decode", rows,
+        mean context, ((rows, context), ...) per cohort), priced as the serving loop prices it
+        (analysis/steps.py prices each measured iteration so)."""
+        key, build, _ = self._graph(stage, *args)
+        st = self._cache.get(key)
+        if st is None:
+            st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
+        return st.seconds
+
+    def _graph(self, stage: str, *args):
+        """(cache key, graph builder, batch) of one iteration."""
         if stage == "decode":
             b, ctx = args[:2]
             ctx = math.ceil(ctx / self.ctx_bucket) * self.ctx_bucket
@@ -248,21 +277,7 @@ class Sim:
         else:
             key, build = ("prefill", tuple(args[0])), lambda: self.policy.prefill_graph(self.costs, self.shape, args[0])
             batch = len(args[0])
-        trace = self.timeline and len(self.steps) < TIMELINE_OP_ITERATIONS
-        t0 = self.env.now
-        if self.fidelity == "detailed":
-            st = yield self.env.process(self.hw.run_step(self._checked(build()), self.phases, trace))
-        else:
-            st = self._cache.get(key)
-            if st is None:
-                st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
-            for k, v in st.busy.items():
-                self.hw.busy[k] += v
-            yield self.env.timeout(st.seconds)
-        if self.phases:
-            self.stages[stage].add(st)
-        if self.timeline:
-            self.steps.append((stage, t0, st.seconds, batch, st.ops if trace else None))
+        return key, build, batch
 
     def _checked(self, ops):
         """A graph whose ops all have a phase of core/phases.py (a plugin twin's free op name is

@@ -55,12 +55,13 @@ def speed_index(device: torch.device | str = "cpu", shape: dict | None = None, r
 PROBE_PREFILL_TOKENS = 256       # a length runtime/profile/whole_model.py times in every profile
 
 
-def model_probe(m, reps: int = 2) -> dict:
+def model_probe(m, reps: int = 3) -> dict:
     """Per-layer seconds of the whole model `m` (random weights of a profile's model shape and
     depth): `decode_layer_s`, the layer phase / depth of batch-1 decode steps after a 32-token
     prefill (the profile's decode_layer at (1, its first context), timed by the same function);
     `prefill_layer_s`, the layer phase / depth of a PROBE_PREFILL_TOKENS-token prefill (the
-    profile's prefill_layer there), the median of `reps`; `probe_wall_s`."""
+    profile's prefill_layer there); each the median of `reps` runs (a decode run: 7 timed steps);
+    `probe_wall_s` (~3 s for the shipped model on the 2-core VM)."""
     from types import SimpleNamespace as NS
 
     from ..engine import left_pad, prefill, sync
@@ -71,7 +72,7 @@ def model_probe(m, reps: int = 2) -> dict:
     a, device = m.args, m.device
     t0 = time.perf_counter()
     dtype = next(m.parameters()).dtype
-    dec = _decode_step_phases(a, 1, device, dtype, "auto", 1, m=m)["layer"] / a.n_layers
+    dec = _decode_step_phases(a, 1, device, dtype, "auto", reps, m=m)["layer"] / a.n_layers
     T = PROBE_PREFILL_TOKENS
     ids = torch.randint(3, a.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
     tokens, pad = left_pad([ids], a.pad_id, device)
