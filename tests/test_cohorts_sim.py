@@ -131,3 +131,47 @@ def test_drift_scale_from_the_model_probe_and_its_fallback():
     assert (scale, source) == (2.0, "speed_index")
     scale, source = drift_scale({}, cfg, str(CPU), 2000.0)
     assert math.isnan(scale) and source == "speed_index"
+
+
+def test_model_probe_times_both_points_and_keeps_to_its_model():
+    """The probe on a 2-layer random model: both per-layer times positive, and a 256-token
+    prefill's layer costs more than one decode step's (256 rows of the same GEMMs against one);
+    Speed hands the probes only to points of the probe's model."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from analysis.halves import Job, Speed, probe_model
+    from analysis.compose import Point
+    from runtime.profile.speed import model_probe
+
+    name, m = probe_model(OmegaConf.create({"model": {"name": "tiny"}}), str(CPU), torch.device("cpu"))
+    assert name == "tiny" and m.args.n_layers == json.loads(CPU.read_text())["models"]["tiny"]["kernels"][
+        "decode_layer"]["whole_model_layers"]
+    r = model_probe(m, reps=1)
+    assert 0 < r["decode_layer_s"] < r["prefill_layer_s"]
+    speed = Speed("cpu", None, (name, m))
+    speed.probe = lambda: {"decode_layer_s": 1.0, "prefill_layer_s": 2.0}
+    speed.next()
+    job = lambda model: Job(Point("p", "heldout", [], [], []), {}, sim_cfg=OmegaConf.create(  # noqa: E731
+        {"model": {"name": model}}))
+    assert len(speed.probes_for(job("tiny"))) == 2 and speed.probes_for(job("smollm2")) == []
+    assert probe_model(OmegaConf.create({"model": {"name": "tiny"}}), str(ROOT / "profiles/roofline-h100-sxm.json"),
+                       torch.device("cpu")) is None
+
+
+def test_a_prefill_of_several_prompts_batches_its_gemms():
+    """Two 256-token prompts: 2 x prefill_layer(256) plus (projections + mlp)(512) - 2 x (...)(256),
+    every value a grid point read from the JSON; one prompt: prefill_layer alone."""
+    from simulator.policies.base import batched_gemms
+
+    c = costs()
+    s = shape(c)
+    gemm = lambda t: p50("projections", tokens=t) + p50("mlp", tokens=t)  # noqa: E731
+    gain = gemm(512) - 2 * gemm(256)
+    assert batched_gemms(c, 2, 256) == pytest.approx(gain, rel=1e-12) and gain < 0
+    assert batched_gemms(c, 1, 256) == 0.0
+    step = solve(Full().prefill_graph(c, s, [256, 200])).seconds      # padded to 256
+    # (the head as Costs reads it: the committed profile scales its lone table to the in-model head)
+    hand = p50("step_overhead", batch=2) + s.n_layers * (2 * p50("prefill_layer", tokens=256) + gain) \
+        + float(c.table("lm_head_sample")(2))
+    assert step == pytest.approx(hand, rel=1e-9)
