@@ -33,7 +33,7 @@ def measure(entry: str, cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-def predict(cfg: DictConfig, compute_scale: float = 1.0) -> dict:
+def predict(cfg: DictConfig, compute_scale: float | dict = 1.0) -> dict:
     from simulator.run import simulate
 
     return simulate(cfg, compute_scale=compute_scale)
@@ -114,15 +114,16 @@ def fail(job: Job, e: BaseException) -> None:
 
 class Speed:
     """The speed index between measurements: the one after a measurement is the one before the next.
-    With `probe` (model name, random-init model: probe_model) the model probe is taken beside it,
-    for the points of that model (`probes_for`)."""
+    With `probe` (model name, a function that builds the random-init model: probe_model) the model
+    probe is taken beside it, for the points of that model (`probes_for`); the model is built for
+    each probe and dropped after it, so it never sits in a measurement's peak memory."""
 
-    def __init__(self, device, shape: dict | None, probe: tuple[str, object] | None = None):
+    def __init__(self, device, shape: dict | None, probe: tuple[str, Callable] | None = None):
         from runtime.profile.speed import model_probe, speed_index
 
         self.fn = lambda: speed_index(device, shape)["index"]
         self.probe_model = probe[0] if probe else None
-        self.probe = (lambda: model_probe(probe[1])) if probe else None
+        self.probe = (lambda: model_probe(probe[1]())) if probe else None
         self.last = self.fn()
         self.probes = [self.probe()] if self.probe else []
 
@@ -139,9 +140,10 @@ class Speed:
 
 
 def probe_model(sim_cfg: DictConfig, profile: str, device):
-    """(model name, random weights of the profile's model at the depth its whole-model tables were
-    timed at) for Speed's model probe; None where the profile has no such tables (roofline, an
-    older decode_layer, another device type) or the shape is not known here."""
+    """(model name, a function building random weights of the profile's model at the depth its
+    whole-model tables were timed at: ~3 s for the shipped model on the 2-core VM) for Speed's
+    model probe; None where the profile has no such tables (roofline, an older decode_layer,
+    another device type) or the shape is not known here."""
     import torch
 
     from runtime.loaders import random_init
@@ -160,7 +162,7 @@ def probe_model(sim_cfg: DictConfig, profile: str, device):
         return None
     a.n_layers = depth
     dtype = torch.float32 if getattr(device, "type", "cpu") == "cpu" else torch.float16
-    return sim_cfg.model.name, random_init(a, 0, dtype, device)
+    return sim_cfg.model.name, lambda: random_init(a, 0, dtype, device)
 
 
 def drift_scale(row: dict, sim_cfg: DictConfig, profile: str, profile_index: float) -> tuple[float | dict, str]:

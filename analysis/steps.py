@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from core.errors import ConfigError
 from core.per_request import ITERATION_COLUMNS
 
 from .distributions import PATHS_COLUMN, has_arrivals
@@ -105,13 +106,19 @@ def step_columns(row: dict, sim_cfg: DictConfig, scale, warn: Callable[[str], No
             f"analysis.validate: {row.get('id')}: the runtime's iterations cannot be read ({type(e).__name__}: "
             f"{e}); its step columns are left blank")
         return out
-    out["step_iterations"] = len(df)
     finite = np.all(np.isfinite(list(scale.values()))) if isinstance(scale, dict) else np.isfinite(scale)
     for suffix, s in (("", 1.0), ("_corrected", scale)):
         if suffix and not finite:
             continue
-        sim, _ = build_sim(sim_cfg, s)
-        out.update(errors(df, priced(df, sim.step_seconds), suffix))
+        try:
+            sim, _ = build_sim(sim_cfg, s)
+            out.update(errors(df, priced(df, sim.step_seconds), suffix))
+        except ConfigError as e:      # a measured step the profile cannot price (e.g. past its batch grid)
+            (warn or (lambda line: print(line, file=sys.stderr)))(
+                f"analysis.validate: {row.get('id')}: a measured iteration cannot be priced ({e}); its step "
+                "columns are left blank")
+            return dict.fromkeys(columns(), math.nan)
+    out["step_iterations"] = len(df)
     return out
 
 

@@ -60,7 +60,7 @@ class ValidationSpec:
     repeats: int = 1                  # measurements per point, interleaved across points (>= 1)
     drift_threshold: float = 1.2      # speed index after/before beyond [1/t, t]: re-measure once, then flag
     # time two of the profile's whole-model points again around each measurement (a decode step, a
-    # prefill: ~3 s on the 2-core VM) and correct the prediction by them, not by the speed index
+    # prefill: ~6 s on the 2-core VM with building the model) and correct the prediction by them, not by the speed index
     model_probe: bool = True
 
 
@@ -195,8 +195,8 @@ def validate(cfg: DictConfig) -> pd.DataFrame:
     if cfg.halves in ("both", "runtime"):
         todo = [j for j in live if not j.done and j.p.id not in kept]
         # after a first-use profile: "before" is now
-        probe = probe_model(todo[0].sim_cfg, profile_of(todo[0]), device) \
-            if todo and cfg.validation.model_probe and not todo[0].failed else None
+        first = next((j for j in todo if not j.failed), None)
+        probe = probe_model(first.sim_cfg, profile_of(first), device) if first and cfg.validation.model_probe else None
         speed = Speed(device, speed_shape(todo[0].sim_cfg), probe) if todo else None
         by_id = {j.p.id: j for j in todo}
         bar = tqdm(total=len(todo) * repeats, desc=f"validate {cfg.experiment}", unit="run", disable=not cfg.progress)

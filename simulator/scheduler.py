@@ -214,7 +214,7 @@ class Sim:
                 for r in running:
                     r.generated += 1
             self.max_batch_reached = max(self.max_batch_reached, len(running))
-            self._account(running)
+            self._account(running, cohorts)
             finished = [r for r in running if r.generated >= r.gen_len]
             for r in finished:
                 running.remove(r)
@@ -305,9 +305,14 @@ class Sim:
         count = np.fromiter((r.gen_len - 1 for r in reqs), dtype=np.int64, count=len(reqs))
         return TokenTimes(first, start, count, np.asarray(self.decode_ends, dtype=float))
 
-    def _account(self, running: list[Request]) -> None:
-        """KV held after this iteration (the newest token is not stored yet), kept at its peak."""
-        tokens = [r.prompt_len + r.generated - 1 for r in running]
+    def _account(self, running: list[Request], cohorts: list[Cohort] | None = None) -> None:
+        """KV held after this iteration (the newest token is not stored yet), kept at its peak; in
+        cohorts every row of a live cohort holds its prompt and the cohort's steps, a finished
+        request's row too (runtime.serve's caches keep writing it until the cohort is done)."""
+        if cohorts:
+            tokens = [r.prompt_len + c.steps for c in cohorts for r in c.reqs]
+        else:
+            tokens = [r.prompt_len + r.generated - 1 for r in running]
         if sum(tokens) > self.kv_peak[2]:
             dev, host = self.policy.kv_bytes(tokens, self.shape)
             self.kv_peak = (dev, host, sum(tokens))

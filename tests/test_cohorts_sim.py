@@ -144,12 +144,13 @@ def test_model_probe_times_both_points_and_keeps_to_its_model():
     from analysis.compose import Point
     from runtime.profile.speed import model_probe
 
-    name, m = probe_model(OmegaConf.create({"model": {"name": "tiny"}}), str(CPU), torch.device("cpu"))
+    name, build = probe_model(OmegaConf.create({"model": {"name": "tiny"}}), str(CPU), torch.device("cpu"))
+    m = build()
     assert name == "tiny" and m.args.n_layers == json.loads(CPU.read_text())["models"]["tiny"]["kernels"][
         "decode_layer"]["whole_model_layers"]
     r = model_probe(m, reps=1)
     assert 0 < r["decode_layer_s"] < r["prefill_layer_s"]
-    speed = Speed("cpu", None, (name, m))
+    speed = Speed("cpu", None, (name, build))
     speed.probe = lambda: {"decode_layer_s": 1.0, "prefill_layer_s": 2.0}
     speed.next()
     job = lambda model: Job(Point("p", "heldout", [], [], []), {}, sim_cfg=OmegaConf.create(  # noqa: E731
@@ -175,3 +176,26 @@ def test_a_prefill_of_several_prompts_batches_its_gemms():
     hand = p50("step_overhead", batch=2) + s.n_layers * (2 * p50("prefill_layer", tokens=256) + gain) \
         + float(c.table("lm_head_sample")(2))
     assert step == pytest.approx(hand, rel=1e-9)
+
+
+def test_specache_pays_the_cohort_calls_once_per_layer():
+    """SpeCache's graph has two ops of phase layer per layer (layer<i>, replace<i>): the extra
+    attention calls go on the layer op alone."""
+    from simulator.policies import Specache
+
+    c = costs()
+    s = shape(c)
+    p = Specache(k=16)
+    ops = p.decode_graph(c, s, 2, 512)
+    plain = solve(ops).seconds
+    split = solve(per_cohort(ops, 1e-4)).seconds
+    assert split - plain == pytest.approx(s.n_layers * 1e-4, rel=1e-6)
+
+
+def test_kv_peak_counts_a_finished_row_until_its_cohort_is_done():
+    """One cohort of a 2-token and a 6-token request (prompts 256): the runtime's cache keeps
+    writing the short one's row, so the peak holds 2 x (256 + 5) tokens in cohorts; in ragged the
+    short one leaves after its last token, and the peak is both rows after the first step, 2 x 257."""
+    reqs = lambda: [Request(0, 0.0, 256, 2), Request(1, 0.0, 256, 6)]  # noqa: E731
+    assert served(reqs(), "cohorts").kv_peak[2] == 2 * (256 + 5)
+    assert served(reqs(), "ragged").kv_peak[2] == 2 * (256 + 1)

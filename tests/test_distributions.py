@@ -206,15 +206,13 @@ def test_through_validate_with_a_fake_measurement(tmp_path, monkeypatch, capsys)
         pd.concat([pd.read_csv(p.with_name(f"{p.stem}.requests.csv")) for p in made]).e2e_s, pred.e2e_s)["p99"])
     out = tmp_path / "validation"
     assert (out / "t.requests.csv").exists() and (out / "t.cdf.png").exists()
-    # the drift-corrected prediction (where the speed indices give a compute scale): its own columns
-    corrected = isinstance(row.get(D.CORRECTED_COLUMN), str) and bool(row.get(D.CORRECTED_COLUMN))
-    if corrected:
-        corr = pd.read_csv(json.loads(open(row[D.CORRECTED_COLUMN]).read())["requests_path"])
-        assert row.dist_ttft_ks_corrected == pytest.approx(stats.ks_2samp(x, corr.ttft_s).statistic)
-        assert row.dist_requests_predicted_corrected == len(corr)
-    else:
-        assert all(math.isnan(row[c]) for c in D.corrected_columns())
-    assert len(D.format_distributions(df)) == 2 + corrected
+    # the drift-corrected prediction (the model probe on the tiny model gives a compute scale):
+    # its own columns, and a second summary line
+    assert row.drift_source == "model_probe" and isinstance(row.get(D.CORRECTED_COLUMN), str)
+    corr = pd.read_csv(json.loads(open(row[D.CORRECTED_COLUMN]).read())["requests_path"])
+    assert row.dist_ttft_ks_corrected == pytest.approx(stats.ks_2samp(x, corr.ttft_s).statistic)
+    assert row.dist_requests_predicted_corrected == len(corr)
+    assert len(D.format_distributions(df)) == 3
 
     capsys.readouterr()
     made[0].with_name("fake_0.requests.csv").unlink()

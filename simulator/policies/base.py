@@ -142,7 +142,8 @@ def batched_gemms(c: Costs, n: int, T: int) -> float:
     one, many = part_costs(c, [T]), part_costs(c, [n * T])
     if one is None or many is None:
         return 0.0
-    return sum(many.values()) - n * sum(one.values())
+    # a drift correction scales it as the prefill it belongs to, not as the lone GEMM tables
+    return (sum(many.values()) - n * sum(one.values())) * c.scale_of("prefill_layer") / c.scale_of("projections")
 
 
 def beside(d: float, c: float, s: float) -> float:
@@ -154,13 +155,14 @@ def beside(d: float, c: float, s: float) -> float:
 
 
 def per_cohort(ops: list[Op], extra: float) -> list[Op]:
-    """A decode graph whose every layer op (phase layer, on compute) takes `extra` seconds more,
-    counted as attention (Twin.cohort_attention: the calls of the cohorts beyond the first)."""
+    """A decode graph whose every layer op (`layer<i>`, once per layer: SpeCache's `replace<i>` is of
+    phase layer too) takes `extra` seconds more, counted as attention (Twin.cohort_attention: the
+    calls of the cohorts beyond the first)."""
     if extra <= 0:
         return ops
     out = []
     for op in ops:
-        if op.phase == "layer" and op.engine == "compute":
+        if op.name.startswith("layer") and op.name[5:].isdigit() and op.engine == "compute":
             parts = op.parts
             if parts:
                 p = dict(parts)
