@@ -64,8 +64,11 @@ def record(path: str, scale: float = 1.0) -> dict:
 
 
 class FakeSpeed:
-    def __init__(self, device, shape):
+    def __init__(self, device, shape, probe=None):
         pass
+
+    def probes_for(self, job):
+        return []
 
     def next(self):
         return 1.0, 1.0

@@ -370,6 +370,7 @@ def test_interleaving_drift_and_columns(tmp_path, monkeypatch, capsys):
                                                                            "policy.residual=16"]}]
     cfg.validation.repeats = 2
     cfg.validation.drift_threshold = 1.2
+    cfg.validation.model_probe = False        # the speed index's path (the probe's: tests/test_cohorts_sim.py)
     df = V.validate(cfg).set_index("id")
     # speed index: 100 (start) | A 100 | B 100 -> 60: drift 0.6, re-measured -> 100: 1.67 again, flagged | A | B
     assert order == ["A", "B", "B", "A", "B"]
@@ -407,8 +408,10 @@ def test_drift_corrected_prediction_scales_by_the_speed_index_ratio(tmp_path, ca
     cfg.validation.base = ["model=smollm2", "hardware=cpu", "workload.batch=1", "workload.prompt_len=128",
                            "workload.gen_len=4", f"hardware.profile={prof}"]
     cfg.validation.points = [{"id": "A", "split": "calibration", "overrides": ["policy=full"]}]
+    cfg.validation.model_probe = False        # the speed index's path (the probe's: tests/test_cohorts_sim.py)
     r = V.validate(cfg).set_index("id").loc["A"]
     assert r.compute_scale == pytest.approx(2.0) and r.speed_index == pytest.approx(50.0)
+    assert r.drift_source == "speed_index"
     assert r.predicted_tpot_s_corrected == pytest.approx(2 * r.predicted_tpot_s, rel=1e-9)
     assert r.tpot_s_rel_err_corrected == pytest.approx((r.predicted_tpot_s_corrected - 0.1) / 0.1)
 
