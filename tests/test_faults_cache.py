@@ -20,29 +20,14 @@ import torch
 
 from core.errors import ConfigError
 from core.profile import lookup
-from core.profile.schema import SCHEMA_VERSION, current_code_path, validate
+from core.profile.schema import SCHEMA_VERSION, validate
 from runtime.profile import first_use
 import runtime.profile.measure as P
+from tests.test_machine import this_machine_profile
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "profiles" / "cpu-intel-r-xeon-r-processor-2c.json"
 CPU = torch.device("cpu")
-
-
-def this_machine_profile(index: float = 100.0) -> dict:
-    """The committed profile's tables (models smollm2 and tiny) relabelled as a profile of this
-    machine of this schema, every kernel table timed on the code path the runtime takes now."""
-    from core.machine import device_facts
-
-    prof = json.loads(COMMITTED.read_text())
-    prof["schema_version"] = SCHEMA_VERSION
-    prof["device"] = device_facts(CPU)
-    prof["speed_index"] = {"index": index, "gemm_s": 0.01, "memcpy_s": 0.01, "attention_s": 0.01}
-    for m in prof["models"].values():
-        for name, t in m["kernels"].items():
-            if isinstance(t, dict) and "axes" in t:
-                t["code_path"] = current_code_path("cpu", name)
-    return prof
 
 
 def fake_measurement(monkeypatch, index: float = 100.0, delay: float = 0.0, speed: float | None = None) -> list:
