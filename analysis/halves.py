@@ -122,7 +122,7 @@ class Speed:
         from runtime.profile.speed import model_probe, speed_index
 
         self.fn = lambda: speed_index(device, shape)["index"]
-        self.probe_model = probe[0] if probe else None
+        self.probe_name = probe[0] if probe else None
         self.probe = (lambda: model_probe(probe[1]())) if probe else None
         self.last = self.fn()
         self.probes = [self.probe()] if self.probe else []
@@ -135,7 +135,7 @@ class Speed:
 
     def probes_for(self, job: "Job") -> list[dict]:
         """The two model probes around the last measurement, if it ran the probe's model."""
-        ok = self.probe and job.sim_cfg is not None and job.sim_cfg.model.name == self.probe_model
+        ok = self.probe and job.sim_cfg is not None and job.sim_cfg.model.name == self.probe_name
         return self.probes[-2:] if ok else []
 
 

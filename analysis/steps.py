@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +28,7 @@ from omegaconf import DictConfig
 from core.errors import ConfigError
 from core.per_request import ITERATION_COLUMNS
 
-from .distributions import PATHS_COLUMN, has_arrivals
+from .distributions import PATHS_COLUMN, _stderr, has_arrivals
 
 STAGES = ("prefill", "decode")
 STATS = {"": 50, "_p10": 10, "_p90": 90}
@@ -89,7 +88,7 @@ def errors(df: pd.DataFrame, predicted: np.ndarray, suffix: str = "") -> dict[st
     return out
 
 
-def step_columns(row: dict, sim_cfg: DictConfig, scale, warn: Callable[[str], None] | None = None) -> dict:
+def step_columns(row: dict, sim_cfg: DictConfig, scale, warn: Callable[[str], None] = _stderr) -> dict:
     """The step columns of a point with arrivals whose iterations were written; NaN otherwise (a
     file there that cannot be read: NaN and one `warn` line). `scale`: the drift correction
     (simulator/costs.py compute_scale; NaN: no corrected columns)."""
@@ -102,8 +101,7 @@ def step_columns(row: dict, sim_cfg: DictConfig, scale, warn: Callable[[str], No
     try:
         df = load_iterations(paths)
     except (OSError, ValueError, pd.errors.ParserError) as e:
-        (warn or (lambda line: print(line, file=sys.stderr)))(
-            f"analysis.validate: {row.get('id')}: the runtime's iterations cannot be read ({type(e).__name__}: "
+        warn(f"analysis.validate: {row.get('id')}: the runtime's iterations cannot be read ({type(e).__name__}: "
             f"{e}); its step columns are left blank")
         return out
     finite = np.all(np.isfinite(list(scale.values()))) if isinstance(scale, dict) else np.isfinite(scale)
@@ -114,8 +112,7 @@ def step_columns(row: dict, sim_cfg: DictConfig, scale, warn: Callable[[str], No
             sim, _ = build_sim(sim_cfg, s)
             out.update(errors(df, priced(df, sim.step_seconds), suffix))
         except ConfigError as e:      # a measured step the profile cannot price (e.g. past its batch grid)
-            (warn or (lambda line: print(line, file=sys.stderr)))(
-                f"analysis.validate: {row.get('id')}: a measured iteration cannot be priced ({e}); its step "
+            warn(f"analysis.validate: {row.get('id')}: a measured iteration cannot be priced ({e}); its step "
                 "columns are left blank")
             return dict.fromkeys(columns(), math.nan)
     out["step_iterations"] = len(df)

@@ -201,12 +201,11 @@ def sidecars(rows: dict, series: list | None = None, iterations: list | None = N
     given the rows of a time series (tuples in TIMESERIES_COLUMNS order), `timeseries_path`;
     given iterations (tuples in ITERATION_COLUMNS order), `iterations_path`."""
     out = {"requests_path": (requests_path, lambda p: write_requests_csv(p, rows))}
-    if series is not None:
-        table = {c: [row[i] for row in series] for i, c in enumerate(TIMESERIES_COLUMNS)}
-        out["timeseries_path"] = (timeseries_path, lambda p: write_timeseries_csv(p, table))
-    if iterations is not None:
-        steps = {c: [row[i] for row in iterations] for i, c in enumerate(ITERATION_COLUMNS)}
-        out["iterations_path"] = (iterations_path, lambda p: _write_columns(p, ITERATION_COLUMNS, steps))
+    for key, where, columns, tuples in (("timeseries_path", timeseries_path, TIMESERIES_COLUMNS, series),
+                                        ("iterations_path", iterations_path, ITERATION_COLUMNS, iterations)):
+        if tuples is not None:
+            table = {c: [row[i] for row in tuples] for i, c in enumerate(columns)}
+            out[key] = (where, lambda p, columns=columns, table=table: _write_columns(p, columns, table))
     return out
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from core.admission import BATCHINGS, ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
+from core.admission import ORDERS, Admission, check_scheduler  # noqa: F401  (simulator.scheduler.ORDERS, as before)
 from core.errors import ConfigError
 from core.per_request import TokenTimes
 from core.phases import PHASES, STAGES, add_totals, empty_totals, stage_record
@@ -197,20 +197,18 @@ class Sim:
                 running += new
                 if self.batching == "cohorts":
                     cohorts.append(Cohort(new, max(r.prompt_len for r in new)))
-            elif self.batching == "cohorts":
-                # every row of every live cohort, each cohort at its padded context
-                parts = tuple((len(c.reqs), c.context()) for c in cohorts)
-                rows = sum(n for n, _ in parts)
-                yield from self._step("decode", rows, sum(n * x for n, x in parts) / rows, parts)
+            else:
+                if cohorts:         # every row of every live cohort, each cohort at its padded context
+                    parts = tuple((len(c.reqs), c.context()) for c in cohorts)
+                    rows = sum(n for n, _ in parts)
+                    ctx = sum(n * x for n, x in parts) / rows
+                else:               # ragged: the running requests at their own contexts
+                    parts, rows = (), len(running)
+                    ctx = sum(r.prompt_len + r.generated for r in running) / rows
+                yield from self._step("decode", rows, ctx, parts)
                 self.decode_ends.append(self.env.now)
                 for c in cohorts:
                     c.steps += 1
-                for r in running:
-                    r.generated += 1
-            else:
-                ctx = sum(r.prompt_len + r.generated for r in running) / len(running)
-                yield from self._step("decode", len(running), ctx)
-                self.decode_ends.append(self.env.now)
                 for r in running:
                     r.generated += 1
             self.max_batch_reached = max(self.max_batch_reached, len(running))
@@ -237,9 +235,7 @@ class Sim:
         if self.fidelity == "detailed":
             st = yield self.env.process(self.hw.run_step(self._checked(build()), self.phases, trace))
         else:
-            st = self._cache.get(key)
-            if st is None:
-                st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
+            st = self._solved(key, build)
             for k, v in st.busy.items():
                 self.hw.busy[k] += v
             yield self.env.timeout(st.seconds)
@@ -252,20 +248,23 @@ class Sim:
         """What one iteration costs, outside a run: ("prefill", prompts) or ("decode", rows,
         mean context, ((rows, context), ...) per cohort), priced as the serving loop prices it
         (analysis/steps.py prices each measured iteration so)."""
-        key, build, _ = self._graph(stage, *args)
+        return self._solved(*self._graph(stage, *args)[:2]).seconds
+
+    def _solved(self, key, build) -> StepTime:
+        """The fast fidelity's step: the graph solved once per key (simulator/hardware.py solve)."""
         st = self._cache.get(key)
         if st is None:
             st = self._cache[key] = solve(self._checked(build()), self.phases, self.timeline)
-        return st.seconds
+        return st
 
     def _graph(self, stage: str, *args):
         """(cache key, graph builder, batch) of one iteration."""
         if stage == "decode":
-            b, ctx = args[:2]
+            b, ctx, parts = args
             ctx = math.ceil(ctx / self.ctx_bucket) * self.ctx_bucket
-            # several cohorts: their attention calls, each at its own bucketed context (one cohort
-            # is the batch itself: the plain graph)
-            parts = args[2] if len(args) > 2 and len(args[2]) > 1 else None
+            # several cohorts: their attention calls, each at its own bucketed context (one cohort,
+            # or ragged batching's none, is the batch itself: the plain graph)
+            parts = parts if len(parts) > 1 else None
             if parts:
                 parts = tuple(sorted((n, math.ceil(x / self.ctx_bucket) * self.ctx_bucket) for n, x in parts))
             key = ("decode", b, ctx, parts)

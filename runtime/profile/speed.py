@@ -62,28 +62,14 @@ def model_probe(m, reps: int = 3) -> dict:
     `prefill_layer_s`, the layer phase / depth of a PROBE_PREFILL_TOKENS-token prefill (the
     profile's prefill_layer there); each the median of `reps` runs (a decode run: 7 timed steps);
     `probe_wall_s` (~3 s for the shipped model on the 2-core VM)."""
-    from types import SimpleNamespace as NS
-
-    from ..engine import left_pad, prefill, sync
-    from ..kv import make_cache
     from ..phases import PhaseTimer
-    from .whole_model import _decode_step_phases
+    from .whole_model import _decode_step_phases, whole_prefill
 
     a, device = m.args, m.device
     t0 = time.perf_counter()
     dtype = next(m.parameters()).dtype
     dec = _decode_step_phases(a, 1, device, dtype, "auto", reps, m=m)["layer"] / a.n_layers
-    T = PROBE_PREFILL_TOKENS
-    ids = torch.randint(3, a.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-    tokens, pad = left_pad([ids], a.pad_id, device)
-    timer, laps = PhaseTimer(device), []
-    for i in range(reps + 1):
-        cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=a.n_layers, batch=1, n_kv_heads=a.n_kv_heads,
-                           head_dim=a.head_dim, capacity=T, device=device)
-        with torch.inference_mode(), timer.step() as h:
-            prefill(m, cache, tokens, pad)
-            sync(device)
-        if i:                                   # the first warms up
-            laps.append(h.times.phases.get("layer", 0.0) / a.n_layers)
-    return {"decode_layer_s": dec, "prefill_layer_s": float(np.median(laps)),
-            "probe_wall_s": time.perf_counter() - t0}
+    run = whole_prefill(m, PROBE_PREFILL_TOKENS, PhaseTimer(device))
+    run()                                       # warms up, as whole_model_prefill's first run
+    pre = float(np.median([run() for _ in range(reps)])) / a.n_layers
+    return {"decode_layer_s": dec, "prefill_layer_s": pre, "probe_wall_s": time.perf_counter() - t0}

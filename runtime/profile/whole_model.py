@@ -88,6 +88,26 @@ def whole_depth(args: ModelArgs, device, dtype) -> int:
     return max(1, min(args.n_layers, int(budget // max(per_layer_bytes, 1)) - 2))
 
 
+def whole_prefill(m: Transformer, T: int, ptimer: PhaseTimer):
+    """A function that prefills one T-token prompt through the whole model `m` and returns its
+    `layer` phase (all layers, seconds; the runtime's own phase timer), as whole_model_prefill times
+    prefill_layer and the model probe (runtime/profile/speed.py) times it again."""
+    args, device = m.args, m.device
+    # random token ids, as runtime.bench's prompts (a prompt of one repeated id reads one
+    # embedding row and ran ~4% faster here)
+    ids = torch.randint(3, args.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    tokens, pad = left_pad([ids], args.pad_id, device)
+
+    def run() -> float:
+        cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=args.n_layers, batch=1,
+                           n_kv_heads=args.n_kv_heads, head_dim=args.head_dim, capacity=T, device=device)
+        with ptimer.step() as h:
+            prefill(m, cache, tokens, pad)
+            sync(device)
+        return h.times.phases.get("layer", 0.0)
+    return run
+
+
 def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone_run, quick: bool,
                         tokens_at=None) -> dict:
     """`prefill_layer` as a layer runs inside the whole model.
@@ -112,22 +132,11 @@ def whole_model_prefill(m: Transformer, timer: Timer, device, alone: dict, alone
     lengths = sorted(t for t in set(base) | {int(t) for t in tokens_at or ()} if t in toks)
     if not lengths:
         return alone
-    args, depth = m.args, m.args.n_layers
+    depth = m.args.n_layers
     ptimer = PhaseTimer(device)
     ratios, reps = [], []
     for T in lengths:
-        # random token ids, as runtime.bench's prompts (a prompt of one repeated id reads one
-        # embedding row and ran ~4% faster here)
-        ids = torch.randint(3, m.args.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-        tokens, pad = left_pad([ids], m.args.pad_id, device)
-
-        def run():
-            cache = make_cache(NS(name="full", kv_dtype="auto"), n_layers=depth, batch=1, n_kv_heads=args.n_kv_heads,
-                               head_dim=args.head_dim, capacity=T, device=device)
-            with ptimer.step() as h:
-                prefill(m, cache, tokens, pad)
-                sync(device)
-            return h.times.phases.get("layer", 0.0)
+        run = whole_prefill(m, T, ptimer)
         lone = alone_run(T)
         run(), lone()                                        # warm both
         w, a1 = [], []
